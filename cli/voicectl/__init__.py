@@ -1,0 +1,1 @@
+"""voicectl: command line client of the voice platform."""

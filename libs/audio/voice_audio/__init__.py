@@ -1,0 +1,1 @@
+"""Audio codecs, resampling and container decoding."""

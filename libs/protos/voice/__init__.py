@@ -1,0 +1,1 @@
+"""Generated voice.v1 protobuf and gRPC modules (see protos/ and `make protos`)."""

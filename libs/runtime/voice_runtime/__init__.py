@@ -1,0 +1,1 @@
+"""Process runtime of the workers: gRPC server, health, metrics, signals and drain."""

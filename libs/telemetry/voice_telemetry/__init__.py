@@ -1,0 +1,1 @@
+"""Tracing, trace-aware logging and Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""Test suite of the voice platform (real nats-server, real gRPC servers, real models)."""
