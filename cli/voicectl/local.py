@@ -1,0 +1,170 @@
+"""Starting the local stack's processes: nats-server with JetStream, and any child with prefixed logs.
+
+Shared by ``voicectl up`` (what ``make run`` starts) and the test fixtures, so tests run the stack
+the way a user does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+NATS_CONFIG = """\
+host: 127.0.0.1
+port: {port}
+http: "127.0.0.1:{monitor_port}"
+max_payload: 8MB
+jetstream {{
+  store_dir: "{store_dir}"
+}}
+"""
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float, host: str = "127.0.0.1", process: subprocess.Popen | None = None) -> None:
+    """Waits until something accepts TCP connections on ``port``; raises TimeoutError otherwise."""
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on :{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
+
+
+class NatsServer:
+    """A nats-server with JetStream on loopback, in a temporary store unless one is given.
+
+    Args:
+        port: Client port; a free one when 0.
+        monitor_port: HTTP monitoring port; a free one when 0.
+        store_dir: JetStream store; a temporary directory removed on stop when ``None``.
+    """
+
+    def __init__(self, port: int = 0, monitor_port: int = 0, store_dir: str | None = None) -> None:
+        self.port = port or free_port()
+        self.monitor_port = monitor_port or free_port()
+        self._own_store = store_dir is None
+        self.store_dir = store_dir or tempfile.mkdtemp(prefix="voice-nats-")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, stdout=subprocess.DEVNULL) -> NatsServer:
+        binary = shutil.which("nats-server")
+        if binary is None:
+            raise RuntimeError("nats-server is not installed (Debian: apt-get install nats-server; `make install` does it)")
+        config = Path(self.store_dir) / "nats.conf"
+        config.write_text(NATS_CONFIG.format(port=self.port, monitor_port=self.monitor_port, store_dir=self.store_dir))
+        self.process = subprocess.Popen([binary, "-c", str(config)], stdout=stdout, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, 15, process=self.process)
+        self._wait_healthy(15)
+        return self
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        give_up = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                if time.monotonic() > give_up:
+                    raise
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._own_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ChildProcess:
+    """A child process whose output lines are printed with a coloured name prefix.
+
+    Args:
+        name: Prefix shown before each line.
+        argv: Command line.
+        env: Extra environment variables.
+        color: ANSI colour number of the prefix.
+        sink: Where the prefixed lines go.
+    """
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None, color: int = 37, sink=None) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.color = color
+        self.sink = sink or sys.stdout
+        self.process: subprocess.Popen | None = None
+        self._pump: threading.Thread | None = None
+
+    def start(self) -> ChildProcess:
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True,
+        )
+        self._pump = threading.Thread(target=self._copy_output, daemon=True)
+        self._pump.start()
+        return self
+
+    def _copy_output(self) -> None:
+        prefix = f"\033[{self.color}m{self.name:>8} |\033[0m " if self.sink.isatty() else f"{self.name:>8} | "
+        for line in self.process.stdout:
+            self.sink.write(prefix + line)
+            self.sink.flush()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        if self.running():
+            self.process.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> int | None:
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``."""
+        if not self.running():
+            return
+        self.signal(signal.SIGTERM)
+        if self.wait(timeout_s) is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()

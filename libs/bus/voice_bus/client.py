@@ -1,0 +1,202 @@
+"""The client side of the bus: send one request to a service and iterate over its streamed events.
+
+``async for event in bus.stream("llm", request, timeout=30):`` publishes the request to the
+service's JetStream work queue and yields the events a worker streams back to a private inbox, in
+order, until the final one. Failures arrive as :class:`BusError` with a code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from google.protobuf.message import DecodeError, Message
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from voice.v1 import events_pb2
+
+from voice_bus.catalog import (
+    HEADER_DEADLINE,
+    HEADER_REPLY,
+    HEADER_REQUEST_ID,
+    HEADER_SESSION_ID,
+    cancel_subject,
+    service_spec,
+)
+from voice_bus.connection import MAX_REQUEST_BYTES
+from voice_bus.errors import DEADLINE_EXCEEDED, INVALID_ARGUMENT, UNAVAILABLE, BusError
+from voice_telemetry.tracing import inject_context
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 60.0
+# A running worker sends a heartbeat every ACK_WAIT_S / 3 (2 s); silence for this long after it
+# started means it died and nobody took the work over.
+DEFAULT_STALL_TIMEOUT_S = 15.0
+# A positive answer to the presence probe is trusted this long.
+PRESENCE_TTL_S = 2.0
+
+
+class BusClient:
+    """Sends requests to the workers and streams their replies back.
+
+    Args:
+        nc: A connected NATS client (see :func:`voice_bus.connection.connect`).
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._presence_seen: dict[str, float] = {}
+
+    @property
+    def nc(self) -> NATS:
+        return self._nc
+
+    async def workers_present(self, service: str) -> bool:
+        """Whether at least one worker of ``service`` answers its presence subject."""
+        spec = service_spec(service)
+        seen = self._presence_seen.get(service, 0.0)
+        if time.monotonic() - seen < PRESENCE_TTL_S:
+            return True
+        try:
+            await self._nc.request(spec.presence_subject, b"", timeout=1.0)
+        except (NoRespondersError, NatsTimeoutError):
+            return False
+        self._presence_seen[service] = time.monotonic()
+        return True
+
+    async def cancel(self, request_id: str) -> None:
+        """Asks whichever worker runs ``request_id`` to stop it (fire and forget)."""
+        await self._nc.publish(cancel_subject(request_id), b"")
+
+    async def stream(
+        self,
+        service: str,
+        request: Message,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+        session_id: str = "",
+    ) -> AsyncIterator[Message]:
+        """Sends ``request`` to ``service`` and yields its events until the final one.
+
+        The request's ``request_id`` field is filled in when empty. Leaving the loop early (break,
+        cancellation of the consuming task, an exception) cancels the request on the workers.
+
+        Args:
+            service: ``stt``, ``llm`` or ``tts``.
+            request: The service's request message.
+            timeout: Whole-request budget in seconds; it becomes the ``Voice-Deadline`` header, so
+                work still queued when it expires is answered DEADLINE_EXCEEDED, never run.
+            stall_timeout: Longest silence tolerated from a worker that has started the request.
+            session_id: The caller's session, for logs and traces.
+
+        Raises:
+            BusError: UNAVAILABLE when no worker runs or the one running it died mid-stream,
+                DEADLINE_EXCEEDED when ``timeout`` passes, or the error a worker answered.
+        """
+        spec = service_spec(service)
+        if not isinstance(request, spec.request_type):
+            raise TypeError(f"{service} takes {spec.request_type.__name__}, not {type(request).__name__}")
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        request_id = request.request_id
+        payload = request.SerializeToString()
+        if len(payload) > MAX_REQUEST_BYTES:
+            raise BusError(INVALID_ARGUMENT, f"request of {len(payload)} bytes exceeds {MAX_REQUEST_BYTES}")
+        if not await self.workers_present(service):
+            raise BusError(UNAVAILABLE, f"no {service} worker is running (nobody answers {spec.presence_subject})")
+
+        deadline = time.monotonic() + timeout
+        deadline_epoch_ms = int((time.time() + timeout) * 1000)
+        replies: asyncio.Queue[Msg] = asyncio.Queue()
+        inbox = self._nc.new_inbox()
+
+        async def on_reply(msg: Msg) -> None:
+            replies.put_nowait(msg)
+
+        subscription = await self._nc.subscribe(inbox, cb=on_reply)
+        headers = {
+            HEADER_REPLY: inbox,
+            HEADER_REQUEST_ID: request_id,
+            HEADER_DEADLINE: str(deadline_epoch_ms),
+        }
+        if session_id:
+            headers[HEADER_SESSION_ID] = session_id
+        inject_context(headers)
+        finished = False
+        try:
+            await self._js.publish(spec.subject, payload, headers=headers, stream=spec.stream)
+            attempt = 0
+            next_seq = 0
+            yielded = False
+            started = False
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BusError(DEADLINE_EXCEEDED, f"{service} request {request_id} exceeded {timeout:.1f}s")
+                wait = min(remaining, stall_timeout) if started else remaining
+                try:
+                    msg = await asyncio.wait_for(replies.get(), wait)
+                except asyncio.TimeoutError:
+                    if time.monotonic() >= deadline:
+                        continue
+                    raise BusError(
+                        UNAVAILABLE, f"{service} worker went silent for {stall_timeout:.0f}s on {request_id}"
+                    ) from None
+                try:
+                    reply = events_pb2.Reply.FromString(msg.data)
+                except DecodeError:
+                    logger.warning("undecodable reply on %s dropped", inbox)
+                    continue
+                if reply.attempt < attempt:
+                    continue
+                if reply.attempt > attempt:
+                    if yielded:
+                        raise BusError(
+                            UNAVAILABLE,
+                            f"{service} worker died after streaming part of {request_id}; "
+                            f"delivery {reply.attempt} would repeat it",
+                        )
+                    attempt, next_seq = reply.attempt, 0
+                started = True
+                if reply.seq != next_seq:
+                    raise BusError(UNAVAILABLE, f"reply stream of {request_id} lost events ({next_seq} → {reply.seq})")
+                next_seq += 1
+                body = reply.WhichOneof("body")
+                if body == "error":
+                    finished = True
+                    raise BusError.from_proto(reply.error)
+                if body == "heartbeat":
+                    continue
+                event = getattr(reply, spec.reply_field)
+                if reply.final:
+                    finished = True
+                yielded = True
+                yield event
+                if finished:
+                    return
+        finally:
+            await subscription.unsubscribe()
+            if not finished:
+                await _shielded(self.cancel(request_id))
+
+    async def collect(self, service: str, request: Message, **kwargs) -> list[Message]:
+        """Runs :meth:`stream` to the end and returns every event (convenient for final-only callers)."""
+        return [event async for event in self.stream(service, request, **kwargs)]
+
+
+async def _shielded(coro) -> None:
+    try:
+        await asyncio.shield(coro)
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - a failed cancel must not hide the original error
+        logger.debug("cancel not sent: %s", exc)
+

@@ -1,0 +1,94 @@
+"""OpenTelemetry set-up from the standard OTEL_* variables, and W3C context propagation helpers.
+
+Tracing is configured only through the standard environment: ``OTEL_SDK_DISABLED``,
+``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_EXPORTER`` (``otlp``,
+``console`` or ``none``), ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc`` or ``http/protobuf``) and the
+``OTEL_EXPORTER_OTLP_*`` endpoint variables read by the exporters themselves. With no exporter
+variable set at all, spans are created (so trace ids reach the logs and the bus) but not exported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, MutableMapping
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+logger = logging.getLogger(__name__)
+
+_configured = False
+
+
+def _exporter_from_env() -> SpanExporter | None:
+    names = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    endpoint_set = any(
+        os.environ.get(var)
+        for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    if not names:
+        names = "otlp" if endpoint_set else "none"
+    if names == "none":
+        return None
+    if names == "console":
+        return ConsoleSpanExporter()
+    if names != "otlp":
+        raise ValueError(f"OTEL_TRACES_EXPORTER={names!r}: supported values are otlp, console, none")
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    )
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HTTPSpanExporter,
+        )
+
+        return HTTPSpanExporter()
+    raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: supported values are grpc, http/protobuf")
+
+
+def setup_tracing(service_name: str) -> None:
+    """Installs the global tracer provider for this process (idempotent).
+
+    Args:
+        service_name: Used when ``OTEL_SERVICE_NAME`` is not set.
+    """
+    global _configured
+    if _configured or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name})
+    resource = resource.merge(OTELResourceDetector().detect())
+    provider = TracerProvider(resource=resource)
+    exporter = _exporter_from_env()
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _configured = True
+    logger.info("tracing ready (exporter: %s)", type(exporter).__name__ if exporter else "none")
+
+
+def shutdown_tracing() -> None:
+    """Flushes and stops span export, if the SDK provider is installed."""
+    provider = trace.get_tracer_provider()
+    shutdown = getattr(provider, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def inject_context(carrier: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """Writes the current W3C ``traceparent``/``tracestate`` into ``carrier`` and returns it."""
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_context(carrier: Mapping[str, str] | None) -> context.Context:
+    """Reads a W3C trace context from message headers or gRPC metadata."""
+    return propagate.extract(dict(carrier or {}))
