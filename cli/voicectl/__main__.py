@@ -1,0 +1,75 @@
+"""voicectl: call the STT, LLM and TTS services through the bus (default) or over gRPC, or run the stack.
+
+    voicectl up                              start everything locally (what `make run` does)
+    voicectl stt FILE                        transcribe an audio file (WAV, WebM, Ogg, MP3, ...)
+    voicectl llm "prompt"                    stream a reply token by token
+    voicectl tts "text" -o out.wav           synthesize speech
+    voicectl voices                          list the TTS voices
+Add --grpc (optionally HOST:PORT) to any of stt/llm/tts/voices to use the gRPC front door.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from voicectl import calls
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voicectl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nats", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), help="NATS URL (default $NATS_URL or nats://127.0.0.1:4222)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="request timeout in seconds")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def grpc_option(p: argparse.ArgumentParser, port: int) -> None:
+        p.add_argument("--grpc", nargs="?", const=f"127.0.0.1:{port}", default=None, metavar="HOST:PORT",
+                       help=f"call the gRPC service instead of the bus (default 127.0.0.1:{port})")
+
+    up = sub.add_parser("up", help="run nats-server, the llama.cpp server and the workers until Ctrl-C")
+    up.add_argument("--state-dir", default=".run")
+
+    stt = sub.add_parser("stt", help="transcribe an audio file")
+    stt.add_argument("file")
+    stt.add_argument("--language", default="")
+    stt.add_argument("--rate", type=int, default=16000, help="sample rate of a .raw/.pcm/.ulaw/.alaw file")
+    stt.add_argument("--words", action="store_true", help="print word timestamps")
+    grpc_option(stt, 50051)
+
+    llm = sub.add_parser("llm", help="stream a chat reply")
+    llm.add_argument("prompt")
+    llm.add_argument("--system", default="You are a helpful voice assistant. Answer briefly.")
+    llm.add_argument("--max-tokens", type=int, default=200)
+    llm.add_argument("--temperature", type=float, default=None)
+    grpc_option(llm, 50052)
+
+    tts = sub.add_parser("tts", help="synthesize speech to a WAV file")
+    tts.add_argument("text")
+    tts.add_argument("-o", "--output", required=True, help="WAV file (PCM16), or .raw for the encoded stream")
+    tts.add_argument("--voice", default="")
+    tts.add_argument("--rate", type=int, default=0, help="output sample rate (default: the voice's own)")
+    tts.add_argument("--encoding", choices=("pcm16", "mulaw", "alaw"), default="pcm16")
+    tts.add_argument("--speed", type=float, default=1.0)
+    grpc_option(tts, 50053)
+
+    voices = sub.add_parser("voices", help="list the TTS voices")
+    grpc_option(voices, 50053)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "up":
+        from voicectl.stack import run_stack
+
+        sys.exit(run_stack(args.state_dir))
+    try:
+        sys.exit(asyncio.run(calls.run(args)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

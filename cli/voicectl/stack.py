@@ -1,0 +1,92 @@
+"""``voicectl up``: the whole local stack on embedded models, in the foreground, until Ctrl-C.
+
+Starts nats-server (JetStream, max_payload 8 MB), the llama.cpp server with SmolLM2, and the STT,
+LLM and TTS workers, each log line prefixed with its process name. Ctrl-C (or SIGTERM) drains the
+workers first, then stops the LLM backend and NATS.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from voicectl.health import wait_serving
+from voicectl.local import ChildProcess, NatsServer, wait_for_port
+
+NATS_PORT = 4222
+NATS_MONITOR_PORT = 8222
+LLAMA_PORT = 8080
+WORKERS = {"stt": (50051, 9101, 36), "llm": (50052, 9102, 32), "tts": (50053, 9103, 35)}
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def run_stack(state_dir: str = ".run") -> int:
+    """Runs the stack until interrupted; returns the process exit code."""
+    busy = [p for p in (NATS_PORT, NATS_MONITOR_PORT, LLAMA_PORT, *(w[0] for w in WORKERS.values())) if not _port_free(p)]
+    if busy:
+        print(f"voicectl up: ports already in use: {busy} (is the stack already running?)", file=sys.stderr)
+        return 1
+    store = Path(state_dir, "jetstream").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    nats = NatsServer(NATS_PORT, NATS_MONITOR_PORT, store_dir=str(store))
+    children: list[ChildProcess] = []
+    try:
+        nats.start()
+        print(f"    nats | nats-server with JetStream on {nats.url} (monitor http://127.0.0.1:{NATS_MONITOR_PORT})")
+        threads = str(max(1, (os.cpu_count() or 2) // 2))
+        llama = ChildProcess(
+            "llama", [sys.executable, "-m", "voice_llm.embedded", "--port", str(LLAMA_PORT), "--n-threads", threads],
+            color=33,
+        ).start()
+        children.append(llama)
+        env = {"NATS_URL": nats.url, "LLM_BASE_URL": f"http://127.0.0.1:{LLAMA_PORT}/v1"}
+        for name, (grpc_port, metrics_port, color) in WORKERS.items():
+            children.append(
+                ChildProcess(
+                    name, [sys.executable, "-m", f"voice_{name}"],
+                    env={**env, "GRPC_PORT": str(grpc_port), "METRICS_PORT": str(metrics_port)}, color=color,
+                ).start()
+            )
+        wait_for_port(LLAMA_PORT, 120, process=llama.process)
+        for child, (grpc_port, _, _) in zip(children[1:], WORKERS.values()):
+            wait_serving(f"127.0.0.1:{grpc_port}", 300, alive=child.running)
+        print(
+            "\n  ready: STT gRPC :50051, LLM gRPC :50052, TTS gRPC :50053, metrics :9101-9103, NATS :4222\n"
+            "  try:   voicectl tts 'Hello there.' -o hello.wav && voicectl stt hello.wav && voicectl llm 'Hi!'\n"
+            "  stop:  Ctrl-C\n",
+            flush=True,
+        )
+        while not stop.is_set():
+            if any(not child.running() for child in children):
+                dead = [child.name for child in children if not child.running()]
+                print(f"voicectl up: {', '.join(dead)} exited; stopping the stack", file=sys.stderr)
+                return 1
+            stop.wait(0.5)
+        return 0
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"voicectl up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("\nstopping: draining workers, then the LLM backend and NATS", flush=True)
+        for child in reversed(children):
+            child.signal(signal.SIGTERM)
+        give_up = time.monotonic() + 60
+        for child in reversed(children):
+            child.wait(max(0.1, give_up - time.monotonic()))
+            child.stop(timeout_s=1)
+        nats.stop()
+        print("stopped", flush=True)

@@ -1,0 +1,130 @@
+"""The Generate operation in protobuf terms, shared by the NATS worker and the gRPC server."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from opentelemetry import trace
+from prometheus_client import Histogram
+from voice.v1 import llm_pb2
+from voice_bus.errors import UNAVAILABLE, BusError
+from voice_bus.worker import RequestContext
+from voice_telemetry.metrics import LATENCY_BUCKETS_S
+
+from voice_llm.engine import BackendUnavailable, ChatEngine, Completion, TokenDelta
+
+tracer = trace.get_tracer("voice_llm")
+
+LLM_TTFT = Histogram("voice_llm_time_to_first_token_seconds", "Request to first token", buckets=LATENCY_BUCKETS_S)
+LLM_TOKENS_PER_S = Histogram(
+    "voice_llm_tokens_per_second", "Completion tokens per second after the first token",
+    buckets=(5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500),
+)
+
+
+class GenerateHandler:
+    """Streams a chat completion as token deltas, then one Completion with tool calls and usage.
+
+    Args:
+        engine: The chat engine (an OpenAI-compatible client).
+        default_max_tokens: Applied when a request leaves ``max_tokens`` at 0.
+    """
+
+    def __init__(self, engine: ChatEngine, default_max_tokens: int) -> None:
+        self._engine = engine
+        self._default_max_tokens = default_max_tokens
+
+    async def __call__(
+        self, request: llm_pb2.GenerateRequest, context: RequestContext
+    ) -> AsyncIterator[llm_pb2.GenerateEvent]:
+        messages = [message_dict(m) for m in request.messages]
+        tools = [tool_dict(t) for t in request.tools]
+        model = request.model or getattr(self._engine, "model", "")
+        with tracer.start_as_current_span(f"llm.generate {model}") as span:
+            span.set_attribute("voice.session_id", context.session_id)
+            span.set_attribute("gen_ai.operation.name", "chat")
+            span.set_attribute("gen_ai.request.model", model)
+            max_tokens = request.max_tokens or self._default_max_tokens
+            span.set_attribute("gen_ai.request.max_tokens", max_tokens)
+            stream = self._engine.stream(
+                messages,
+                tools=tools or None,
+                tool_choice=request.tool_choice or None,
+                model=request.model or None,
+                max_tokens=max_tokens,
+                temperature=request.temperature if request.HasField("temperature") else None,
+                top_p=request.top_p if request.HasField("top_p") else None,
+                stop=list(request.stop) or None,
+            )
+            try:
+                async for item in stream:
+                    if isinstance(item, TokenDelta):
+                        yield llm_pb2.GenerateEvent(delta=llm_pb2.TokenDelta(text=item.text))
+                    elif isinstance(item, Completion):
+                        record(span, item)
+                        yield llm_pb2.GenerateEvent(completion=completion_proto(item))
+            except BackendUnavailable as exc:
+                raise BusError(UNAVAILABLE, f"LLM backend unavailable: {exc}") from None
+            finally:
+                await stream.aclose()
+
+
+def record(span: trace.Span, completion: Completion) -> None:
+    """Puts a completion's figures on the span (GenAI conventions) and the metrics."""
+    span.set_attribute("gen_ai.response.model", completion.model)
+    span.set_attribute("gen_ai.response.finish_reasons", [completion.finish_reason])
+    span.set_attribute("voice.llm.time_to_first_token_s", completion.time_to_first_token_s)
+    if completion.usage is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", completion.usage.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", completion.usage.completion_tokens)
+    LLM_TTFT.observe(completion.time_to_first_token_s)
+    generating_s = completion.total_time_s - completion.time_to_first_token_s
+    if completion.usage is not None and completion.usage.completion_tokens > 1 and generating_s > 0:
+        LLM_TOKENS_PER_S.observe((completion.usage.completion_tokens - 1) / generating_s)
+
+
+def message_dict(message: llm_pb2.ChatMessage) -> dict:
+    """An OpenAI chat message from its protobuf form."""
+    out: dict = {"role": message.role, "content": message.content}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+        if not message.content:
+            out["content"] = None
+    return out
+
+
+def tool_dict(tool: llm_pb2.Tool) -> dict:
+    """An OpenAI function tool from its protobuf form; bad parameter JSON is a ValueError."""
+    try:
+        parameters = json.loads(tool.parameters_json) if tool.parameters_json else {"type": "object", "properties": {}}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"tool {tool.name!r}: parameters_json is not JSON ({exc})") from None
+    function = {"name": tool.name, "parameters": parameters}
+    if tool.description:
+        function["description"] = tool.description
+    return {"type": "function", "function": function}
+
+
+def completion_proto(completion: Completion) -> llm_pb2.Completion:
+    """The protobuf form of an engine completion."""
+    usage = completion.usage
+    return llm_pb2.Completion(
+        text=completion.text,
+        tool_calls=[llm_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in completion.tool_calls],
+        finish_reason=completion.finish_reason,
+        usage=llm_pb2.Usage(
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens
+        ) if usage else None,
+        model=completion.model,
+        time_to_first_token_s=completion.time_to_first_token_s,
+        total_time_s=completion.total_time_s,
+    )
