@@ -8,6 +8,7 @@ order, until the final one. Failures arrive as :class:`BusError` with a code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -131,8 +132,9 @@ class BusClient:
             headers[HEADER_SESSION_ID] = session_id
         inject_context(headers)
         finished = False
+        published = None
         try:
-            await self._js.publish(spec.subject, payload, headers=headers, stream=spec.stream)
+            published = await self._js.publish(spec.subject, payload, headers=headers, stream=spec.stream)
             attempt = 0
             next_seq = 0
             yielded = False
@@ -185,7 +187,15 @@ class BusClient:
         finally:
             await subscription.unsubscribe()
             if not finished:
-                await _shielded(self.cancel(request_id))
+                await _shielded(self._abandon(request_id, spec.stream, published.seq if published else None))
+
+    async def _abandon(self, request_id: str, stream: str, seq: int | None) -> None:
+        """Stops a request the caller no longer waits for: the running worker is told to cancel, and
+        the stored message is deleted so that no worker starts it, or starts it again, later."""
+        await self.cancel(request_id)
+        if seq is not None:
+            with contextlib.suppress(Exception):
+                await self._js.delete_msg(stream, seq)
 
     async def collect(self, service: str, request: Message, **kwargs) -> list[Message]:
         """Runs :meth:`stream` to the end and returns every event (convenient for final-only callers)."""

@@ -99,6 +99,13 @@ class RequestContext:
         return self.cancelled.is_set() or (self.deadline is not None and time.time() >= self.deadline)
 
 
+def stopped_error(context: RequestContext) -> BusError:
+    """The error for an engine that stopped because its request was cancelled or ran out of time."""
+    if context.deadline is not None and time.time() >= context.deadline:
+        return BusError(DEADLINE_EXCEEDED, "deadline passed while running")
+    return BusError(CANCELLED, "cancelled")
+
+
 Handler = Callable[[Message, RequestContext], AsyncIterator[Message]]
 
 

