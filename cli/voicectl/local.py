@@ -168,3 +168,53 @@ class ChildProcess:
         if self.wait(timeout_s) is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+class WorkerProcess:
+    """One worker (``python -m voice_<service>``) on free ports, for tests, benchmarks and clusters.
+
+    Args:
+        service: ``stt``, ``llm`` or ``tts``.
+        nats_url: Bus to join.
+        env: Extra environment (model settings, concurrency).
+        sink: Where its prefixed log lines go (default stdout).
+    """
+
+    def __init__(self, service: str, nats_url: str, env: dict[str, str] | None = None, sink=None) -> None:
+        self.service = service
+        self.grpc_port = free_port()
+        self.metrics_port = free_port()
+        self.child = ChildProcess(
+            service,
+            [sys.executable, "-m", f"voice_{service}"],
+            env={
+                "NATS_URL": nats_url,
+                "GRPC_PORT": str(self.grpc_port),
+                "METRICS_PORT": str(self.metrics_port),
+                **(env or {}),
+            },
+            sink=sink,
+        )
+
+    @property
+    def target(self) -> str:
+        """The gRPC address."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def launch(self) -> WorkerProcess:
+        """Starts the process without waiting for it to load its models."""
+        self.child.start()
+        return self
+
+    def wait_ready(self, timeout_s: float = 120) -> WorkerProcess:
+        """Waits until the worker's gRPC health says SERVING."""
+        from voicectl.health import wait_serving
+
+        wait_serving(self.target, timeout_s, alive=self.child.running)
+        return self
+
+    def start(self, timeout_s: float = 120) -> WorkerProcess:
+        return self.launch().wait_ready(timeout_s)
+
+    def stop(self) -> None:
+        self.child.stop(timeout_s=30)

@@ -8,11 +8,19 @@ import pytest
 from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
 from voice_bus.worker import Worker
+from voicectl.local import NatsServer
+
+
+@pytest.fixture(scope="package")
+def bus_nats():
+    """A nats-server of the bus tests' own: no real worker of another test may take their requests."""
+    with NatsServer() as server:
+        yield server
 
 
 @pytest.fixture
-async def nc(nats_url):
-    connection = await connect(nats_url, name="bus-test")
+async def nc(bus_nats):
+    connection = await connect(bus_nats.url, name="bus-test")
     await ensure_streams(connection)
     yield connection
     await connection.close()

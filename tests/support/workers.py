@@ -6,48 +6,15 @@ import io
 import sys
 
 import pytest
-from voicectl.health import wait_serving
-from voicectl.local import ChildProcess, free_port
+from voicectl.local import WorkerProcess as _WorkerProcess
 
 
-class WorkerProcess:
-    """One worker subprocess with its ports and captured log.
-
-    Args:
-        service: ``stt``, ``llm`` or ``tts``.
-        nats_url: Bus to join.
-        env: Extra environment (model settings, concurrency).
-    """
+class WorkerProcess(_WorkerProcess):
+    """A worker whose log is both shown (on failure, by pytest) and kept in ``log`` for assertions."""
 
     def __init__(self, service: str, nats_url: str, env: dict[str, str] | None = None) -> None:
-        self.service = service
-        self.grpc_port = free_port()
-        self.metrics_port = free_port()
         self.log = io.StringIO()
-        self.child = ChildProcess(
-            service,
-            [sys.executable, "-m", f"voice_{service}"],
-            env={
-                "NATS_URL": nats_url,
-                "GRPC_PORT": str(self.grpc_port),
-                "METRICS_PORT": str(self.metrics_port),
-                "OTEL_TRACES_EXPORTER": "none",
-                **(env or {}),
-            },
-            sink=_Tee(self.log),
-        )
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start(self, timeout_s: float = 120) -> WorkerProcess:
-        self.child.start()
-        wait_serving(self.target, timeout_s, alive=self.child.running)
-        return self
-
-    def stop(self) -> None:
-        self.child.stop(timeout_s=30)
+        super().__init__(service, nats_url, {"OTEL_TRACES_EXPORTER": "none", **(env or {})}, sink=_Tee(self.log))
 
 
 class _Tee(io.TextIOBase):

@@ -322,8 +322,8 @@ class Worker:
         try:
             await replies.heartbeat()
             timeout = None if deadline is None else max(0.0, deadline - time.time())
-            async with asyncio.timeout(timeout):
-                async for event in self._handler(request, context):
+            async with asyncio.timeout(timeout), contextlib.aclosing(self._handler(request, context)) as events:
+                async for event in events:
                     if await replies.event(event):
                         break
             if not replies.closed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -36,8 +37,9 @@ async def stream_from_handler(
     ) as span:
         span.set_attribute("voice.session_id", request_context.session_id)
         try:
-            async for event in handler(request, request_context):
-                yield event
+            async with contextlib.aclosing(handler(request, request_context)) as events:
+                async for event in events:
+                    yield event
         except BusError as exc:
             await context.abort(getattr(grpc.StatusCode, code_name(exc.code)), exc.message)
         except ValueError as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import replace
 from collections.abc import AsyncIterator
 
 from opentelemetry import trace
@@ -13,7 +13,7 @@ from voice_bus.errors import UNAVAILABLE, BusError
 from voice_bus.worker import RequestContext
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
 
-from voice_llm.engine import BackendUnavailable, ChatEngine, Completion, TokenDelta
+from voice_llm.engine import BackendUnavailable, ChatEngine, Completion, TokenDelta, Usage
 
 tracer = trace.get_tracer("voice_llm")
 
@@ -58,11 +58,17 @@ class GenerateHandler:
                 top_p=request.top_p if request.HasField("top_p") else None,
                 stop=list(request.stop) or None,
             )
+            chunks = 0
             try:
                 async for item in stream:
                     if isinstance(item, TokenDelta):
+                        chunks += 1
                         yield llm_pb2.GenerateEvent(delta=llm_pb2.TokenDelta(text=item.text))
                     elif isinstance(item, Completion):
+                        if item.usage is None:
+                            # Backends that omit usage when streaming (llama.cpp) send one token per chunk.
+                            item = replace(item, usage=Usage(0, chunks + len(item.tool_calls), chunks + len(item.tool_calls)))
+                            span.set_attribute("voice.llm.usage_estimated", True)
                         record(span, item)
                         yield llm_pb2.GenerateEvent(completion=completion_proto(item))
             except BackendUnavailable as exc:

@@ -1,0 +1,1 @@
+"""Benchmarks of the voice platform (`make bench`): figures reported, nothing asserted."""

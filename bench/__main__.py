@@ -1,0 +1,224 @@
+"""``python -m bench``: measures the workers and the bus on this machine and writes bench/results.json.
+
+Starts its own nats-server, llama.cpp server and one worker per service (one slot each, so every
+figure is an unloaded, single-request latency), then reports:
+
+- STT real-time factor on a 5 s utterance;
+- LLM time to first token and generation speed;
+- TTS time to the first audio chunk and real-time factor;
+- bus overhead: p50/p99 of a trivial request through JetStream and its streamed reply, on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from voice.v1 import audio_pb2, llm_pb2, stt_pb2, tts_pb2
+from voice_bus.client import BusClient
+from voice_bus.connection import connect, ensure_streams
+from voice_bus.worker import Worker
+from voice_llm.embedded import llama_server_command, smollm2_model_path, wait_until_ready
+from voicectl.local import NatsServer, WorkerProcess, free_port
+
+RESULTS = Path(__file__).with_name("results.json")
+PROMPT = "Explain in three sentences why the sky is blue."
+TTS_TEXT = "Thanks for calling. Your order has shipped and should arrive on Tuesday."
+STT_TEXT = "Hello, I am calling about my order. It was supposed to arrive yesterday, but it has not come yet."
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "p95": percentile(values, 95),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+async def bench_stt(bus: BusClient, runs: int) -> dict:
+    events = await bus.collect(
+        "tts", tts_pb2.SynthesizeRequest(text=STT_TEXT, output_format=audio_pb2.AudioFormat(sample_rate=16000)), timeout=60
+    )
+    pcm = np.frombuffer(b"".join(e.chunk.audio for e in events if e.HasField("chunk")), dtype="<i2")
+    five_s = np.zeros(5 * 16000, dtype=np.int16)
+    five_s[: min(pcm.size, five_s.size)] = pcm[: five_s.size]
+    request = stt_pb2.TranscribeRequest(
+        audio=five_s.tobytes(), format=audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=16000)
+    )
+    rtf, latency = [], []
+    await bus.collect("stt", request, timeout=60)
+    for _ in range(runs):
+        started = time.perf_counter()
+        transcript = (await bus.collect("stt", request, timeout=60))[-1].transcript
+        latency.append(time.perf_counter() - started)
+        rtf.append(transcript.processing_time_s / 5.0)
+    return {"real_time_factor": summary(rtf), "latency_s": summary(latency), "audio_s": 5.0, "text": transcript.text}
+
+
+async def bench_llm(bus: BusClient, runs: int) -> dict:
+    request = llm_pb2.GenerateRequest(
+        messages=[llm_pb2.ChatMessage(role="user", content=PROMPT)], max_tokens=96, temperature=0.0
+    )
+    ttft, tokens_per_s = [], []
+    await bus.collect("llm", request, timeout=120)
+    for _ in range(runs):
+        started = time.perf_counter()
+        first = None
+        count = 0
+        async for event in bus.stream("llm", request, timeout=120):
+            if event.HasField("delta"):
+                count += 1
+                first = first or time.perf_counter()
+            else:
+                completion = event.completion
+        done = time.perf_counter()
+        ttft.append((first or done) - started)
+        tokens = completion.usage.completion_tokens or count
+        if first and tokens > 1:
+            tokens_per_s.append((tokens - 1) / (done - first))
+    return {"time_to_first_token_s": summary(ttft), "tokens_per_s": summary(tokens_per_s), "max_tokens": 96}
+
+
+async def bench_tts(bus: BusClient, runs: int) -> dict:
+    request = tts_pb2.SynthesizeRequest(text=TTS_TEXT)
+    first_chunk, rtf = [], []
+    await bus.collect("tts", request, timeout=60)
+    for _ in range(runs):
+        started = time.perf_counter()
+        first = None
+        async for event in bus.stream("tts", request, timeout=60):
+            if event.HasField("chunk") and first is None:
+                first = time.perf_counter() - started
+            elif event.HasField("summary"):
+                rtf.append(event.summary.processing_time_s / event.summary.audio_duration_s)
+        first_chunk.append(first)
+    return {"time_to_first_chunk_s": summary(first_chunk), "real_time_factor": summary(rtf)}
+
+
+async def bench_bus(runs: int) -> dict:
+    """A trivial request and one-event reply through JetStream, on a nats-server of its own."""
+    with NatsServer() as nats:
+        nc = await connect(nats.url, name="bench-bus")
+        await ensure_streams(nc)
+
+        async def trivial(request, context):
+            yield llm_pb2.GenerateEvent(completion=llm_pb2.Completion(text="ok"))
+
+        worker = Worker(nc, "llm", trivial, concurrency=4)
+        await worker.start()
+        bus = BusClient(nc)
+        request = llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(role="user", content="ping")])
+        for _ in range(50):
+            await bus.collect("llm", llm_pb2.GenerateRequest(messages=request.messages), timeout=10)
+        latencies = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            await bus.collect("llm", llm_pb2.GenerateRequest(messages=request.messages), timeout=10)
+            latencies.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        concurrent = 400
+        await asyncio.gather(
+            *(bus.collect("llm", llm_pb2.GenerateRequest(messages=request.messages), timeout=30) for _ in range(concurrent))
+        )
+        throughput = concurrent / (time.perf_counter() - started)
+        await worker.stop()
+        await nc.close()
+    return {
+        "round_trip_ms": {"n": runs, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "mean": statistics.mean(latencies)},
+        "throughput_rps_4_slots": throughput,
+    }
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def table(results: dict) -> str:
+    rows = [
+        ("STT real-time factor (5 s utterance, tiny.en int8)", results["stt"]["real_time_factor"], ""),
+        ("STT request latency via bus (s)", results["stt"]["latency_s"], ""),
+        ("LLM time to first token (s)", results["llm"]["time_to_first_token_s"], ""),
+        ("LLM tokens/s", results["llm"]["tokens_per_s"], ""),
+        ("TTS time to first chunk (s)", results["tts"]["time_to_first_chunk_s"], ""),
+        ("TTS real-time factor", results["tts"]["real_time_factor"], ""),
+    ]
+    lines = [f"{'figure':<52} {'median':>9} {'p95':>9} {'n':>4}", "-" * 77]
+    for name, figure, _ in rows:
+        lines.append(f"{name:<52} {figure['median']:>9.3f} {figure['p95']:>9.3f} {figure['n']:>4}")
+    bus = results["bus"]["round_trip_ms"]
+    lines.append(f"{'bus round trip, trivial request (ms) p50 / p99':<52} {bus['p50']:>9.3f} {bus['p99']:>9.3f} {bus['n']:>4}")
+    lines.append(f"{'bus throughput, 4 slots (requests/s)':<52} {results['bus']['throughput_rps_4_slots']:>9.0f}")
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    results: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
+    results["bus"] = await bench_bus(args.bus_runs)
+    with NatsServer() as nats:
+        port = free_port()
+        llama = subprocess.Popen(
+            llama_server_command(smollm2_model_path(), "127.0.0.1", port, n_threads=os.cpu_count() or 2),
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        base_url = f"http://127.0.0.1:{port}/v1"
+        quiet = open(os.devnull, "w")
+        workers = [
+            WorkerProcess("stt", nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet),
+            WorkerProcess("tts", nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet),
+            WorkerProcess("llm", nats.url, {"OTEL_TRACES_EXPORTER": "none", "LLM_BASE_URL": base_url}, sink=quiet),
+        ]
+        try:
+            wait_until_ready(base_url, 120, process=llama)
+            for worker in workers:
+                worker.start()
+            nc = await connect(nats.url, name="bench")
+            bus = BusClient(nc)
+            results["stt"] = await bench_stt(bus, args.runs)
+            results["llm"] = await bench_llm(bus, args.runs)
+            results["tts"] = await bench_tts(bus, args.runs)
+            await nc.close()
+        finally:
+            for worker in workers:
+                worker.stop()
+            llama.terminate()
+            llama.wait(10)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10, help="measured runs per model figure")
+    parser.add_argument("--bus-runs", type=int, default=2000, help="measured trivial bus requests")
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nwritten to {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
