@@ -1,6 +1,7 @@
 """voicectl: call the STT, LLM and TTS services through the bus (default) or over gRPC, or run the stack.
 
     voicectl up                              start everything locally (what `make run` does)
+    voicectl nats                            run only nats-server, configured as the stack needs it
     voicectl stt FILE                        transcribe an audio file (WAV, WebM, Ogg, MP3, ...)
     voicectl llm "prompt"                    stream a reply token by token
     voicectl tts "text" -o out.wav           synthesize speech
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run nats-server, the llama.cpp server and the workers until Ctrl-C")
     up.add_argument("--state-dir", default=".run")
+
+    nats = sub.add_parser("nats", help="run only nats-server (JetStream, 8 MB payloads) in the foreground")
+    nats.add_argument("--state-dir", default=".run")
 
     stt = sub.add_parser("stt", help="transcribe an audio file")
     stt.add_argument("file")
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         from voicectl.stack import run_stack
 
         sys.exit(run_stack(args.state_dir))
+    if args.command == "nats":
+        from voicectl.stack import run_nats
+
+        sys.exit(run_nats(args.state_dir))
     try:
         sys.exit(asyncio.run(calls.run(args)))
     except KeyboardInterrupt:

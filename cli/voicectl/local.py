@@ -76,7 +76,9 @@ class NatsServer:
             raise RuntimeError("nats-server is not installed (Debian: apt-get install nats-server; `make install` does it)")
         config = Path(self.store_dir) / "nats.conf"
         config.write_text(NATS_CONFIG.format(port=self.port, monitor_port=self.monitor_port, store_dir=self.store_dir))
-        self.process = subprocess.Popen([binary, "-c", str(config)], stdout=stdout, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [binary, "-c", str(config)], stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
+        )
         wait_for_port(self.port, 15, process=self.process)
         self._wait_healthy(15)
         return self

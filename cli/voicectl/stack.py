@@ -90,3 +90,21 @@ def run_stack(state_dir: str = ".run") -> int:
             child.stop(timeout_s=1)
         nats.stop()
         print("stopped", flush=True)
+
+
+def run_nats(state_dir: str = ".run") -> int:
+    """Runs only nats-server on the stack's ports, in the foreground, until interrupted."""
+    store = Path(state_dir, "jetstream").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    nats = NatsServer(NATS_PORT, NATS_MONITOR_PORT, store_dir=str(store))
+    try:
+        nats.start(stdout=None)
+        print(f"nats-server with JetStream on {nats.url}", flush=True)
+        while not stop.is_set() and nats.process.poll() is None:
+            stop.wait(0.5)
+        return 0 if stop.is_set() else 1
+    finally:
+        nats.stop()

@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Iterable
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.js.api import (
     AckPolicy,
@@ -42,11 +41,17 @@ async def connect(url: str, *, name: str, connect_timeout_s: float = 30.0) -> NA
         connect_timeout_s: Give up (raising the last error) after this long.
     """
     servers = [u.strip() for u in url.split(",") if u.strip()]
+    client = NATS()
+
+    async def on_disconnect() -> None:
+        if not (client.is_closed or client.is_draining):
+            logger.warning("NATS disconnected")
+
     give_up = time.monotonic() + connect_timeout_s
     delay = 0.2
     while True:
         try:
-            return await nats.connect(
+            await client.connect(
                 servers=servers,
                 name=name,
                 connect_timeout=2,
@@ -54,9 +59,10 @@ async def connect(url: str, *, name: str, connect_timeout_s: float = 30.0) -> NA
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 error_cb=_log_error,
-                disconnected_cb=_log_disconnect,
+                disconnected_cb=on_disconnect,
                 reconnected_cb=_log_reconnect,
             )
+            return client
         except Exception as exc:  # noqa: BLE001 - nats raises many types for one "not up yet"
             if time.monotonic() + delay > give_up:
                 raise ConnectionError(f"cannot reach NATS at {url}: {exc}") from exc
@@ -67,10 +73,6 @@ async def connect(url: str, *, name: str, connect_timeout_s: float = 30.0) -> NA
 
 async def _log_error(exc: Exception) -> None:
     logger.warning("NATS error: %s", exc)
-
-
-async def _log_disconnect() -> None:
-    logger.warning("NATS disconnected")
 
 
 async def _log_reconnect() -> None:

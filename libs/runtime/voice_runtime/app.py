@@ -113,7 +113,11 @@ class WorkerApp:
         await health_servicer.enter_graceful_shutdown()
         await worker.stop(self.settings.drain_grace_s)
         await server.stop(grace=5)
-        await nc.drain()
+        try:
+            await nc.drain()
+        except Exception as exc:  # noqa: BLE001 - the server may be gone already; nothing is left to flush
+            logger.warning("NATS drain skipped: %s", exc)
+            await nc.close()
         if self.close:
             await self.close()
         shutdown_tracing()
