@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from voice.v1 import audio_pb2, llm_pb2, stt_pb2, tts_pb2
 from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
@@ -52,7 +53,9 @@ def summary(values: list[float]) -> dict:
 
 async def bench_stt(bus: BusClient, runs: int) -> dict:
     events = await bus.collect(
-        "tts", tts_pb2.SynthesizeRequest(text=STT_TEXT, output_format=audio_pb2.AudioFormat(sample_rate=16000)), timeout=60
+        "tts",
+        tts_pb2.SynthesizeRequest(text=STT_TEXT, output_format=audio_pb2.AudioFormat(sample_rate=16000)),
+        timeout=60,
     )
     pcm = np.frombuffer(b"".join(e.chunk.audio for e in events if e.HasField("chunk")), dtype="<i2")
     five_s = np.zeros(5 * 16000, dtype=np.int16)
@@ -133,13 +136,21 @@ async def bench_bus(runs: int) -> dict:
         started = time.perf_counter()
         concurrent = 400
         await asyncio.gather(
-            *(bus.collect("llm", llm_pb2.GenerateRequest(messages=request.messages), timeout=30) for _ in range(concurrent))
+            *(
+                bus.collect("llm", llm_pb2.GenerateRequest(messages=request.messages), timeout=30)
+                for _ in range(concurrent)
+            )
         )
         throughput = concurrent / (time.perf_counter() - started)
         await worker.stop()
         await nc.close()
     return {
-        "round_trip_ms": {"n": runs, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "mean": statistics.mean(latencies)},
+        "round_trip_ms": {
+            "n": runs,
+            "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99),
+            "mean": statistics.mean(latencies),
+        },
         "throughput_rps_4_slots": throughput,
     }
 
@@ -169,7 +180,9 @@ def table(results: dict) -> str:
     for name, figure, _ in rows:
         lines.append(f"{name:<52} {figure['median']:>9.3f} {figure['p95']:>9.3f} {figure['n']:>4}")
     bus = results["bus"]["round_trip_ms"]
-    lines.append(f"{'bus round trip, trivial request (ms) p50 / p99':<52} {bus['p50']:>9.3f} {bus['p99']:>9.3f} {bus['n']:>4}")
+    lines.append(
+        f"{'bus round trip, trivial request (ms) p50 / p99':<52} {bus['p50']:>9.3f} {bus['p99']:>9.3f} {bus['n']:>4}"
+    )
     lines.append(f"{'bus throughput, 4 slots (requests/s)':<52} {results['bus']['throughput_rps_4_slots']:>9.0f}")
     return "\n".join(lines)
 
@@ -181,7 +194,8 @@ async def run(args: argparse.Namespace) -> dict:
         port = free_port()
         llama = subprocess.Popen(
             llama_server_command(smollm2_model_path(), "127.0.0.1", port, n_threads=os.cpu_count() or 2),
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         base_url = f"http://127.0.0.1:{port}/v1"
         quiet = open(os.devnull, "w")
@@ -209,7 +223,9 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=10, help="measured runs per model figure")
     parser.add_argument("--bus-runs", type=int, default=2000, help="measured trivial bus requests")
     args = parser.parse_args()

@@ -20,14 +20,26 @@ from voicectl import calls
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="voicectl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nats", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), help="NATS URL (default $NATS_URL or nats://127.0.0.1:4222)")
+    parser = argparse.ArgumentParser(
+        prog="voicectl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--nats",
+        default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
+        help="NATS URL (default $NATS_URL or nats://127.0.0.1:4222)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="request timeout in seconds")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def grpc_option(p: argparse.ArgumentParser, port: int) -> None:
-        p.add_argument("--grpc", nargs="?", const=f"127.0.0.1:{port}", default=None, metavar="HOST:PORT",
-                       help=f"call the gRPC service instead of the bus (default 127.0.0.1:{port})")
+        p.add_argument(
+            "--grpc",
+            nargs="?",
+            const=f"127.0.0.1:{port}",
+            default=None,
+            metavar="HOST:PORT",
+            help=f"call the gRPC service instead of the bus (default 127.0.0.1:{port})",
+        )
 
     up = sub.add_parser("up", help="run nats-server, the llama.cpp server and the workers until Ctrl-C")
     up.add_argument("--state-dir", default=".run")

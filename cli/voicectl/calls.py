@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from google.protobuf.message import Message
+
 from voice.v1 import audio_pb2, llm_pb2, llm_pb2_grpc, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc
 from voice_audio import wav_bytes
 from voice_bus.client import BusClient
@@ -55,7 +56,9 @@ async def stt(args: argparse.Namespace) -> int:
     data = path.read_bytes()
     raw_encoding = RAW_ENCODINGS.get(path.suffix.lower())
     if raw_encoding is not None:
-        fmt = audio_pb2.AudioFormat(encoding=raw_encoding, sample_rate=args.rate, container=audio_pb2.AUDIO_CONTAINER_RAW)
+        fmt = audio_pb2.AudioFormat(
+            encoding=raw_encoding, sample_rate=args.rate, container=audio_pb2.AUDIO_CONTAINER_RAW
+        )
     else:
         fmt = audio_pb2.AudioFormat(container=audio_pb2.AUDIO_CONTAINER_AUTO)
     request = stt_pb2.TranscribeRequest(audio=data, format=fmt, language=args.language, word_timestamps=args.words)
@@ -98,7 +101,8 @@ async def llm(args: argparse.Namespace) -> int:
             usage = completion.usage
             print(
                 f"({completion.model}: first token {completion.time_to_first_token_s * 1000:.0f} ms, "
-                f"{usage.completion_tokens} tokens in {completion.total_time_s:.2f}s, finish {completion.finish_reason})",
+                f"{usage.completion_tokens} tokens in {completion.total_time_s:.2f}s, "
+                f"finish {completion.finish_reason})",
                 file=sys.stderr,
             )
     return 0
@@ -108,7 +112,9 @@ async def tts(args: argparse.Namespace) -> int:
     raw = args.output.endswith(".raw")
     encoding = ENCODINGS[args.encoding] if raw else audio_pb2.AUDIO_ENCODING_PCM16
     request = tts_pb2.SynthesizeRequest(
-        text=args.text, voice=args.voice, speed=args.speed,
+        text=args.text,
+        voice=args.voice,
+        speed=args.speed,
         output_format=audio_pb2.AudioFormat(encoding=encoding, sample_rate=args.rate),
     )
     pieces: list[bytes] = []
@@ -139,7 +145,9 @@ async def tts(args: argparse.Namespace) -> int:
 async def voices(args: argparse.Namespace) -> int:
     target = args.grpc or "127.0.0.1:50053"
     async with grpc.aio.insecure_channel(target) as channel:
-        response = await tts_pb2_grpc.TextToSpeechStub(channel).ListVoices(tts_pb2.ListVoicesRequest(), timeout=args.timeout)
+        response = await tts_pb2_grpc.TextToSpeechStub(channel).ListVoices(
+            tts_pb2.ListVoicesRequest(), timeout=args.timeout
+        )
     for voice in response.voices:
         extras = f" speakers={','.join(voice.speakers)}" if voice.speakers else ""
         print(f"{voice.name}\t{voice.engine}\t{voice.language}\t{voice.sample_rate} Hz{extras}")
@@ -158,5 +166,3 @@ async def run(args: argparse.Namespace) -> int:
     except (ConnectionError, OSError) as exc:
         print(f"voicectl {args.command}: {exc}", file=sys.stderr)
     return 1
-
-

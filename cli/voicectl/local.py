@@ -36,7 +36,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout_s: float, host: str = "127.0.0.1", process: subprocess.Popen | None = None) -> None:
+def wait_for_port(
+    port: int, timeout_s: float, host: str = "127.0.0.1", process: subprocess.Popen | None = None
+) -> None:
     """Waits until something accepts TCP connections on ``port``; raises TimeoutError otherwise."""
     give_up = time.monotonic() + timeout_s
     while time.monotonic() < give_up:
@@ -73,7 +75,9 @@ class NatsServer:
     def start(self, stdout=subprocess.DEVNULL) -> NatsServer:
         binary = shutil.which("nats-server")
         if binary is None:
-            raise RuntimeError("nats-server is not installed (Debian: apt-get install nats-server; `make install` does it)")
+            raise RuntimeError(
+                "nats-server is not installed (Debian: apt-get install nats-server; `make install` does it)"
+            )
         config = Path(self.store_dir) / "nats.conf"
         config.write_text(NATS_CONFIG.format(port=self.port, monitor_port=self.monitor_port, store_dir=self.store_dir))
         self.process = subprocess.Popen(
@@ -125,7 +129,9 @@ class ChildProcess:
         sink: Where the prefixed lines go.
     """
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None, color: int = 37, sink=None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, color: int = 37, sink=None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -136,7 +142,12 @@ class ChildProcess:
 
     def start(self) -> ChildProcess:
         self.process = subprocess.Popen(
-            self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            self.argv,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
             start_new_session=True,
         )
         self._pump = threading.Thread(target=self._copy_output, daemon=True)

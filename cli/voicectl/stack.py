@@ -32,7 +32,9 @@ def _port_free(port: int) -> bool:
 
 def run_stack(state_dir: str = ".run") -> int:
     """Runs the stack until interrupted; returns the process exit code."""
-    busy = [p for p in (NATS_PORT, NATS_MONITOR_PORT, LLAMA_PORT, *(w[0] for w in WORKERS.values())) if not _port_free(p)]
+    busy = [
+        p for p in (NATS_PORT, NATS_MONITOR_PORT, LLAMA_PORT, *(w[0] for w in WORKERS.values())) if not _port_free(p)
+    ]
     if busy:
         print(f"voicectl up: ports already in use: {busy} (is the stack already running?)", file=sys.stderr)
         return 1
@@ -49,7 +51,8 @@ def run_stack(state_dir: str = ".run") -> int:
         print(f"    nats | nats-server with JetStream on {nats.url} (monitor http://127.0.0.1:{NATS_MONITOR_PORT})")
         threads = str(max(1, (os.cpu_count() or 2) // 2))
         llama = ChildProcess(
-            "llama", [sys.executable, "-m", "voice_llm.embedded", "--port", str(LLAMA_PORT), "--n-threads", threads],
+            "llama",
+            [sys.executable, "-m", "voice_llm.embedded", "--port", str(LLAMA_PORT), "--n-threads", threads],
             color=33,
         ).start()
         children.append(llama)
@@ -57,12 +60,14 @@ def run_stack(state_dir: str = ".run") -> int:
         for name, (grpc_port, metrics_port, color) in WORKERS.items():
             children.append(
                 ChildProcess(
-                    name, [sys.executable, "-m", f"voice_{name}"],
-                    env={**env, "GRPC_PORT": str(grpc_port), "METRICS_PORT": str(metrics_port)}, color=color,
+                    name,
+                    [sys.executable, "-m", f"voice_{name}"],
+                    env={**env, "GRPC_PORT": str(grpc_port), "METRICS_PORT": str(metrics_port)},
+                    color=color,
                 ).start()
             )
         wait_for_port(LLAMA_PORT, 120, process=llama.process)
-        for child, (grpc_port, _, _) in zip(children[1:], WORKERS.values()):
+        for child, (grpc_port, _, _) in zip(children[1:], WORKERS.values(), strict=False):
             wait_serving(f"127.0.0.1:{grpc_port}", 300, alive=child.running)
         print(
             "\n  ready: STT gRPC :50051, LLM gRPC :50052, TTS gRPC :50053, metrics :9101-9103, NATS :4222\n"

@@ -56,9 +56,7 @@ def decode(data: bytes, container: Container, **kwargs) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["wav", "webm", "ogg", "mp3"])
 @pytest.mark.parametrize("auto", [False, True], ids=["named", "auto"])
-def test_container_decodes_to_16k_float(
-    container_files, reference_16k, name: str, auto: bool
-) -> None:
+def test_container_decodes_to_16k_float(container_files, reference_16k, name: str, auto: bool) -> None:
     out = decode(container_files[name], Container.AUTO if auto else Container(name))
     assert out.dtype == np.float32
     assert out.ndim == 1
@@ -82,9 +80,7 @@ def test_container_honours_target_rate(container_files, speech, target_rate: int
 
 def test_decode_to_pcm16_container(container_files, speech) -> None:
     samples, rate = speech
-    out = decode_to_pcm16(
-        container_files["ogg"], encoding=Encoding.PCM16, sample_rate=rate, container=Container.OGG
-    )
+    out = decode_to_pcm16(container_files["ogg"], encoding=Encoding.PCM16, sample_rate=rate, container=Container.OGG)
     assert out.dtype == np.int16
     assert abs(out.size / 16000 - samples.size / rate) < 0.05
 
@@ -114,9 +110,7 @@ def test_g711_8k_round_trip(speech, encoding: Encoding, snr_floor_db: float) -> 
     wire = encode_pcm16(samples, from_rate=rate, encoding=encoding, to_rate=8000)
     expected = resample(samples, rate, 8000).astype(np.float64) / 32768
     assert len(wire) == expected.size
-    at_8k = decode_to_float(
-        wire, encoding=encoding, sample_rate=8000, container=Container.RAW, target_rate=8000
-    )
+    at_8k = decode_to_float(wire, encoding=encoding, sample_rate=8000, container=Container.RAW, target_rate=8000)
     noise = at_8k - expected
     snr_db = 10 * np.log10(np.sum(expected**2) / np.sum(noise**2))
     assert snr_db > snr_floor_db
@@ -213,9 +207,7 @@ def test_garbage_in_containers(container: Container, garbage: str) -> None:
     with pytest.raises(AudioFormatError):
         decode(GARBAGE[garbage], container)
     with pytest.raises(AudioFormatError):
-        decode_to_pcm16(
-            GARBAGE[garbage], encoding=Encoding.PCM16, sample_rate=16000, container=container
-        )
+        decode_to_pcm16(GARBAGE[garbage], encoding=Encoding.PCM16, sample_rate=16000, container=container)
 
 
 @pytest.mark.parametrize("name", ["wav", "webm", "ogg", "mp3"])

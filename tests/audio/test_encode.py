@@ -27,9 +27,7 @@ def test_pcm16_same_rate_is_little_endian_copy() -> None:
     assert out == SAMPLES.astype("<i2").tobytes()
 
 
-@pytest.mark.parametrize(
-    ("encoding", "codec"), [(Encoding.MULAW, ulaw_encode), (Encoding.ALAW, alaw_encode)]
-)
+@pytest.mark.parametrize(("encoding", "codec"), [(Encoding.MULAW, ulaw_encode), (Encoding.ALAW, alaw_encode)])
 def test_g711_resamples_then_encodes(encoding: Encoding, codec) -> None:
     out = encode_pcm16(SAMPLES, from_rate=16000, encoding=encoding, to_rate=8000)
     assert out == codec(resample(SAMPLES, 16000, 8000))
@@ -92,9 +90,7 @@ def test_read_wav_rejects_8_bit() -> None:
         read_wav(buffer.getvalue())
 
 
-@pytest.mark.parametrize(
-    "data", [b"", b"garbage", b"RIFF\x00\x00\x00\x00WAVE", wav_bytes(SAMPLES[:0], 8000)]
-)
+@pytest.mark.parametrize("data", [b"", b"garbage", b"RIFF\x00\x00\x00\x00WAVE", wav_bytes(SAMPLES[:0], 8000)])
 def test_read_wav_rejects_bad_input(data: bytes) -> None:
     with pytest.raises(AudioFormatError):
         read_wav(data)

@@ -64,9 +64,7 @@ def test_empty_frame_round_trips() -> None:
     assert alaw_decode(b"").size == 0
 
 
-@pytest.mark.parametrize(
-    "bad", [np.zeros(4, dtype=np.float32), np.zeros(4, dtype=np.int32), b"\x00\x00"]
-)
+@pytest.mark.parametrize("bad", [np.zeros(4, dtype=np.float32), np.zeros(4, dtype=np.int32), b"\x00\x00"])
 def test_encode_rejects_non_int16(bad) -> None:
     with pytest.raises(AudioFormatError, match="int16"):
         ulaw_encode(bad)

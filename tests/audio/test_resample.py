@@ -76,9 +76,7 @@ def test_stream_resampler_is_continuous_across_20ms_frames() -> None:
     rate_in, rate_out = 8000, 16000
     source = sine(300, rate_in, seconds=1.0)
     stream = StreamResampler(rate_in, rate_out, dtype=np.float32)
-    out = np.concatenate(
-        [stream.process(source[i : i + 160]) for i in range(0, source.size, 160)] + [stream.flush()]
-    )
+    out = np.concatenate([stream.process(source[i : i + 160]) for i in range(0, source.size, 160)] + [stream.flush()])
     steady = out[200:-200]
     # A 300 Hz sine at 16 kHz moves at most 2*pi*300/16000*0.5 ≈ 0.059 per sample; a seam jumps.
     assert float(np.max(np.abs(np.diff(steady)))) < 0.07
@@ -112,9 +110,7 @@ def test_absurd_rates_rejected(rate) -> None:
         StreamResampler(rate, 16000)
 
 
-@pytest.mark.parametrize(
-    "bad", [np.zeros(10, dtype=np.float64), np.zeros((2, 10), dtype=np.int16), [0, 1, 2]]
-)
+@pytest.mark.parametrize("bad", [np.zeros(10, dtype=np.float64), np.zeros((2, 10), dtype=np.int16), [0, 1, 2]])
 def test_bad_sample_arrays_rejected(bad) -> None:
     with pytest.raises(AudioFormatError):
         resample(bad, 8000, 16000)

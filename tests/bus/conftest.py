@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+
 from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
 from voice_bus.worker import Worker

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from opentelemetry import trace
+
 from voice.v1 import events_pb2, llm_pb2, tts_pb2
 from voice_bus.catalog import HEADER_DEADLINE, HEADER_REPLY, HEADER_REQUEST_ID, SERVICES
 from voice_bus.errors import (
@@ -136,7 +137,7 @@ async def test_cancelling_mid_stream_stops_the_handler_and_frees_the_slot(bus, r
 
     async with running_worker("llm", endless) as worker:
         received = 0
-        async for event in bus.stream("llm", request(), timeout=30):
+        async for _event in bus.stream("llm", request(), timeout=30):
             received += 1
             if received == 3:
                 break

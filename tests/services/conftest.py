@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+
 from voice_bus.catalog import service_spec
 from voice_bus.client import BusClient
 from voice_bus.connection import connect
@@ -34,7 +35,7 @@ async def presence(nc, service: str, window_s: float = 0.3) -> list[dict]:
     while (left := end - loop.time()) > 0:
         try:
             answers.append(json.loads((await sub.next_msg(timeout=left)).data))
-        except Exception:  # noqa: BLE001 - the window closed
+        except Exception:
             break
     await sub.unsubscribe()
     return answers

@@ -7,16 +7,16 @@ import signal
 import time
 
 import pytest
+
+from tests.services.conftest import presence
+from tests.support.speech import word_error_rate
+from tests.support.workers import WorkerProcess
 from voice.v1 import audio_pb2, stt_pb2
 from voice_audio import Encoding, encode_pcm16
 from voice_bus.client import BusClient
 from voice_bus.connection import connect
 from voice_bus.errors import UNAVAILABLE, BusError
 from voicectl.local import NatsServer
-
-from tests.services.conftest import presence
-from tests.support.speech import word_error_rate
-from tests.support.workers import WorkerProcess
 
 LONG_TEXT = (
     "The quick brown fox jumps over the lazy dog. Please call me back at the office tomorrow morning. "
@@ -83,7 +83,9 @@ async def test_kill_9_mid_request_completes_on_another_worker(isolated_nats, iso
     assert recovered_after < 60
 
 
-async def test_kill_9_with_no_other_worker_gives_unavailable_before_the_deadline(isolated_nats, isolated_bus, long_utterance):
+async def test_kill_9_with_no_other_worker_gives_unavailable_before_the_deadline(
+    isolated_nats, isolated_bus, long_utterance
+):
     worker = WorkerProcess("stt", isolated_nats.url, {"STT_CONCURRENCY": "1"}).start()
     try:
         request = asyncio.create_task(

@@ -8,11 +8,11 @@ import uuid
 
 import grpc
 import pytest
+
+from tests.services.conftest import wait_idle
 from voice.v1 import events_pb2, llm_pb2, llm_pb2_grpc
 from voice_bus.catalog import HEADER_DEADLINE, HEADER_REPLY, HEADER_REQUEST_ID, SERVICES, cancel_subject
 from voice_bus.errors import INVALID_ARGUMENT, BusError
-
-from tests.services.conftest import wait_idle
 
 
 def chat(text: str, **fields) -> llm_pb2.GenerateRequest:
@@ -22,9 +22,7 @@ def chat(text: str, **fields) -> llm_pb2.GenerateRequest:
 WEATHER_TOOL = llm_pb2.Tool(
     name="get_weather",
     description="Get the current weather for a city.",
-    parameters_json=json.dumps(
-        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    ),
+    parameters_json=json.dumps({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
 )
 
 
@@ -53,7 +51,11 @@ async def test_cancel_mid_stream_stops_output_and_frees_the_slot(nc, llm_worker)
     replies = await nc.subscribe(inbox)
     request_id = uuid.uuid4().hex
     request = chat("Write a very long essay about the history of the ocean.", max_tokens=400, request_id=request_id)
-    headers = {HEADER_REPLY: inbox, HEADER_REQUEST_ID: request_id, HEADER_DEADLINE: str(int(time.time() * 1000) + 120_000)}
+    headers = {
+        HEADER_REPLY: inbox,
+        HEADER_REQUEST_ID: request_id,
+        HEADER_DEADLINE: str(int(time.time() * 1000) + 120_000),
+    }
     await nc.jetstream().publish(SERVICES["llm"].subject, request.SerializeToString(), headers=headers)
     deltas = 0
     while deltas < 3:

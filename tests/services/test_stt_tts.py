@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from voice.v1 import audio_pb2, events_pb2, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc
-from voice_audio import Encoding, decode_to_float, encode_pcm16, wav_bytes
-from voice_bus.catalog import HEADER_DEADLINE, HEADER_REPLY, HEADER_REQUEST_ID, SERVICES, cancel_subject
-from voice_bus.errors import INVALID_ARGUMENT, BusError
 
 from tests.services.conftest import wait_idle
 from tests.support.speech import word_error_rate
+from voice.v1 import audio_pb2, events_pb2, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc
+from voice_audio import Encoding, encode_pcm16, wav_bytes
+from voice_bus.catalog import HEADER_DEADLINE, HEADER_REPLY, HEADER_REQUEST_ID, SERVICES, cancel_subject
+from voice_bus.errors import INVALID_ARGUMENT, BusError
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -28,7 +26,9 @@ MULAW = audio_pb2.AUDIO_ENCODING_MULAW
 
 
 async def synthesize(bus, text: str, encoding=PCM16, rate: int = 16000) -> tuple[bytes, list]:
-    request = tts_pb2.SynthesizeRequest(text=text, output_format=audio_pb2.AudioFormat(encoding=encoding, sample_rate=rate))
+    request = tts_pb2.SynthesizeRequest(
+        text=text, output_format=audio_pb2.AudioFormat(encoding=encoding, sample_rate=rate)
+    )
     events = await bus.collect("tts", request, timeout=60)
     chunks = [e.chunk for e in events if e.HasField("chunk")]
     return b"".join(c.audio for c in chunks), events
@@ -65,7 +65,12 @@ async def test_tts_to_stt_round_trip_mulaw_8k(bus, stt_worker, tts_worker, sente
 
 async def test_tts_streams_one_chunk_per_sentence_in_the_asked_format(bus, tts_worker):
     text = " ".join(SENTENCES)
-    for encoding, rate, width in [(PCM16, 24000, 2), (MULAW, 8000, 1), (audio_pb2.AUDIO_ENCODING_ALAW, 8000, 1), (PCM16, 48000, 2)]:
+    for encoding, rate, width in [
+        (PCM16, 24000, 2),
+        (MULAW, 8000, 1),
+        (audio_pb2.AUDIO_ENCODING_ALAW, 8000, 1),
+        (PCM16, 48000, 2),
+    ]:
         _, events = await synthesize(bus, text, encoding, rate)
         chunks = [e.chunk for e in events[:-1]]
         assert [c.sentence_index for c in chunks] == [0, 1, 2]
@@ -91,20 +96,33 @@ async def test_stt_accepts_containers_and_odd_rates(bus, stt_worker, piper_speec
     for data, container in cases:
         fmt = audio_pb2.AudioFormat(container=container, encoding=PCM16, sample_rate=44100)
         events = await bus.collect("stt", stt_pb2.TranscribeRequest(audio=data, format=fmt), timeout=60)
-        assert word_error_rate(SENTENCES[0], events[-1].transcript.text) <= 0.15, (container, events[-1].transcript.text)
+        assert word_error_rate(SENTENCES[0], events[-1].transcript.text) <= 0.15, (
+            container,
+            events[-1].transcript.text,
+        )
 
 
 BAD_STT = {
     "empty audio": stt_pb2.TranscribeRequest(),
-    "unsupported encoding": stt_pb2.TranscribeRequest(audio=b"\x00" * 3200, format=audio_pb2.AudioFormat(encoding=77, sample_rate=16000)),
-    "garbage bytes": stt_pb2.TranscribeRequest(audio=b"\x13\x37" * 5000, format=audio_pb2.AudioFormat(container=audio_pb2.AUDIO_CONTAINER_WEBM)),
-    "absurd sample rate": stt_pb2.TranscribeRequest(audio=b"\x00" * 3200, format=audio_pb2.AudioFormat(encoding=PCM16, sample_rate=10_000_000)),
-    "odd byte count": stt_pb2.TranscribeRequest(audio=b"\x00" * 3201, format=audio_pb2.AudioFormat(encoding=PCM16, sample_rate=16000)),
+    "unsupported encoding": stt_pb2.TranscribeRequest(
+        audio=b"\x00" * 3200, format=audio_pb2.AudioFormat(encoding=77, sample_rate=16000)
+    ),
+    "garbage bytes": stt_pb2.TranscribeRequest(
+        audio=b"\x13\x37" * 5000, format=audio_pb2.AudioFormat(container=audio_pb2.AUDIO_CONTAINER_WEBM)
+    ),
+    "absurd sample rate": stt_pb2.TranscribeRequest(
+        audio=b"\x00" * 3200, format=audio_pb2.AudioFormat(encoding=PCM16, sample_rate=10_000_000)
+    ),
+    "odd byte count": stt_pb2.TranscribeRequest(
+        audio=b"\x00" * 3201, format=audio_pb2.AudioFormat(encoding=PCM16, sample_rate=16000)
+    ),
 }
 BAD_TTS = {
     "empty text": tts_pb2.SynthesizeRequest(text="  "),
     "unknown voice": tts_pb2.SynthesizeRequest(text="Hello.", voice="nobody"),
-    "absurd sample rate": tts_pb2.SynthesizeRequest(text="Hello.", output_format=audio_pb2.AudioFormat(sample_rate=1_000_000)),
+    "absurd sample rate": tts_pb2.SynthesizeRequest(
+        text="Hello.", output_format=audio_pb2.AudioFormat(sample_rate=1_000_000)
+    ),
     "unsupported encoding": tts_pb2.SynthesizeRequest(text="Hello.", output_format=audio_pb2.AudioFormat(encoding=42)),
     "bad speed": tts_pb2.SynthesizeRequest(text="Hello.", speed=-3),
 }
@@ -128,7 +146,11 @@ async def test_tts_cancel_mid_stream_stops_output_and_frees_the_slot(nc, tts_wor
     request_id = uuid.uuid4().hex
     text = " ".join(f"This is sentence number {i} of a long answer." for i in range(20))
     request = tts_pb2.SynthesizeRequest(text=text, request_id=request_id)
-    headers = {HEADER_REPLY: inbox, HEADER_REQUEST_ID: request_id, HEADER_DEADLINE: str(int(time.time() * 1000) + 60_000)}
+    headers = {
+        HEADER_REPLY: inbox,
+        HEADER_REQUEST_ID: request_id,
+        HEADER_DEADLINE: str(int(time.time() * 1000) + 60_000),
+    }
     await nc.jetstream().publish(SERVICES["tts"].subject, request.SerializeToString(), headers=headers)
     while True:
         reply = events_pb2.Reply.FromString((await replies.next_msg(timeout=30)).data)

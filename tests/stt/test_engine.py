@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -44,9 +45,7 @@ def to_16k_float(samples: np.ndarray, rate: int) -> np.ndarray:
     return resample(samples.astype(np.float32) / 32768, rate, 16000)
 
 
-def run(
-    engine: SpeechToTextEngine, audio: np.ndarray, **kwargs
-) -> tuple[list[Segment], Transcript]:
+def run(engine: SpeechToTextEngine, audio: np.ndarray, **kwargs) -> tuple[list[Segment], Transcript]:
     events = list(engine.transcribe(audio, **kwargs))
     *segments, final = events
     assert isinstance(final, Transcript)
@@ -78,9 +77,7 @@ def test_piper_sentence_wer(engine, spoken, text: str) -> None:
 def test_mulaw_8k_wer(engine, spoken, text: str) -> None:
     samples, rate = spoken[text]
     wire = encode_pcm16(samples, from_rate=rate, encoding=Encoding.MULAW, to_rate=8000)
-    audio = decode_to_float(
-        wire, encoding=Encoding.MULAW, sample_rate=8000, container=Container.RAW
-    )
+    audio = decode_to_float(wire, encoding=Encoding.MULAW, sample_rate=8000, container=Container.RAW)
     _, final = run(engine, audio)
     assert word_error_rate(text, final.text) <= MAX_WER, final.text
 
@@ -100,9 +97,7 @@ def test_compressed_container_wer(engine, spoken, container: str) -> None:
 
 
 def test_segments_stream_before_final_transcript(engine, spoken) -> None:
-    audio = np.concatenate(
-        [np.concatenate([to_16k_float(*spoken[t]), np.zeros(8000, np.float32)]) for t in SENTENCES]
-    )
+    audio = np.concatenate([np.concatenate([to_16k_float(*spoken[t]), np.zeros(8000, np.float32)]) for t in SENTENCES])
     events = list(engine.transcribe(audio))
     kinds = [type(e) for e in events]
     assert kinds[-1] is Transcript
@@ -110,7 +105,7 @@ def test_segments_stream_before_final_transcript(engine, spoken) -> None:
     assert len(events) >= 2
     segments = events[:-1]
     assert [s.id for s in segments] == list(range(1, len(segments) + 1))
-    assert all(a.end_s <= b.start_s + 1e-6 for a, b in zip(segments, segments[1:], strict=False))
+    assert all(a.end_s <= b.start_s + 1e-6 for a, b in itertools.pairwise(segments))
     assert word_error_rate(" ".join(SENTENCES), events[-1].text) <= MAX_WER
 
 
@@ -122,7 +117,7 @@ def test_word_timestamps(engine, spoken) -> None:
     assert len(words) >= 8
     assert all(w.word and w.word == w.word.strip() for w in words)
     assert all(0 <= w.start_s <= w.end_s <= final.audio_duration_s + 0.1 for w in words)
-    assert all(a.start_s <= b.start_s for a, b in zip(words, words[1:], strict=False))
+    assert all(a.start_s <= b.start_s for a, b in itertools.pairwise(words))
     assert all(0.0 <= w.probability <= 1.0 for w in words)
     assert "fox" in [w.word.strip(".,").lower() for w in words]
 
@@ -212,7 +207,7 @@ def test_resolve_unknown_model_explains_no_downloads(model: str) -> None:
 
 
 def test_resolve_directory_without_model_bin(tmp_path) -> None:
-    with pytest.raises(ValueError, match="model.bin"):
+    with pytest.raises(ValueError, match=r"model\.bin"):
         resolve_model_path(str(tmp_path))
 
 

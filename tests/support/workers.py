@@ -6,6 +6,7 @@ import io
 import sys
 
 import pytest
+
 from voicectl.local import WorkerProcess as _WorkerProcess
 
 

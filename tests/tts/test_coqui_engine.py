@@ -172,14 +172,12 @@ def test_missing_model_dir_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         CoquiEngine(str(tmp_path / "nowhere")).load()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         CoquiEngine(str(tmp_path / "empty")).load()
 
 
 @needs_coqui
-def test_uncached_model_name_is_not_downloaded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_uncached_model_name_is_not_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TTS_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not in the local cache"):
         CoquiEngine("tts_models/en/ljspeech/vits").load()

@@ -128,18 +128,14 @@ def _clip_unit(samples: np.ndarray) -> np.ndarray:
     return np.clip(samples, -1.0, 1.0)
 
 
-def _decode_raw(
-    data: bytes, encoding: Encoding, sample_rate: int, channels: int
-) -> tuple[np.ndarray, int]:
+def _decode_raw(data: bytes, encoding: Encoding, sample_rate: int, channels: int) -> tuple[np.ndarray, int]:
     rate = check_sample_rate(sample_rate)
     channels = check_channels(channels)
     if not data:
         raise AudioFormatError("empty audio")
     if encoding is Encoding.PCM16:
         if len(data) % 2:
-            raise AudioFormatError(
-                f"PCM16 audio must have an even number of bytes, got {len(data)}"
-            )
+            raise AudioFormatError(f"PCM16 audio must have an even number of bytes, got {len(data)}")
         pcm = np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)
     elif encoding is Encoding.MULAW:
         pcm = g711.ulaw_decode(data)
@@ -149,9 +145,7 @@ def _decode_raw(
         raise AudioFormatError(f"unsupported encoding {encoding!r}")
     if channels > 1:
         if pcm.size % channels:
-            raise AudioFormatError(
-                f"{pcm.size} samples do not split evenly into {channels} channels"
-            )
+            raise AudioFormatError(f"{pcm.size} samples do not split evenly into {channels} channels")
         pcm = np.round(pcm.reshape(-1, channels).mean(axis=1, dtype=np.float32)).astype(np.int16)
     return pcm, rate
 

@@ -26,11 +26,7 @@ def _check_int16(samples: np.ndarray) -> np.ndarray:
     if not isinstance(samples, np.ndarray) or samples.dtype != np.int16:
         raise AudioFormatError(
             "expected an int16 numpy array, got "
-            + (
-                f"dtype {samples.dtype}"
-                if isinstance(samples, np.ndarray)
-                else type(samples).__name__
-            )
+            + (f"dtype {samples.dtype}" if isinstance(samples, np.ndarray) else type(samples).__name__)
         )
     if samples.ndim != 1:
         raise AudioFormatError(f"expected mono 1-D samples, got shape {samples.shape}")
@@ -121,9 +117,7 @@ def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     except (wave.Error, EOFError, struct.error) as exc:
         raise AudioFormatError(f"not a readable PCM WAV file: {exc}") from exc
     if width != 2:
-        raise AudioFormatError(
-            f"WAV sample width {width * 8} bits is not supported; need 16-bit PCM"
-        )
+        raise AudioFormatError(f"WAV sample width {width * 8} bits is not supported; need 16-bit PCM")
     rate = check_sample_rate(rate)
     usable = len(frames) - len(frames) % (2 * channels)
     samples = np.frombuffer(frames, dtype="<i2", count=usable // 2).astype(np.int16)

@@ -52,8 +52,7 @@ def check_sample_rate(sample_rate: int, *, what: str = "sample rate") -> int:
     rate = _as_int(sample_rate)
     if rate is None or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise AudioFormatError(
-            f"absurd {what} {sample_rate!r}: expected an integer between "
-            f"{MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz"
+            f"absurd {what} {sample_rate!r}: expected an integer between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz"
         )
     return rate
 

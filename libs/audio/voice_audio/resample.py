@@ -21,19 +21,13 @@ def _check_samples(samples: np.ndarray) -> None:
     if not isinstance(samples, np.ndarray) or samples.dtype not in _SUPPORTED_DTYPES:
         raise AudioFormatError(
             "resampling needs an int16 or float32 numpy array, got "
-            + (
-                f"dtype {samples.dtype}"
-                if isinstance(samples, np.ndarray)
-                else type(samples).__name__
-            )
+            + (f"dtype {samples.dtype}" if isinstance(samples, np.ndarray) else type(samples).__name__)
         )
     if samples.ndim != 1:
         raise AudioFormatError(f"resampling needs mono 1-D samples, got shape {samples.shape}")
 
 
-def resample(
-    samples: np.ndarray, from_rate: int, to_rate: int, *, quality: str = "HQ"
-) -> np.ndarray:
+def resample(samples: np.ndarray, from_rate: int, to_rate: int, *, quality: str = "HQ") -> np.ndarray:
     """Resample a complete mono buffer.
 
     Args:
@@ -95,9 +89,7 @@ class StreamResampler:
         self._stream = (
             None
             if self._passthrough
-            else soxr.ResampleStream(
-                self.from_rate, self.to_rate, 1, dtype=self.dtype.name, quality=quality
-            )
+            else soxr.ResampleStream(self.from_rate, self.to_rate, 1, dtype=self.dtype.name, quality=quality)
         )
         self._finished = False
 
@@ -139,9 +131,5 @@ class StreamResampler:
         if not isinstance(chunk, np.ndarray) or chunk.dtype != self.dtype or chunk.ndim != 1:
             raise AudioFormatError(
                 f"StreamResampler expects 1-D {self.dtype} chunks, got "
-                + (
-                    f"{chunk.dtype} with shape {chunk.shape}"
-                    if isinstance(chunk, np.ndarray)
-                    else type(chunk).__name__
-                )
+                + (f"{chunk.dtype} with shape {chunk.shape}" if isinstance(chunk, np.ndarray) else type(chunk).__name__)
             )

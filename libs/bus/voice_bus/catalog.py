@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
+
 from voice.v1 import llm_pb2, stt_pb2, tts_pb2
 
 HEADER_REPLY = "Voice-Reply"
@@ -49,16 +50,31 @@ class ServiceSpec:
 
 SERVICES: dict[str, ServiceSpec] = {
     "stt": ServiceSpec(
-        "stt", "VOICE_STT", "voice.stt.work",
-        stt_pb2.TranscribeRequest, stt_pb2.TranscribeEvent, "stt", "transcript",
+        "stt",
+        "VOICE_STT",
+        "voice.stt.work",
+        stt_pb2.TranscribeRequest,
+        stt_pb2.TranscribeEvent,
+        "stt",
+        "transcript",
     ),
     "llm": ServiceSpec(
-        "llm", "VOICE_LLM", "voice.llm.work",
-        llm_pb2.GenerateRequest, llm_pb2.GenerateEvent, "llm", "completion",
+        "llm",
+        "VOICE_LLM",
+        "voice.llm.work",
+        llm_pb2.GenerateRequest,
+        llm_pb2.GenerateEvent,
+        "llm",
+        "completion",
     ),
     "tts": ServiceSpec(
-        "tts", "VOICE_TTS", "voice.tts.work",
-        tts_pb2.SynthesizeRequest, tts_pb2.SynthesizeEvent, "tts", "summary",
+        "tts",
+        "VOICE_TTS",
+        "voice.tts.work",
+        tts_pb2.SynthesizeRequest,
+        tts_pb2.SynthesizeEvent,
+        "tts",
+        "summary",
     ),
 }
 

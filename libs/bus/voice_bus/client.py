@@ -15,12 +15,12 @@ import uuid
 from collections.abc import AsyncIterator
 
 from google.protobuf.message import DecodeError, Message
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from voice.v1 import events_pb2
 
+from voice.v1 import events_pb2
 from voice_bus.catalog import (
     HEADER_DEADLINE,
     HEADER_REPLY,
@@ -50,13 +50,13 @@ class BusClient:
         nc: A connected NATS client (see :func:`voice_bus.connection.connect`).
     """
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NatsClient) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._presence_seen: dict[str, float] = {}
 
     @property
-    def nc(self) -> NATS:
+    def nc(self) -> NatsClient:
         return self._nc
 
     async def workers_present(self, service: str) -> bool:
@@ -146,7 +146,7 @@ class BusClient:
                 wait = min(remaining, stall_timeout) if started else remaining
                 try:
                     msg = await asyncio.wait_for(replies.get(), wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if time.monotonic() >= deadline:
                         continue
                     raise BusError(
@@ -207,6 +207,5 @@ async def _shielded(coro) -> None:
         await asyncio.shield(coro)
     except asyncio.CancelledError:
         pass
-    except Exception as exc:  # noqa: BLE001 - a failed cancel must not hide the original error
+    except Exception as exc:
         logger.debug("cancel not sent: %s", exc)
-

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -32,7 +32,7 @@ WORK_MAX_AGE_S = 300.0
 MAX_REQUEST_BYTES = 8 * 1024 * 1024 - 64 * 1024
 
 
-async def connect(url: str, *, name: str, connect_timeout_s: float = 30.0) -> NATS:
+async def connect(url: str, *, name: str, connect_timeout_s: float = 30.0) -> NatsClient:
     """Connects to NATS, retrying until ``connect_timeout_s`` so services may start before the server.
 
     Args:
@@ -41,7 +41,7 @@ async def connect(url: str, *, name: str, connect_timeout_s: float = 30.0) -> NA
         connect_timeout_s: Give up (raising the last error) after this long.
     """
     servers = [u.strip() for u in url.split(",") if u.strip()]
-    client = NATS()
+    client = NatsClient()
 
     async def on_disconnect() -> None:
         if not (client.is_closed or client.is_draining):
@@ -63,7 +63,7 @@ async def connect(url: str, *, name: str, connect_timeout_s: float = 30.0) -> NA
                 reconnected_cb=_log_reconnect,
             )
             return client
-        except Exception as exc:  # noqa: BLE001 - nats raises many types for one "not up yet"
+        except Exception as exc:
             if time.monotonic() + delay > give_up:
                 raise ConnectionError(f"cannot reach NATS at {url}: {exc}") from exc
             logger.info("NATS at %s not reachable yet (%s); retrying", url, exc)
@@ -106,7 +106,7 @@ def consumer_config(spec: ServiceSpec) -> ConsumerConfig:
 
 
 async def ensure_streams(
-    nc: NATS,
+    nc: NatsClient,
     services: Iterable[str] = tuple(SERVICES),
     *,
     storage: StorageType = StorageType.MEMORY,
@@ -129,7 +129,9 @@ async def ensure_streams(
             if info.config.storage != storage:
                 logger.warning(
                     "stream %s keeps its %s storage (asked for %s); delete it to change",
-                    spec.stream, info.config.storage, storage,
+                    spec.stream,
+                    info.config.storage,
+                    storage,
                 )
                 config.storage = info.config.storage
             await js.update_stream(config)

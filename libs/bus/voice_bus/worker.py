@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError, Message
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
-from voice.v1 import events_pb2
 
+from voice.v1 import events_pb2
 from voice_bus.catalog import (
     CANCEL_PREFIX,
     HEADER_DEADLINE,
@@ -112,7 +112,7 @@ Handler = Callable[[Message, RequestContext], AsyncIterator[Message]]
 class _ReplyStream:
     """Numbered replies of one delivery attempt to one inbox."""
 
-    def __init__(self, nc: NATS, spec: ServiceSpec, inbox: str, request_id: str, attempt: int) -> None:
+    def __init__(self, nc: NatsClient, spec: ServiceSpec, inbox: str, request_id: str, attempt: int) -> None:
         self._nc, self._spec, self._inbox = nc, spec, inbox
         self._request_id, self._attempt = request_id, attempt
         self._seq = 0
@@ -150,7 +150,7 @@ class Worker:
         name: Worker name for logs and the presence answer.
     """
 
-    def __init__(self, nc: NATS, service: str, handler: Handler, *, concurrency: int = 1, name: str = "") -> None:
+    def __init__(self, nc: NatsClient, service: str, handler: Handler, *, concurrency: int = 1, name: str = "") -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._nc = nc
@@ -215,13 +215,13 @@ class Worker:
                 break
             try:
                 messages = await self._pull.fetch(1, timeout=FETCH_TIMEOUT_S)
-            except (NatsTimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeoutError):
                 self._slots.release()
                 if time.monotonic() - lag_checked > FETCH_TIMEOUT_S:
                     lag_checked = time.monotonic()
                     await self._record_lag()
                 continue
-            except Exception as exc:  # noqa: BLE001 - connection trouble: back off, keep serving
+            except Exception as exc:
                 self._slots.release()
                 logger.warning("%s fetch failed: %s", self._name, exc)
                 await asyncio.sleep(0.5)
@@ -243,10 +243,12 @@ class Worker:
 
     async def _on_presence(self, msg: Msg) -> None:
         if msg.reply:
-            await msg.respond(f'{{"worker":"{self._name}","slots":{self._concurrency},"in_flight":{len(self._tasks)}}}'.encode())
+            await msg.respond(
+                f'{{"worker":"{self._name}","slots":{self._concurrency},"in_flight":{len(self._tasks)}}}'.encode()
+            )
 
     async def _on_cancel(self, msg: Msg) -> None:
-        request_id = msg.subject[len(CANCEL_PREFIX):]
+        request_id = msg.subject[len(CANCEL_PREFIX) :]
         self._recent_cancels[request_id] = None
         while len(self._recent_cancels) > RECENT_CANCELS:
             self._recent_cancels.popitem(last=False)
@@ -263,7 +265,7 @@ class Worker:
         try:
             attempt = msg.metadata.num_delivered
             published = msg.metadata.timestamp
-        except Exception:  # noqa: BLE001 - a message without JetStream metadata
+        except Exception:
             attempt, published = 1, None
         if published:
             WORK_QUEUE_WAIT.labels(self._spec.name).observe(max(0.0, time.time() - published.timestamp()))
@@ -295,7 +297,9 @@ class Worker:
         attempt: int,
     ) -> str:
         if deadline is not None and time.time() >= deadline:
-            await replies.error(DEADLINE_EXCEEDED, f"deadline passed {time.time() - deadline:.3f}s before the work started")
+            await replies.error(
+                DEADLINE_EXCEEDED, f"deadline passed {time.time() - deadline:.3f}s before the work started"
+            )
             await msg.ack()
             return "deadline_exceeded"
         if request_id in self._recent_cancels:
@@ -345,7 +349,7 @@ class Worker:
         except ValueError as exc:
             await replies.error(INVALID_ARGUMENT, str(exc) or type(exc).__name__)
             return "invalid_argument"
-        except Exception as exc:  # noqa: BLE001 - any engine failure is answered, never fatal to the worker
+        except Exception as exc:
             logger.exception("%s failed on %s", self._name, context.request_id)
             await replies.error(INTERNAL, f"{type(exc).__name__}: {exc}")
             return "internal"

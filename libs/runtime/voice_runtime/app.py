@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from voice_bus.connection import connect
 from voice_bus.worker import Handler, Worker
+from voice_runtime.config import WorkerSettings
 from voice_telemetry.metrics import serve_metrics
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
-
-from voice_runtime.config import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class WorkerApp:
         await server.stop(grace=5)
         try:
             await nc.drain()
-        except Exception as exc:  # noqa: BLE001 - the server may be gone already; nothing is left to flush
+        except Exception as exc:
             logger.warning("NATS drain skipped: %s", exc)
             await nc.close()
         if self.close:

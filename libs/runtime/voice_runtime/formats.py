@@ -28,7 +28,11 @@ def encoding_of(fmt: audio_pb2.AudioFormat, *, default: Encoding | None = None) 
     try:
         return ENCODINGS[fmt.encoding]
     except KeyError:
-        name = audio_pb2.AudioEncoding.Name(fmt.encoding) if fmt.encoding in audio_pb2.AudioEncoding.values() else fmt.encoding
+        name = (
+            audio_pb2.AudioEncoding.Name(fmt.encoding)
+            if fmt.encoding in audio_pb2.AudioEncoding.values()
+            else fmt.encoding
+        )
         raise AudioFormatError(f"unsupported audio encoding {name}; use PCM16, MULAW or ALAW") from None
 
 
@@ -43,6 +47,8 @@ def container_of(fmt: audio_pb2.AudioFormat) -> Container:
 def proto_format(encoding: Encoding, sample_rate: int) -> audio_pb2.AudioFormat:
     """A raw mono ``AudioFormat`` message."""
     return audio_pb2.AudioFormat(
-        encoding=PROTO_ENCODINGS[encoding], sample_rate=sample_rate, channels=1,
+        encoding=PROTO_ENCODINGS[encoding],
+        sample_rate=sample_rate,
+        channels=1,
         container=audio_pb2.AUDIO_CONTAINER_RAW,
     )

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import Message
 from opentelemetry import trace
+
 from voice_bus.errors import BusError, code_name
 from voice_bus.worker import Handler, RequestContext
 from voice_telemetry.tracing import extract_context
@@ -32,9 +33,7 @@ async def stream_from_handler(
         session_id=getattr(request, "session_id", ""),
         deadline=None if remaining is None else time.time() + remaining,
     )
-    with tracer.start_as_current_span(
-        span_name, context=extract_context(metadata), kind=trace.SpanKind.SERVER
-    ) as span:
+    with tracer.start_as_current_span(span_name, context=extract_context(metadata), kind=trace.SpanKind.SERVER) as span:
         span.set_attribute("voice.session_id", request_context.session_id)
         try:
             async with contextlib.aclosing(handler(request, request_context)) as events:
@@ -47,7 +46,7 @@ async def stream_from_handler(
         except asyncio.CancelledError:
             request_context.cancelled.set()
             raise
-        except Exception as exc:  # noqa: BLE001 - answered as INTERNAL, the server keeps serving
+        except Exception as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         finally:
             request_context.cancelled.set()

@@ -30,7 +30,7 @@ async def iterate_in_thread(produce: Callable[[], Iterator[T]]) -> AsyncIterator
         try:
             for item in produce():
                 put(item)
-        except BaseException as exc:  # noqa: BLE001 - handed over to the consuming coroutine
+        except BaseException as exc:
             put(None, exc)
         else:
             put(_DONE)

@@ -26,8 +26,7 @@ _configured = False
 def _exporter_from_env() -> SpanExporter | None:
     names = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     endpoint_set = any(
-        os.environ.get(var)
-        for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        os.environ.get(var) for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
     if not names:
         names = "otlp" if endpoint_set else "none"
@@ -38,9 +37,7 @@ def _exporter_from_env() -> SpanExporter | None:
     if names != "otlp":
         raise ValueError(f"OTEL_TRACES_EXPORTER={names!r}: supported values are otlp, console, none")
     protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
     )
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -7,14 +7,13 @@ import logging
 import sys
 import time
 
-from voice_runtime.app import WorkerApp
-from voice_runtime.config import ConfigError
-from voice_telemetry.logs import setup_logging
-
 from voice_llm import server
 from voice_llm.config import Settings
 from voice_llm.engine import OpenAIChatEngine
 from voice_llm.handler import GenerateHandler
+from voice_runtime.app import WorkerApp
+from voice_runtime.config import ConfigError
+from voice_telemetry.logs import setup_logging
 
 logger = logging.getLogger("voice_llm")
 
@@ -37,7 +36,9 @@ def build_app(settings: Settings) -> WorkerApp:
         give_up = time.monotonic() + settings.startup_timeout_s
         while not await engine.ready():
             if time.monotonic() > give_up:
-                raise TimeoutError(f"LLM backend at {settings.base_url} not ready after {settings.startup_timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"LLM backend at {settings.base_url} not ready after {settings.startup_timeout_s:.0f}s"
+                )
             await asyncio.sleep(0.5)
         logger.info("LLM backend ready")
 

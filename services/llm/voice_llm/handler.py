@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from opentelemetry import trace
 from prometheus_client import Histogram
+
 from voice.v1 import llm_pb2
 from voice_bus.errors import UNAVAILABLE, BusError
 from voice_bus.worker import RequestContext
-from voice_telemetry.metrics import LATENCY_BUCKETS_S
-
 from voice_llm.engine import BackendUnavailable, ChatEngine, Completion, TokenDelta, Usage
+from voice_telemetry.metrics import LATENCY_BUCKETS_S
 
 tracer = trace.get_tracer("voice_llm")
 
 LLM_TTFT = Histogram("voice_llm_time_to_first_token_seconds", "Request to first token", buckets=LATENCY_BUCKETS_S)
 LLM_TOKENS_PER_S = Histogram(
-    "voice_llm_tokens_per_second", "Completion tokens per second after the first token",
+    "voice_llm_tokens_per_second",
+    "Completion tokens per second after the first token",
     buckets=(5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500),
 )
 
@@ -67,7 +68,9 @@ class GenerateHandler:
                     elif isinstance(item, Completion):
                         if item.usage is None:
                             # Backends that omit usage when streaming (llama.cpp) send one token per chunk.
-                            item = replace(item, usage=Usage(0, chunks + len(item.tool_calls), chunks + len(item.tool_calls)))
+                            item = replace(
+                                item, usage=Usage(0, chunks + len(item.tool_calls), chunks + len(item.tool_calls))
+                            )
                             span.set_attribute("voice.llm.usage_estimated", True)
                         record(span, item)
                         yield llm_pb2.GenerateEvent(completion=completion_proto(item))
@@ -128,8 +131,12 @@ def completion_proto(completion: Completion) -> llm_pb2.Completion:
         tool_calls=[llm_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in completion.tool_calls],
         finish_reason=completion.finish_reason,
         usage=llm_pb2.Usage(
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens
-        ) if usage else None,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+        )
+        if usage
+        else None,
         model=completion.model,
         time_to_first_token_s=completion.time_to_first_token_s,
         total_time_s=completion.total_time_s,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import grpc
-from voice.v1 import llm_pb2, llm_pb2_grpc
-from voice_runtime.grpc_bridge import stream_from_handler
 
+from voice.v1 import llm_pb2, llm_pb2_grpc
 from voice_llm.handler import GenerateHandler
+from voice_runtime.grpc_bridge import stream_from_handler
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LanguageModel"].full_name
 

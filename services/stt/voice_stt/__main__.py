@@ -8,12 +8,11 @@ import sys
 
 from voice_runtime.app import WorkerApp
 from voice_runtime.config import ConfigError
-from voice_telemetry.logs import setup_logging
-
 from voice_stt import server
 from voice_stt.config import Settings
 from voice_stt.engine import FasterWhisperEngine
 from voice_stt.handler import TranscribeHandler
+from voice_telemetry.logs import setup_logging
 
 logger = logging.getLogger("voice_stt")
 

@@ -290,9 +290,7 @@ def validate_audio(audio: np.ndarray) -> np.ndarray:
     """
     if not isinstance(audio, np.ndarray) or not np.issubdtype(audio.dtype, np.floating):
         kind = f"dtype {audio.dtype}" if isinstance(audio, np.ndarray) else type(audio).__name__
-        raise ValueError(
-            f"audio must be a float32 numpy array of 16 kHz mono samples in [-1, 1], got {kind}"
-        )
+        raise ValueError(f"audio must be a float32 numpy array of 16 kHz mono samples in [-1, 1], got {kind}")
     if audio.ndim != 1:
         raise ValueError(f"audio must be 1-D mono samples, got shape {audio.shape}")
     if audio.size == 0:

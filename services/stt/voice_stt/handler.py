@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 from prometheus_client import Histogram
+
 from voice.v1 import stt_pb2
 from voice_audio import AudioFormatError, Encoding, decode_to_float
 from voice_bus.worker import RequestContext, stopped_error
 from voice_runtime.formats import container_of, encoding_of
 from voice_runtime.threads import iterate_in_thread
-from voice_telemetry.metrics import LATENCY_BUCKETS_S, RTF_BUCKETS
-
 from voice_stt.engine import Segment, SpeechToTextEngine, Transcript, TranscriptionCancelled
+from voice_telemetry.metrics import LATENCY_BUCKETS_S, RTF_BUCKETS
 
 tracer = trace.get_tracer("voice_stt")
 

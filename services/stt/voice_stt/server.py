@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
+
 from voice.v1 import stt_pb2, stt_pb2_grpc
 from voice_runtime.grpc_bridge import stream_from_handler
-
 from voice_stt.handler import TranscribeHandler
 
 SERVICE_NAME = stt_pb2.DESCRIPTOR.services_by_name["SpeechToText"].full_name

@@ -9,7 +9,6 @@ import sys
 from voice_runtime.app import WorkerApp
 from voice_runtime.config import ConfigError
 from voice_telemetry.logs import setup_logging
-
 from voice_tts import server
 from voice_tts.config import Settings
 from voice_tts.engine import TextToSpeechEngine

@@ -165,9 +165,7 @@ class CoquiEngine(TextToSpeechEngine):
         self.load()
         return [self._voice] if self._voice is not None else []
 
-    def _prepare(
-        self, voice: str | None, speaker: str | None, language: str | None
-    ) -> tuple[int, SentenceSynthesizer]:
+    def _prepare(self, voice: str | None, speaker: str | None, language: str | None) -> tuple[int, SentenceSynthesizer]:
         info = self._voice
         if info is None:
             raise RuntimeError("Coqui engine is not loaded")
@@ -190,9 +188,7 @@ class CoquiEngine(TextToSpeechEngine):
 
         return info.sample_rate, synthesize_sentence
 
-    def _synthesize(
-        self, sentence: str, speed: float, speaker: str | None, language: str | None
-    ) -> np.ndarray:
+    def _synthesize(self, sentence: str, speed: float, speaker: str | None, language: str | None) -> np.ndarray:
         import torch
 
         kwargs: dict[str, Any] = {}
@@ -205,9 +201,7 @@ class CoquiEngine(TextToSpeechEngine):
             if self._speed_mode == "length_scale":
                 model.length_scale = self._base_length_scale / speed
             try:
-                wav = self._tts.tts(
-                    text=sentence, speaker=speaker, language=language, split_sentences=False, **kwargs
-                )
+                wav = self._tts.tts(text=sentence, speaker=speaker, language=language, split_sentences=False, **kwargs)
             finally:
                 if self._speed_mode == "length_scale":
                     model.length_scale = self._base_length_scale
@@ -282,9 +276,7 @@ def _checkpoint_in(model_dir: Path) -> Path:
     for name in _CHECKPOINT_NAMES:
         if (model_dir / name).is_file():
             return model_dir / name
-    checkpoints = sorted(
-        p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(_CHECKPOINT_SUFFIXES)
-    )
+    checkpoints = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(_CHECKPOINT_SUFFIXES))
     checkpoints = [p for p in checkpoints if not p.name.startswith(("speakers", "model_se"))]
     if len(checkpoints) == 1:
         return checkpoints[0]

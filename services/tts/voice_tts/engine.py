@@ -154,9 +154,7 @@ class TextToSpeechEngine(abc.ABC):
         """List the voices this engine can speak with, the default voice first."""
 
     @abc.abstractmethod
-    def _prepare(
-        self, voice: str | None, speaker: str | None, language: str | None
-    ) -> tuple[int, SentenceSynthesizer]:
+    def _prepare(self, voice: str | None, speaker: str | None, language: str | None) -> tuple[int, SentenceSynthesizer]:
         """Resolve a request's voice options before any audio is made.
 
         Args:
@@ -250,9 +248,7 @@ class TextToSpeechEngine(abc.ABC):
                 samples.size / sample_rate,
                 time.perf_counter() - started,
             )
-            yield SpeechChunk(
-                samples=samples, sample_rate=sample_rate, sentence_index=index, text=sentence
-            )
+            yield SpeechChunk(samples=samples, sample_rate=sample_rate, sentence_index=index, text=sentence)
 
 
 # Words ending in "." that are followed by more of the same sentence.

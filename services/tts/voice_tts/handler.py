@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 from prometheus_client import Histogram
+
 from voice.v1 import audio_pb2, tts_pb2
 from voice_audio import Encoding, encode_pcm16
 from voice_bus.worker import RequestContext, stopped_error
 from voice_runtime.formats import encoding_of, proto_format
 from voice_runtime.threads import iterate_in_thread
 from voice_telemetry.metrics import LATENCY_BUCKETS_S, RTF_BUCKETS
-
 from voice_tts.engine import SynthesisCancelled, TextToSpeechEngine
 
 tracer = trace.get_tracer("voice_tts")
@@ -42,8 +42,12 @@ class SynthesizeHandler:
         """The engine's voices in protobuf form, the default first."""
         return [
             tts_pb2.Voice(
-                name=v.name, engine=v.engine, language=v.language, sample_rate=v.sample_rate,
-                speakers=list(v.speakers), languages=list(v.languages),
+                name=v.name,
+                engine=v.engine,
+                language=v.language,
+                sample_rate=v.sample_rate,
+                speakers=list(v.speakers),
+                languages=list(v.languages),
             )
             for v in self._engine.voices()
         ]
@@ -92,8 +96,11 @@ class SynthesizeHandler:
                     audio_s += duration
                     yield tts_pb2.SynthesizeEvent(
                         chunk=tts_pb2.AudioChunk(
-                            audio=audio, format=out_format, sentence_index=chunk.sentence_index,
-                            text=chunk.text, duration_s=duration,
+                            audio=audio,
+                            format=out_format,
+                            sentence_index=chunk.sentence_index,
+                            text=chunk.text,
+                            duration_s=duration,
                         )
                     )
             except SynthesisCancelled:
@@ -104,8 +111,11 @@ class SynthesizeHandler:
             span.set_attribute("voice.audio.duration_s", audio_s)
             yield tts_pb2.SynthesizeEvent(
                 summary=tts_pb2.SynthesisSummary(
-                    chunks=count, audio_duration_s=audio_s, processing_time_s=elapsed,
-                    time_to_first_chunk_s=first_chunk_s, voice=request.voice or self._engine.voices()[0].name,
+                    chunks=count,
+                    audio_duration_s=audio_s,
+                    processing_time_s=elapsed,
+                    time_to_first_chunk_s=first_chunk_s,
+                    voice=request.voice or self._engine.voices()[0].name,
                     format=out_format,
                 )
             )

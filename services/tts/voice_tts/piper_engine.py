@@ -60,9 +60,7 @@ class PiperEngine(TextToSpeechEngine):
 
     name = "piper"
 
-    def __init__(
-        self, voice: str = DEFAULT_VOICE, voices_dir: str | None = None, use_cuda: bool = False
-    ) -> None:
+    def __init__(self, voice: str = DEFAULT_VOICE, voices_dir: str | None = None, use_cuda: bool = False) -> None:
         """Configure the engine; nothing is read from disk until :meth:`load`.
 
         Args:
@@ -124,9 +122,7 @@ class PiperEngine(TextToSpeechEngine):
             self._entries = entries
             self._default_name = default.info.name
             self._loaded = True
-            _LOGGER.info(
-                "Piper engine loaded: default voice %s, %d voice(s)", default.info.name, len(entries)
-            )
+            _LOGGER.info("Piper engine loaded: default voice %s, %d voice(s)", default.info.name, len(entries))
 
     def voices(self) -> list[Voice]:
         """List the available voices, the default voice first (loads the engine)."""
@@ -161,28 +157,20 @@ class PiperEngine(TextToSpeechEngine):
 
     def _load_model(self, entry: _VoiceEntry) -> PiperVoice:
         if entry.model is None:
-            entry.model = PiperVoice.load(
-                entry.model_path, config_path=entry.config_path, use_cuda=self._use_cuda
-            )
+            entry.model = PiperVoice.load(entry.model_path, config_path=entry.config_path, use_cuda=self._use_cuda)
             _LOGGER.debug("Loaded Piper voice %s from %s", entry.info.name, entry.model_path)
         return entry.model
 
-    def _prepare(
-        self, voice: str | None, speaker: str | None, language: str | None
-    ) -> tuple[int, SentenceSynthesizer]:
+    def _prepare(self, voice: str | None, speaker: str | None, language: str | None) -> tuple[int, SentenceSynthesizer]:
         name = voice or self._default_name
         entry = self._entries.get(name) if name is not None else None
         if entry is None:
-            raise UnknownVoiceError(
-                f"unknown Piper voice {voice!r}; available: {sorted(self._entries)}"
-            )
+            raise UnknownVoiceError(f"unknown Piper voice {voice!r}; available: {sorted(self._entries)}")
         speaker_id: int | None = None
         if speaker is not None:
             speaker_id = _speaker_id(entry, speaker)
         if language is not None and not language_matches(language, entry.info.language):
-            raise ValueError(
-                f"Piper voice {entry.info.name!r} speaks {entry.info.language}, not {language!r}"
-            )
+            raise ValueError(f"Piper voice {entry.info.name!r} speaks {entry.info.language}, not {language!r}")
         with self._lock:
             model = self._load_model(entry)
 
@@ -200,9 +188,7 @@ def _synthesize(
     Piper may split a sentence further (espeak finds its own clause ends); the
     parts are joined into one array.
     """
-    syn_config = SynthesisConfig(
-        speaker_id=speaker_id, length_scale=entry.default_length_scale / speed
-    )
+    syn_config = SynthesisConfig(speaker_id=speaker_id, length_scale=entry.default_length_scale / speed)
     with entry.phonemize_lock:
         sentence_phonemes = model.phonemize(sentence)
     parts: list[np.ndarray] = []
@@ -255,7 +241,4 @@ def _speaker_id(entry: _VoiceEntry, speaker: str) -> int:
     if speaker.isdigit() and int(speaker) in entry.speaker_ids.values():
         return int(speaker)
     available = list(entry.info.speakers) or "none (single-speaker voice)"
-    raise UnknownVoiceError(
-        f"unknown speaker {speaker!r} for Piper voice {entry.info.name!r}; available: {available}"
-    )
-
+    raise UnknownVoiceError(f"unknown speaker {speaker!r} for Piper voice {entry.info.name!r}; available: {available}")

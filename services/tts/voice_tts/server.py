@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
+
 from voice.v1 import tts_pb2, tts_pb2_grpc
 from voice_runtime.grpc_bridge import stream_from_handler
-
 from voice_tts.handler import SynthesizeHandler
 
 SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
