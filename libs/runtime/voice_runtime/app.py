@@ -12,8 +12,10 @@ import inspect
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,13 +23,16 @@ from grpc_reflection.v1alpha import reflection
 
 from voice_bus.connection import connect
 from voice_bus.worker import Handler, Worker
-from voice_runtime.config import WorkerSettings
+from voice_runtime.config import ConfigError, WorkerSettings
+from voice_telemetry.logs import setup_logging
 from voice_telemetry.metrics import serve_metrics
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
 GRPC_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+SettingsT = TypeVar("SettingsT")
 
 
 @dataclass
@@ -122,3 +127,15 @@ class WorkerApp:
             await self.close()
         shutdown_tracing()
         logger.info("%s worker exited cleanly", self.service)
+
+
+def run_main(load_settings: Callable[[], SettingsT], build_app: Callable[[SettingsT], WorkerApp]) -> None:
+    """A worker's ``main``: logging, settings from the environment (exit 2 with a clear message when
+    they are wrong), then the app until it has drained."""
+    setup_logging()
+    try:
+        app = build_app(load_settings())
+    except (ConfigError, ValueError) as exc:
+        logger.error("configuration error: %s", exc)
+        sys.exit(2)
+    asyncio.run(app.run())

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 
 from voice_llm import server
 from voice_llm.config import Settings
 from voice_llm.engine import OpenAIChatEngine
 from voice_llm.handler import GenerateHandler
-from voice_runtime.app import WorkerApp
-from voice_runtime.config import ConfigError
-from voice_telemetry.logs import setup_logging
+from voice_runtime.app import WorkerApp, run_main
 
 logger = logging.getLogger("voice_llm")
 
@@ -23,6 +20,7 @@ def build_app(settings: Settings) -> WorkerApp:
 
     The worker reports NOT_SERVING until the backend answers ``GET /models``.
     """
+    logger.info("LLM worker: %s at %s", settings.model, settings.base_url)
     engine = OpenAIChatEngine(
         base_url=settings.base_url,
         model=settings.model,
@@ -55,15 +53,7 @@ def build_app(settings: Settings) -> WorkerApp:
 
 
 def main() -> None:
-    setup_logging()
-    try:
-        settings = Settings.from_env()
-        app = build_app(settings)
-    except (ConfigError, ValueError) as exc:
-        logger.error("configuration error: %s", exc)
-        sys.exit(2)
-    logger.info("LLM worker: %s at %s", settings.model, settings.base_url)
-    asyncio.run(app.run())
+    run_main(Settings.from_env, build_app)
 
 
 if __name__ == "__main__":

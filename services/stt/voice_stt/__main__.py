@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 
-from voice_runtime.app import WorkerApp
-from voice_runtime.config import ConfigError
+from voice_runtime.app import WorkerApp, run_main
 from voice_stt import server
 from voice_stt.config import Settings
 from voice_stt.engine import FasterWhisperEngine
 from voice_stt.handler import TranscribeHandler
-from voice_telemetry.logs import setup_logging
 
 logger = logging.getLogger("voice_stt")
 
 
 def build_app(settings: Settings) -> WorkerApp:
     """Wires the faster-whisper engine to the bus worker and the gRPC server."""
+    logger.info("STT worker: model %s on %s (%s)", settings.model, settings.device, settings.compute_type)
     engine = FasterWhisperEngine(
         model=settings.model,
         device=settings.device,
@@ -39,15 +36,7 @@ def build_app(settings: Settings) -> WorkerApp:
 
 
 def main() -> None:
-    setup_logging()
-    try:
-        settings = Settings.from_env()
-        app = build_app(settings)
-    except (ConfigError, ValueError) as exc:
-        logger.error("configuration error: %s", exc)
-        sys.exit(2)
-    logger.info("STT worker: model %s on %s (%s)", settings.model, settings.device, settings.compute_type)
-    asyncio.run(app.run())
+    run_main(Settings.from_env, build_app)
 
 
 if __name__ == "__main__":

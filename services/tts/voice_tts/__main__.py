@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 
-from voice_runtime.app import WorkerApp
-from voice_runtime.config import ConfigError
-from voice_telemetry.logs import setup_logging
+from voice_runtime.app import WorkerApp, run_main
 from voice_tts import server
 from voice_tts.config import Settings
 from voice_tts.engine import TextToSpeechEngine
@@ -30,6 +26,7 @@ def build_engine(settings: Settings) -> TextToSpeechEngine:
 
 def build_app(settings: Settings) -> WorkerApp:
     """Wires the configured engine to the bus worker and the gRPC server."""
+    logger.info("TTS worker: %s engine, voice %s", settings.engine, settings.voice)
     engine = build_engine(settings)
     handler = SynthesizeHandler(engine)
     return WorkerApp(
@@ -43,15 +40,7 @@ def build_app(settings: Settings) -> WorkerApp:
 
 
 def main() -> None:
-    setup_logging()
-    try:
-        settings = Settings.from_env()
-        app = build_app(settings)
-    except (ConfigError, ValueError) as exc:
-        logger.error("configuration error: %s", exc)
-        sys.exit(2)
-    logger.info("TTS worker: %s engine, voice %s", settings.engine, settings.voice)
-    asyncio.run(app.run())
+    run_main(Settings.from_env, build_app)
 
 
 if __name__ == "__main__":
