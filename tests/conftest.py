@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.support.speech",
     "tests.support.llama",
     "tests.support.workers",
+    "tests.support.gateway",
 ]

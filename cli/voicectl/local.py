@@ -231,3 +231,44 @@ class WorkerProcess:
 
     def stop(self) -> None:
         self.child.stop(timeout_s=30)
+
+
+class GatewayProcess:
+    """The gateway (``python -m voice_gateway``) on a free port.
+
+    Args:
+        nats_url: Bus to join.
+        env: Extra environment.
+        sink: Where its prefixed log lines go (default stdout).
+    """
+
+    def __init__(self, nats_url: str, env: dict[str, str] | None = None, sink=None, port: int = 0) -> None:
+        self.port = port or free_port()
+        self.child = ChildProcess(
+            "gateway",
+            [sys.executable, "-m", "voice_gateway"],
+            env={"NATS_URL": nats_url, "GATEWAY_PORT": str(self.port), "GATEWAY_HOST": "127.0.0.1", **(env or {})},
+            sink=sink,
+            color=34,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60) -> GatewayProcess:
+        self.child.start()
+        give_up = time.monotonic() + timeout_s
+        while time.monotonic() < give_up:
+            if not self.child.running():
+                raise RuntimeError("gateway exited during start-up")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"gateway not healthy at {self.url} after {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        self.child.stop(timeout_s=30)

@@ -1,0 +1,1 @@
+"""WebSocket gateway: sessions, dialects and the turn engine."""

@@ -1,0 +1,137 @@
+"""Agents: what a session's assistant is (prompt, greeting, voice, models, tools, pipeline options),
+stored in the JetStream KV bucket ``agents``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+logger = logging.getLogger(__name__)
+
+BUCKET = "agents"
+AGENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LlmOptions(_Strict):
+    """LLM settings; empty model means the LLM worker's default."""
+
+    model: str = ""
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=150, ge=1, le=4096)
+
+
+class SttOptions(_Strict):
+    """STT settings; empty language lets the model detect it."""
+
+    language: str = ""
+
+
+class TtsOptions(_Strict):
+    """TTS settings beyond the agent's voice."""
+
+    speed: float = Field(default=1.0, gt=0.25, le=4.0)
+    speaker: str = ""
+    language: str = ""
+
+
+class Tool(_Strict):
+    """A tool the model may call: a built-in (``end_call``, ``transfer_call``) or an HTTP webhook."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    url: str = ""
+    method: str = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+
+class PipelineOptions(_Strict):
+    """How turns are taken (seed 003's ``pipeline_config`` names where they exist)."""
+
+    enable_interruptions: bool = True
+    vad_enabled: bool = True
+    endpointing_silence_ms: int = Field(default=600, ge=100, le=5000)
+    max_utterance_s: float = Field(default=30.0, gt=0, le=120)
+    respond_with_audio: bool = True
+
+
+class Agent(_Strict):
+    """One agent configuration."""
+
+    id: str = Field(pattern=AGENT_ID.pattern)
+    name: str = Field(default="Assistant", min_length=1, max_length=100)
+    system_prompt: str = Field(default="You are a helpful voice assistant.", max_length=20_000)
+    greeting: str = Field(default="", max_length=2000)
+    voice: str = ""
+    llm: LlmOptions = Field(default_factory=LlmOptions)
+    stt: SttOptions = Field(default_factory=SttOptions)
+    tts: TtsOptions = Field(default_factory=TtsOptions)
+    tools: list[Tool] = Field(default_factory=list)
+    pipeline: PipelineOptions = Field(default_factory=PipelineOptions)
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tool_names(cls, tools: list[Tool]) -> list[Tool]:
+        names = [t.name for t in tools]
+        if len(names) != len(set(names)):
+            raise ValueError("tool names must be unique")
+        return tools
+
+
+class AgentStore:
+    """Agents in the KV bucket ``agents`` (file storage), one JSON document per agent id."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, js) -> AgentStore:
+        """Opens the bucket, creating it the first time."""
+        try:
+            kv = await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, storage=StorageType.FILE, history=5))
+        return cls(kv)
+
+    async def get(self, agent_id: str) -> Agent | None:
+        if not AGENT_ID.match(agent_id):
+            return None
+        try:
+            entry = await self._kv.get(agent_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return Agent.model_validate_json(entry.value)
+
+    async def put(self, agent: Agent) -> None:
+        await self._kv.put(agent.id, agent.model_dump_json().encode())
+
+    async def delete(self, agent_id: str) -> bool:
+        if await self.get(agent_id) is None:
+            return False
+        await self._kv.delete(agent_id)
+        return True
+
+    async def load_default(self, path: Path) -> Agent:
+        """Stores the agent in ``path`` (JSON), replacing the stored one with the same id."""
+        try:
+            agent = Agent.model_validate(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, ValidationError) as exc:
+            raise ValueError(f"default agent file {path}: {exc}") from exc
+        await self.put(agent)
+        logger.info("default agent %r loaded from %s", agent.id, path)
+        return agent

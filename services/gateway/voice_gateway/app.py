@@ -1,0 +1,122 @@
+"""The gateway's FastAPI application: WebSocket dialects, the agents and calls REST API, the test page,
+health and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import Body, FastAPI, HTTPException, WebSocket
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import make_asgi_app
+from pydantic import ValidationError
+
+from voice_bus.client import BusClient
+from voice_bus.connection import connect, ensure_streams
+from voice_gateway.agents import AGENT_ID, Agent, AgentStore
+from voice_gateway.calls import CallLogStore
+from voice_gateway.config import Settings
+from voice_gateway.dialects import browser
+from voice_gateway.session import GatewayContext
+from voice_gateway.turns import TurnEngine
+from voice_telemetry.tracing import setup_tracing, shutdown_tracing
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Builds the gateway; NATS is connected and the stores opened when the app starts."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        setup_tracing("voice-gateway")
+        nc = await connect(settings.nats_url, name="voice-gateway")
+        await ensure_streams(nc)
+        js = nc.jetstream()
+        agents = await AgentStore.open(js)
+        await agents.load_default(settings.default_agent_file)
+        bus = BusClient(nc)
+        app.state.context = GatewayContext(
+            bus=bus,
+            agents=agents,
+            calls=await CallLogStore.open(js),
+            engine=TurnEngine(
+                bus,
+                stt_timeout_s=settings.stt_timeout_s,
+                llm_timeout_s=settings.llm_timeout_s,
+                tts_timeout_s=settings.tts_timeout_s,
+            ),
+        )
+        app.state.nc = nc
+        logger.info("gateway ready on :%d (NATS %s)", settings.port, settings.nats_url)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            shutdown_tracing()
+
+    app = FastAPI(title="Voice platform gateway", version="0.1.0", lifespan=lifespan)
+    app.mount("/metrics", make_asgi_app())
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        page = STATIC / "index.html"
+        if page.is_file():
+            return FileResponse(page)
+        return JSONResponse({"service": "voice-gateway", "websocket": "/ws"})
+
+    @app.get("/healthz")
+    async def healthz():
+        connected = bool(getattr(app.state, "nc", None) and app.state.nc.is_connected)
+        return JSONResponse({"status": "ok" if connected else "degraded", "nats": connected}, 200 if connected else 503)
+
+    @app.get("/api/agents/{agent_id}")
+    async def get_agent(agent_id: str) -> dict:
+        agent = await app.state.context.agents.get(agent_id)
+        if agent is None:
+            raise HTTPException(404, f"no agent {agent_id!r}")
+        return agent.model_dump()
+
+    @app.put("/api/agents/{agent_id}")
+    async def put_agent(agent_id: str, body: dict = Body(...)) -> dict:
+        if not AGENT_ID.match(agent_id):
+            raise HTTPException(400, "agent id must be 1-64 letters, digits, '-' or '_'")
+        if body.get("id", agent_id) != agent_id:
+            raise HTTPException(400, f"body id {body.get('id')!r} does not match the path's {agent_id!r}")
+        try:
+            agent = Agent.model_validate({**body, "id": agent_id})
+        except ValidationError as exc:
+            raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
+        await app.state.context.agents.put(agent)
+        return agent.model_dump()
+
+    @app.delete("/api/agents/{agent_id}", status_code=204)
+    async def delete_agent(agent_id: str) -> None:
+        if not await app.state.context.agents.delete(agent_id):
+            raise HTTPException(404, f"no agent {agent_id!r}")
+
+    @app.get("/api/calls/{call_log_id}")
+    async def get_call(call_log_id: str) -> dict:
+        log = await app.state.context.calls.get(call_log_id)
+        if log is None:
+            raise HTTPException(404, f"no call log {call_log_id!r}")
+        return log.model_dump(by_alias=True)
+
+    @app.websocket("/ws")
+    async def browser_socket(websocket: WebSocket) -> None:
+        await browser.serve(
+            websocket,
+            app.state.context,
+            max_message_bytes=settings.max_message_bytes,
+            max_utterance_s=settings.max_utterance_s,
+        )
+
+    return app

@@ -1,0 +1,52 @@
+"""Gateway settings, read from the environment at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from voice_runtime.config import ConfigError, env_float, env_int, env_str
+
+DEFAULT_AGENT_FILE = Path(__file__).with_name("agents") / "default.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway reads from its environment.
+
+    Attributes:
+        nats_url: ``NATS_URL``.
+        host: ``GATEWAY_HOST``.
+        port: ``GATEWAY_PORT``.
+        default_agent_file: ``GATEWAY_DEFAULT_AGENT_FILE``: JSON agent stored in KV ``agents`` at start.
+        max_message_bytes: ``GATEWAY_MAX_MESSAGE_BYTES``: larger client messages get an error event.
+        max_utterance_s: ``GATEWAY_MAX_UTTERANCE_SECONDS``: cap on one utterance's audio.
+        stt_timeout_s, llm_timeout_s, tts_timeout_s: ``GATEWAY_<STAGE>_TIMEOUT_SECONDS``: bus request budgets.
+    """
+
+    nats_url: str
+    host: str
+    port: int
+    default_agent_file: Path
+    max_message_bytes: int
+    max_utterance_s: float
+    stt_timeout_s: float
+    llm_timeout_s: float
+    tts_timeout_s: float
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        agent_file = Path(env_str("GATEWAY_DEFAULT_AGENT_FILE", str(DEFAULT_AGENT_FILE)))
+        if not agent_file.is_file():
+            raise ConfigError(f"GATEWAY_DEFAULT_AGENT_FILE={str(agent_file)!r}: no such file")
+        return cls(
+            nats_url=env_str("NATS_URL", "nats://127.0.0.1:4222"),
+            host=env_str("GATEWAY_HOST", "0.0.0.0"),
+            port=env_int("GATEWAY_PORT", 8000, minimum=0, maximum=65535),
+            default_agent_file=agent_file,
+            max_message_bytes=env_int("GATEWAY_MAX_MESSAGE_BYTES", 6 * 1024 * 1024, minimum=1024),
+            max_utterance_s=env_float("GATEWAY_MAX_UTTERANCE_SECONDS", 60.0, minimum=1.0),
+            stt_timeout_s=env_float("GATEWAY_STT_TIMEOUT_SECONDS", 30.0, minimum=1.0),
+            llm_timeout_s=env_float("GATEWAY_LLM_TIMEOUT_SECONDS", 60.0, minimum=1.0),
+            tts_timeout_s=env_float("GATEWAY_TTS_TIMEOUT_SECONDS", 30.0, minimum=1.0),
+        )

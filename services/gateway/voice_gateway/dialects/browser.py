@@ -1,0 +1,259 @@
+"""The browser voice pipeline protocol (seed 001) at ``/ws``: JSON ``{type, data}`` messages.
+
+Client → server: ``init`` (``agentId``, optional ``callLogId``), ``audio`` (base64 WebM/Opus, Ogg,
+WAV, MP3 or raw PCM16 16 kHz), ``text`` (``text``), ``end``. Fields are read from ``data`` or the top
+level. Server → client: ``init_success`` then the greeting as ``audio_response``; per audio turn
+``processing_started``, ``stt_start``, ``stt_complete``, ``llm_start``, ``llm_chunk``…,
+``llm_complete``, ``tts_start``, ``audio_response`` (one per sentence, as soon as it is
+synthesized, so often before ``llm_complete``), ``tts_complete`` (the whole reply), and
+``processing_complete``; per text turn the ``llm_*`` events, ``text_response`` and the audio; ``end``
+→ ``session_ended``. Any invalid message gets an ``error`` event and the session goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from typing import Any
+
+import numpy as np
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from voice.v1 import audio_pb2
+from voice_audio import wav_bytes
+from voice_gateway.session import GatewayContext, Session
+from voice_gateway.turns import (
+    Event,
+    LlmCompleted,
+    LlmDelta,
+    OutputFormat,
+    SpeechAudio,
+    SpeechCompleted,
+    SttCompleted,
+    TurnFailed,
+)
+
+logger = logging.getLogger(__name__)
+
+DIALECT = "browser"
+OUTPUT = OutputFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=0)
+RAW_PCM_RATE = 16000
+CONTAINER_MAGIC = (b"RIFF", b"OggS", b"\x1a\x45\xdf\xa3", b"ID3", b"fLaC", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+
+
+def _field(message: dict, name: str) -> Any:
+    data = message.get("data")
+    if isinstance(data, dict) and name in data:
+        return data[name]
+    return message.get(name)
+
+
+def audio_format(audio: bytes) -> audio_pb2.AudioFormat:
+    """Encoded containers are recognised by their magic bytes; anything else is raw PCM16 at 16 kHz."""
+    if audio.startswith(CONTAINER_MAGIC):
+        return audio_pb2.AudioFormat(container=audio_pb2.AUDIO_CONTAINER_AUTO)
+    return audio_pb2.AudioFormat(
+        encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=RAW_PCM_RATE, container=audio_pb2.AUDIO_CONTAINER_RAW
+    )
+
+
+def wav_base64(pcm: bytes, rate: int) -> str:
+    return base64.b64encode(wav_bytes(np.frombuffer(pcm, dtype="<i2"), rate)).decode()
+
+
+class BrowserConnection:
+    """One WebSocket speaking seed 001.
+
+    Args:
+        websocket: The accepted socket.
+        context: Shared gateway services.
+        max_message_bytes: Larger messages are refused with an ``error`` event.
+        max_utterance_s: Longer raw PCM utterances are refused with an ``error`` event.
+    """
+
+    def __init__(
+        self, websocket: WebSocket, context: GatewayContext, *, max_message_bytes: int, max_utterance_s: float
+    ) -> None:
+        self._ws = websocket
+        self._context = context
+        self._max_message_bytes = max_message_bytes
+        self._max_utterance_s = max_utterance_s
+        self._send_lock = asyncio.Lock()
+        self._session: Session | None = None
+
+    async def send(self, type_: str, data: dict | None = None) -> None:
+        async with self._send_lock:
+            if self._ws.application_state == WebSocketState.CONNECTED:
+                await self._ws.send_text(json.dumps({"type": type_, "data": data or {}}))
+
+    async def error(self, message: str) -> None:
+        await self.send("error", {"error": message})
+
+    async def run(self) -> None:
+        """Serves the socket until the client goes away; then closes any open session."""
+        try:
+            while True:
+                frame = await self._ws.receive()
+                if frame["type"] == "websocket.disconnect":
+                    break
+                if frame.get("bytes") is not None:
+                    await self.error("binary frames are not part of this protocol; send JSON text messages")
+                    continue
+                await self._handle(frame.get("text") or "")
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if self._session is not None:
+                await self._session.close("disconnected")
+                self._session = None
+
+    async def _handle(self, text: str) -> None:
+        if len(text) > self._max_message_bytes:
+            await self.error(f"message of {len(text)} bytes exceeds the limit of {self._max_message_bytes}")
+            return
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError as exc:
+            await self.error(f"invalid JSON: {exc.msg} at position {exc.pos}")
+            return
+        if not isinstance(message, dict):
+            await self.error("a message must be a JSON object with a 'type'")
+            return
+        kind = message.get("type")
+        handler = {"init": self._init, "audio": self._audio, "text": self._text, "end": self._end}.get(kind)
+        if handler is None:
+            await self.error(f"unknown message type {kind!r}; expected init, audio, text or end")
+            return
+        if kind != "init" and self._session is None:
+            await self.error(f"'{kind}' before 'init': send init first")
+            return
+        await handler(message)
+
+    async def _init(self, message: dict) -> None:
+        if self._session is not None:
+            await self.error("session already initialised; send end first to start another")
+            return
+        agent_id = _field(message, "agentId") or "default"
+        call_log_id = _field(message, "callLogId")
+        if not isinstance(agent_id, str) or (call_log_id is not None and not isinstance(call_log_id, str)):
+            await self.error("init: agentId and callLogId must be strings")
+            return
+        agent = await self._context.agents.get(agent_id)
+        if agent is None:
+            await self.error(f"init: unknown agent {agent_id!r}")
+            return
+        call_log = None
+        if call_log_id:
+            call_log = await self._context.calls.get(call_log_id)
+            if call_log is None:
+                await self.error(f"init: unknown callLogId {call_log_id!r}")
+                return
+        session = Session(self._context, agent, DIALECT, call_log)
+        await session.start()
+        self._session = session
+        await self.send(
+            "init_success",
+            {"callLogId": session.id, "agentName": agent.name, "message": f"Connected to {agent.name}"},
+        )
+        session.greet(OUTPUT, self._greeting_events)
+
+    async def _audio(self, message: dict) -> None:
+        encoded = _field(message, "audio")
+        if not isinstance(encoded, str) or not encoded:
+            await self.error("audio: missing 'audio' (base64 string)")
+            return
+        try:
+            audio = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            await self.error("audio: 'audio' is not valid base64")
+            return
+        if not audio:
+            await self.error("audio: empty audio")
+            return
+        fmt = audio_format(audio)
+        if fmt.container == audio_pb2.AUDIO_CONTAINER_RAW and len(audio) / (2 * RAW_PCM_RATE) > self._max_utterance_s:
+            await self.error(f"audio: utterance longer than {self._max_utterance_s:.0f} s")
+            return
+        session = self._session
+        output = OUTPUT if session.agent.pipeline.respond_with_audio else None
+        emit = _TurnEvents(self, spoken=True)
+        session.audio_turn(
+            audio,
+            fmt,
+            output,
+            emit,
+            before=lambda: self.send("processing_started"),
+            after=lambda: self.send("processing_complete"),
+        )
+
+    async def _text(self, message: dict) -> None:
+        text = _field(message, "text")
+        if not isinstance(text, str) or not text.strip():
+            await self.error("text: missing or empty 'text'")
+            return
+        session = self._session
+        output = OUTPUT if session.agent.pipeline.respond_with_audio else None
+        session.text_turn(text.strip(), output, _TurnEvents(self, spoken=False))
+
+    async def _end(self, message: dict) -> None:
+        session, self._session = self._session, None
+        await session.close("completed")
+        await self.send("session_ended", {"callLogId": session.id})
+
+    async def _greeting_events(self, event: Event) -> None:
+        """The greeting goes out as one ``audio_response``, as the seed's first message."""
+        if isinstance(event, SpeechCompleted) and self._session is not None:
+            await self.send(
+                "audio_response",
+                {"audio": wav_base64(event.audio, event.sample_rate), "text": self._session.agent.greeting},
+            )
+        elif isinstance(event, TurnFailed):
+            await self.error(event.error)
+
+
+class _TurnEvents:
+    """Translates one turn's events into seed 001 messages."""
+
+    def __init__(self, connection: BrowserConnection, *, spoken: bool) -> None:
+        self._connection = connection
+        self._spoken = spoken
+        self._tts_started = False
+
+    async def __call__(self, event: Event) -> None:
+        send = self._connection.send
+        if isinstance(event, SttCompleted):
+            await send("stt_complete", {"text": event.text})
+        elif isinstance(event, LlmDelta):
+            await send("llm_chunk", {"chunk": event.chunk, "fullText": event.full_text})
+        elif isinstance(event, LlmCompleted):
+            await send("llm_complete", {"text": event.text})
+            if not self._spoken:
+                await send("text_response", {"text": event.text})
+        elif isinstance(event, SpeechAudio):
+            if not self._tts_started:
+                self._tts_started = True
+                await send("tts_start")
+            await send("audio_response", {"audio": wav_base64(event.audio, event.sample_rate), "text": event.text})
+        elif isinstance(event, SpeechCompleted):
+            await send("tts_complete", {"audio": wav_base64(event.audio, event.sample_rate)})
+        elif isinstance(event, TurnFailed):
+            await self._connection.error(event.error)
+        elif event.kind in ("stt_start", "llm_start"):
+            await send(event.kind)
+
+
+async def serve(
+    websocket: WebSocket, context: GatewayContext, *, max_message_bytes: int, max_utterance_s: float
+) -> None:
+    """Accepts and serves one seed 001 WebSocket."""
+    await websocket.accept()
+    connection = BrowserConnection(
+        websocket, context, max_message_bytes=max_message_bytes, max_utterance_s=max_utterance_s
+    )
+    await connection.run()
+    with contextlib.suppress(Exception):
+        await websocket.close()

@@ -1,0 +1,26 @@
+"""The gateway as a real process in front of real workers, for end-to-end tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.workers import _Tee
+from voicectl.local import GatewayProcess
+
+
+@pytest.fixture(scope="session")
+def gateway(nats_url, stt_worker, llm_worker, tts_worker):
+    """The gateway with the STT, LLM and TTS workers behind it; yields the GatewayProcess."""
+    import io
+
+    log = io.StringIO()
+    process = GatewayProcess(nats_url, {"OTEL_TRACES_EXPORTER": "none"}, sink=_Tee(log)).start()
+    process.log = log
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(gateway) -> str:
+    """Base HTTP URL of the running gateway (WebSocket at ``ws://…/ws``)."""
+    return gateway.url
