@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import wave
 
@@ -56,7 +57,9 @@ async def test_a_whole_session_audio_then_text_then_end(gateway_url):
         chunks = [e["data"] for e in events if e["type"] == "llm_chunk"]
         assert len(chunks) >= 2
         full = [c["fullText"] for c in chunks]
-        assert all(later.startswith(earlier) and len(later) > len(earlier) for earlier, later in zip(full, full[1:]))
+        assert all(
+            later.startswith(earlier) and len(later) > len(earlier) for earlier, later in itertools.pairwise(full)
+        )
         assert full[-1] == "".join(c["chunk"] for c in chunks)
         complete = next(e for e in events if e["type"] == "llm_complete")
         assert complete["data"]["text"] == full[-1].strip()
