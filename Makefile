@@ -13,20 +13,23 @@ PYTEST_ARGS ?=
 # llama.cpp without -march=native: native builds use AMX instructions that crash on some CPUs.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/runtime services/stt services/llm services/tts cli
+MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/runtime services/stt services/llm services/tts services/gateway cli
 PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
 PROTOS := $(wildcard protos/voice/v1/*.proto)
 
-.PHONY: help install install-test system-deps run test protos protos-check bench clean
+.PHONY: help install install-test system-deps system-deps-test run test protos protos-check bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+
 system-deps: ## Debian packages: nats-server
-	@command -v nats-server >/dev/null || { \
-	  echo "installing nats-server (Debian)"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null; }
+	@command -v nats-server >/dev/null || { echo "installing nats-server (Debian)"; $(APT_INSTALL) nats-server >/dev/null; }
+
+system-deps-test: system-deps ## Debian packages for the tests: chromium (driven headless by Playwright)
+	@test -x /usr/bin/chromium || { echo "installing chromium (Debian)"; $(APT_INSTALL) chromium >/dev/null; }
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
@@ -47,9 +50,9 @@ $(VENV)/.installed-test: $(VENV)/.installed-run
 
 install: system-deps $(VENV)/.installed-run ## install what `make run` needs
 
-install-test: system-deps $(VENV)/.installed-test ## install what `make test` needs
+install-test: system-deps-test $(VENV)/.installed-test ## install what `make test` needs
 
-run: install ## start nats-server, the llama.cpp server and the STT/LLM/TTS workers (Ctrl-C stops)
+run: install ## start nats-server, the llama.cpp server, the workers and the gateway on :8000 (Ctrl-C stops)
 	$(VENV)/bin/voicectl up
 
 test: install-test protos-check ## run the test suite (real nats-server, real models)

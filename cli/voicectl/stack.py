@@ -1,8 +1,8 @@
 """``voicectl up``: the whole local stack on embedded models, in the foreground, until Ctrl-C.
 
-Starts nats-server (JetStream, max_payload 8 MB), the llama.cpp server with SmolLM2, and the STT,
-LLM and TTS workers, each log line prefixed with its process name. Ctrl-C (or SIGTERM) drains the
-workers first, then stops the LLM backend and NATS.
+Starts nats-server (JetStream, max_payload 8 MB), the llama.cpp server with SmolLM2, the STT, LLM
+and TTS workers and the gateway on :8000, each log line prefixed with its process name. Ctrl-C (or
+SIGTERM) stops the gateway, drains the workers, then stops the LLM backend and NATS.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 from voicectl.health import wait_serving
-from voicectl.local import ChildProcess, NatsServer, wait_for_port
+from voicectl.local import ChildProcess, GatewayProcess, NatsServer, wait_for_port
 
 NATS_PORT = 4222
 NATS_MONITOR_PORT = 8222
 LLAMA_PORT = 8080
+GATEWAY_PORT = 8000
 WORKERS = {"stt": (50051, 9101, 36), "llm": (50052, 9102, 32), "tts": (50053, 9103, 35)}
 
 
@@ -32,9 +33,8 @@ def _port_free(port: int) -> bool:
 
 def run_stack(state_dir: str = ".run") -> int:
     """Runs the stack until interrupted; returns the process exit code."""
-    busy = [
-        p for p in (NATS_PORT, NATS_MONITOR_PORT, LLAMA_PORT, *(w[0] for w in WORKERS.values())) if not _port_free(p)
-    ]
+    ports = (NATS_PORT, NATS_MONITOR_PORT, LLAMA_PORT, GATEWAY_PORT, *(w[0] for w in WORKERS.values()))
+    busy = [port for port in ports if not _port_free(port)]
     if busy:
         print(f"voicectl up: ports already in use: {busy} (is the stack already running?)", file=sys.stderr)
         return 1
@@ -67,10 +67,14 @@ def run_stack(state_dir: str = ".run") -> int:
                 ).start()
             )
         wait_for_port(LLAMA_PORT, 120, process=llama.process)
-        for child, (grpc_port, _, _) in zip(children[1:], WORKERS.values(), strict=False):
+        for child, (grpc_port, _, _) in zip(children[1:], WORKERS.values(), strict=True):
             wait_serving(f"127.0.0.1:{grpc_port}", 300, alive=child.running)
+        gateway = GatewayProcess(nats.url, {"GATEWAY_HOST": "0.0.0.0"}, port=GATEWAY_PORT)
+        children.append(gateway.child)
+        gateway.start()
         print(
-            "\n  ready: STT gRPC :50051, LLM gRPC :50052, TTS gRPC :50053, metrics :9101-9103, NATS :4222\n"
+            "\n  ready: open http://localhost:8000 and talk (WebSocket ws://localhost:8000/ws)\n"
+            "         STT gRPC :50051, LLM gRPC :50052, TTS gRPC :50053, metrics :9101-9103 and :8000/metrics\n"
             "  try:   voicectl tts 'Hello there.' -o hello.wav && voicectl stt hello.wav && voicectl llm 'Hi!'\n"
             "  stop:  Ctrl-C\n",
             flush=True,
@@ -86,7 +90,7 @@ def run_stack(state_dir: str = ".run") -> int:
         print(f"voicectl up: {exc}", file=sys.stderr)
         return 1
     finally:
-        print("\nstopping: draining workers, then the LLM backend and NATS", flush=True)
+        print("\nstopping: the gateway, then draining the workers, then the LLM backend and NATS", flush=True)
         for child in reversed(children):
             child.signal(signal.SIGTERM)
         give_up = time.monotonic() + 60
