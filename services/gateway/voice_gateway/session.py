@@ -109,7 +109,8 @@ class Session:
             return
 
         async def turn() -> None:
-            result = await self._context.engine.speak(self.conversation, self.agent.greeting, output, emit)
+            with self._turn_span("greeting"):
+                result = await self._context.engine.speak(self.conversation, self.agent.greeting, output, emit)
             await self._record("greeting", result)
 
         self._turns.put_nowait(turn)
@@ -136,11 +137,7 @@ class Session:
             started = time.perf_counter()
             result = TurnResult(user_text=text)
             outcome = "ok"
-            with tracer.start_as_current_span(
-                "turn",
-                context=trace.set_span_in_context(self.span),
-                attributes={"voice.session_id": self.id, "voice.turn.kind": kind, "voice.dialect": self.dialect},
-            ) as span:
+            with self._turn_span(kind) as span:
                 try:
                     if before:
                         await before()
@@ -182,6 +179,14 @@ class Session:
                         await self._record(kind, result)
 
         self._turns.put_nowait(turn)
+
+    def _turn_span(self, kind: str):
+        """A ``turn`` span under the session's span: the bus carries it to the workers' spans."""
+        return tracer.start_as_current_span(
+            "turn",
+            context=trace.set_span_in_context(self.span),
+            attributes={"voice.session_id": self.id, "voice.turn.kind": kind, "voice.dialect": self.dialect},
+        )
 
     async def _record(self, kind: str, result: TurnResult) -> None:
         self.call_log.turns.append(
