@@ -6,13 +6,16 @@ figure is an unloaded, single-request latency), then reports:
 - STT real-time factor on a 5 s utterance;
 - LLM time to first token and generation speed;
 - TTS time to the first audio chunk and real-time factor;
-- bus overhead: p50/p99 of a trivial request through JetStream and its streamed reply, on loopback.
+- bus overhead: p50/p99 of a trivial request through JetStream and its streamed reply, on loopback;
+- the gateway (seed 001 at /ws): time from the ``audio`` message to the first ``audio_response``
+  over 20 spoken turns, with the breakdown by stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
@@ -23,13 +26,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import websockets
 
 from voice.v1 import audio_pb2, llm_pb2, stt_pb2, tts_pb2
+from voice_audio import wav_bytes
 from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
 from voice_bus.worker import Worker
 from voice_llm.embedded import llama_server_command, smollm2_model_path, wait_until_ready
-from voicectl.local import NatsServer, WorkerProcess, free_port
+from voicectl.local import GatewayProcess, NatsServer, WorkerProcess, free_port
 
 RESULTS = Path(__file__).with_name("results.json")
 PROMPT = "Explain in three sentences why the sky is blue."
@@ -155,6 +160,58 @@ async def bench_bus(runs: int) -> dict:
     }
 
 
+GATEWAY_QUESTIONS = [
+    "What time do you open tomorrow?",
+    "Can you help me with my order?",
+    "What is the weather like today?",
+    "I would like to book a table for two.",
+]
+
+
+async def bench_gateway(bus: BusClient, url: str, turns: int) -> dict:
+    """Spoken turns through the browser dialect: the user's complete audio → the first agent audio."""
+    clips = []
+    for question in GATEWAY_QUESTIONS:
+        events = await bus.collect(
+            "tts",
+            tts_pb2.SynthesizeRequest(text=question, output_format=audio_pb2.AudioFormat(sample_rate=16000)),
+            timeout=60,
+        )
+        pcm = np.frombuffer(b"".join(e.chunk.audio for e in events if e.HasField("chunk")), dtype="<i2")
+        clips.append(base64.b64encode(wav_bytes(pcm, 16000)).decode())
+    first_audio, stt, first_token, llm_to_audio = [], [], [], []
+    async with websockets.connect(url.replace("http://", "ws://") + "/ws", max_size=None) as ws:
+
+        async def until(kind: str) -> dict[str, float]:
+            seen: dict[str, float] = {}
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 120))
+                seen.setdefault(message["type"], time.perf_counter())
+                if message["type"] == kind:
+                    return seen
+
+        await ws.send(json.dumps({"type": "init", "data": {"agentId": "default"}}))
+        await until("audio_response")
+        for index in range(turns + 1):
+            sent = time.perf_counter()
+            await ws.send(json.dumps({"type": "audio", "data": {"audio": clips[index % len(clips)]}}))
+            seen = await until("processing_complete")
+            if index == 0 or "audio_response" not in seen:
+                continue
+            first_audio.append(seen["audio_response"] - sent)
+            stt.append(seen["stt_complete"] - sent)
+            first_token.append(seen.get("llm_chunk", seen["llm_complete"]) - seen["stt_complete"])
+            llm_to_audio.append(seen["audio_response"] - seen.get("llm_chunk", seen["llm_complete"]))
+    return {
+        "audio_to_first_audio_response_s": summary(first_audio),
+        "breakdown_s": {
+            "stt (audio sent → stt_complete)": summary(stt),
+            "llm first token (stt_complete → first llm_chunk)": summary(first_token),
+            "first sentence + tts (first llm_chunk → first audio_response)": summary(llm_to_audio),
+        },
+    }
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -179,6 +236,15 @@ def table(results: dict) -> str:
     lines = [f"{'figure':<52} {'median':>9} {'p95':>9} {'n':>4}", "-" * 77]
     for name, figure, _ in rows:
         lines.append(f"{name:<52} {figure['median']:>9.3f} {figure['p95']:>9.3f} {figure['n']:>4}")
+    if "gateway" in results:
+        lines.append(
+            f"{'gateway: audio message → first audio_response (s)':<52} "
+            f"{results['gateway']['audio_to_first_audio_response_s']['median']:>9.3f} "
+            f"{results['gateway']['audio_to_first_audio_response_s']['p95']:>9.3f} "
+            f"{results['gateway']['audio_to_first_audio_response_s']['n']:>4}"
+        )
+        for stage, figure in results["gateway"]["breakdown_s"].items():
+            lines.append(f"{'  ' + stage:<52} {figure['median']:>9.3f} {figure['p95']:>9.3f} {figure['n']:>4}")
     bus = results["bus"]["round_trip_ms"]
     lines.append(
         f"{'bus round trip, trivial request (ms) p50 / p99':<52} {bus['p50']:>9.3f} {bus['p99']:>9.3f} {bus['n']:>4}"
@@ -213,6 +279,11 @@ async def run(args: argparse.Namespace) -> dict:
             results["stt"] = await bench_stt(bus, args.runs)
             results["llm"] = await bench_llm(bus, args.runs)
             results["tts"] = await bench_tts(bus, args.runs)
+            gateway = GatewayProcess(nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet).start()
+            try:
+                results["gateway"] = await bench_gateway(bus, gateway.url, args.gateway_turns)
+            finally:
+                gateway.stop()
             await nc.close()
         finally:
             for worker in workers:
@@ -228,6 +299,7 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=10, help="measured runs per model figure")
     parser.add_argument("--bus-runs", type=int, default=2000, help="measured trivial bus requests")
+    parser.add_argument("--gateway-turns", type=int, default=20, help="measured spoken turns through the gateway")
     args = parser.parse_args()
     results = asyncio.run(run(args))
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
