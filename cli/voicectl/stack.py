@@ -31,6 +31,16 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _nats_until_signalled(state_dir: str) -> tuple[NatsServer, threading.Event]:
+    """The stack's nats-server (JetStream store under ``state_dir``) and an event SIGTERM/SIGINT set."""
+    store = Path(state_dir, "jetstream").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return NatsServer(NATS_PORT, NATS_MONITOR_PORT, store_dir=str(store)), stop
+
+
 def run_stack(state_dir: str = ".run") -> int:
     """Runs the stack until interrupted; returns the process exit code."""
     ports = (NATS_PORT, NATS_MONITOR_PORT, LLAMA_PORT, GATEWAY_PORT, *(w[0] for w in WORKERS.values()))
@@ -38,13 +48,7 @@ def run_stack(state_dir: str = ".run") -> int:
     if busy:
         print(f"voicectl up: ports already in use: {busy} (is the stack already running?)", file=sys.stderr)
         return 1
-    store = Path(state_dir, "jetstream").resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-    nats = NatsServer(NATS_PORT, NATS_MONITOR_PORT, store_dir=str(store))
+    nats, stop = _nats_until_signalled(state_dir)
     children: list[ChildProcess] = []
     try:
         nats.start()
@@ -103,12 +107,7 @@ def run_stack(state_dir: str = ".run") -> int:
 
 def run_nats(state_dir: str = ".run") -> int:
     """Runs only nats-server on the stack's ports, in the foreground, until interrupted."""
-    store = Path(state_dir, "jetstream").resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    nats = NatsServer(NATS_PORT, NATS_MONITOR_PORT, store_dir=str(store))
+    nats, stop = _nats_until_signalled(state_dir)
     try:
         nats.start(stdout=None)
         print(f"nats-server with JetStream on {nats.url}", flush=True)
