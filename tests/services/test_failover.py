@@ -1,4 +1,4 @@
-"""Worker failures on their own nats-server: kill -9 mid-request, and SIGTERM draining."""
+"""Worker lifecycle on its own nats-server: kill -9 mid-request, SIGTERM draining, health during start-up."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 
+import grpc
 import pytest
 
 from tests.services.conftest import presence
@@ -16,6 +17,7 @@ from voice_audio import Encoding, encode_pcm16
 from voice_bus.client import BusClient
 from voice_bus.connection import connect
 from voice_bus.errors import UNAVAILABLE, BusError
+from voicectl.health import check
 from voicectl.local import NatsServer
 
 LONG_TEXT = (
@@ -115,3 +117,23 @@ async def test_sigterm_drains_in_flight_work_then_exits(isolated_nats, isolated_
     with pytest.raises(BusError) as err:
         await isolated_bus.collect("stt", stt_request(long_utterance[:32000]), timeout=10)
     assert err.value.code == UNAVAILABLE
+
+
+async def test_health_is_not_serving_until_the_model_is_loaded(isolated_nats):
+    worker = WorkerProcess("tts", isolated_nats.url).launch()
+    seen: list[str] = []
+    try:
+        give_up = time.monotonic() + 120
+        while time.monotonic() < give_up and (not seen or seen[-1] != "SERVING"):
+            try:
+                status = await asyncio.to_thread(check, worker.target, "voice.v1.TextToSpeech", 0.5)
+            except grpc.RpcError:
+                status = "unreachable"
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            await asyncio.sleep(0.02)
+    finally:
+        worker.stop()
+    reachable = [s for s in seen if s != "unreachable"]
+    assert reachable[0] == "NOT_SERVING" and reachable[-1] == "SERVING", seen
+    assert "loaded" in worker.log.getvalue()
