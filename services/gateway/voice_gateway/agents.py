@@ -12,7 +12,7 @@ from typing import Any
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,11 @@ class Tool(_Strict):
 class PipelineOptions(_Strict):
     """How turns are taken (seed 003's ``pipeline_config`` names where they exist)."""
 
+    transport: str = "websocket"
     enable_interruptions: bool = True
     vad_enabled: bool = True
     endpointing_silence_ms: int = Field(default=600, ge=100, le=5000)
+    min_speech_ms: int = Field(default=200, ge=0, le=2000)
     max_utterance_s: float = Field(default=30.0, gt=0, le=120)
     respond_with_audio: bool = True
 
@@ -81,6 +83,36 @@ class Agent(_Strict):
     tts: TtsOptions = Field(default_factory=TtsOptions)
     tools: list[Tool] = Field(default_factory=list)
     pipeline: PipelineOptions = Field(default_factory=PipelineOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_pipeline_config(cls, data: Any) -> Any:
+        """Seed 003 agents carry ``pipeline_config`` (``stt_config``, ``llm_config``, ``tts_config``,
+        ``transport``, ``enable_interruptions``, ``vad_enabled``); they are mapped onto this model's
+        fields so a migrating user's agent loads unchanged. Other providers' ``service``, ``model`` and
+        ``voice_id`` values name services this platform replaces, so they are not used."""
+        if not isinstance(data, dict) or "pipeline_config" not in data:
+            return data
+        data = dict(data)
+        legacy = data.pop("pipeline_config") or {}
+        if not isinstance(legacy, dict):
+            raise ValueError("pipeline_config must be an object")
+        pipeline = dict(data.get("pipeline") or {})
+        for key in ("transport", "enable_interruptions", "vad_enabled", "endpointing_silence_ms", "max_utterance_s"):
+            if key in legacy:
+                pipeline.setdefault(key, legacy[key])
+        data["pipeline"] = pipeline
+        llm_config = legacy.get("llm_config") or {}
+        llm = dict(data.get("llm") or {})
+        for key in ("temperature", "max_tokens"):
+            if key in llm_config:
+                llm.setdefault(key, llm_config[key])
+        data["llm"] = llm
+        stt_config = legacy.get("stt_config") or {}
+        if stt_config.get("language"):
+            data.setdefault("stt", {"language": stt_config["language"]})
+        data.pop("voice_system", None)
+        return data
 
     @field_validator("tools")
     @classmethod

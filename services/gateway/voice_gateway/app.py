@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import Body, FastAPI, HTTPException, WebSocket
+from fastapi import Body, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import make_asgi_app
@@ -17,9 +18,10 @@ from pydantic import ValidationError
 from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
 from voice_gateway.agents import AGENT_ID, Agent, AgentStore
+from voice_gateway.call_registry import CallRegistry
 from voice_gateway.calls import CallLogStore
 from voice_gateway.config import Settings
-from voice_gateway.dialects import browser
+from voice_gateway.dialects import browser, exotel, pcm, twilio
 from voice_gateway.session import GatewayContext
 from voice_gateway.turns import TurnEngine
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
@@ -53,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
             ),
         )
         app.state.nc = nc
+        app.state.registry = await CallRegistry.open(js)
         logger.info("gateway ready on :%d (NATS %s)", settings.port, settings.nats_url)
         try:
             yield
@@ -109,6 +112,45 @@ def create_app(settings: Settings) -> FastAPI:
         if log is None:
             raise HTTPException(404, f"no call log {call_log_id!r}")
         return log.model_dump(by_alias=True)
+
+    @app.post("/api/calls/trigger")
+    async def trigger_call(body: dict = Body(...)) -> dict:
+        """Seed 003: announces a raw PCM call; extra body fields become the agent's template variables."""
+        agent_id = body.get("agent_id")
+        if not isinstance(agent_id, str) or not agent_id:
+            raise HTTPException(422, "agent_id (string) is required")
+        if await app.state.context.agents.get(agent_id) is None:
+            raise HTTPException(404, f"no agent {agent_id!r}")
+        variables = {k: v for k, v in body.items() if k != "agent_id"}
+        if any(not isinstance(v, (str, int, float, bool)) for v in variables.values()):
+            raise HTTPException(422, "template variables must be strings, numbers or booleans")
+        session_id = str(uuid.uuid4())
+        await app.state.registry.announce(session_id, agent_id, variables)
+        return {
+            "session_id": session_id,
+            "websocket_url": f"/api/pipecat/websocket/{session_id}",
+            "status": "initialized",
+        }
+
+    @app.post("/twilio/voice")
+    async def twilio_voice(request: Request):
+        return await twilio.voice_webhook(request, settings.twilio_auth_token)
+
+    @app.websocket("/twilio/media")
+    async def twilio_media(websocket: WebSocket) -> None:
+        await twilio.serve(websocket, app.state.context)
+
+    @app.websocket("/exotel/media")
+    async def exotel_media(websocket: WebSocket) -> None:
+        await exotel.serve(websocket, app.state.context)
+
+    @app.websocket("/ws/pcm/{session_id}")
+    async def pcm_media(websocket: WebSocket, session_id: str) -> None:
+        await pcm.serve(websocket, app.state.context, app.state.registry, session_id)
+
+    @app.websocket("/api/pipecat/websocket/{session_id}")
+    async def pipecat_media(websocket: WebSocket, session_id: str) -> None:
+        await pcm.serve(websocket, app.state.context, app.state.registry, session_id)
 
     @app.websocket("/ws")
     async def browser_socket(websocket: WebSocket) -> None:

@@ -22,6 +22,7 @@ class Settings:
         max_message_bytes: ``GATEWAY_MAX_MESSAGE_BYTES``: larger client messages get an error event.
         max_utterance_s: ``GATEWAY_MAX_UTTERANCE_SECONDS``: cap on one utterance's audio.
         stt_timeout_s, llm_timeout_s, tts_timeout_s: ``GATEWAY_<STAGE>_TIMEOUT_SECONDS``: bus request budgets.
+        twilio_auth_token: ``TWILIO_AUTH_TOKEN``: when set, Twilio webhooks must carry a valid signature.
     """
 
     nats_url: str
@@ -33,6 +34,7 @@ class Settings:
     stt_timeout_s: float
     llm_timeout_s: float
     tts_timeout_s: float
+    twilio_auth_token: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -49,4 +51,5 @@ class Settings:
             stt_timeout_s=env_float("GATEWAY_STT_TIMEOUT_SECONDS", 30.0, minimum=1.0),
             llm_timeout_s=env_float("GATEWAY_LLM_TIMEOUT_SECONDS", 60.0, minimum=1.0),
             tts_timeout_s=env_float("GATEWAY_TTS_TIMEOUT_SECONDS", 30.0, minimum=1.0),
+            twilio_auth_token=env_str("TWILIO_AUTH_TOKEN", "") or None,
         )

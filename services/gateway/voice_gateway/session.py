@@ -69,14 +69,22 @@ class Session:
         agent: The agent the client asked for.
         dialect: Name of the wire protocol, for metrics, traces and the call log.
         call_log: An existing call log to continue, or ``None`` for a new call.
+        session_id: Id of a new call (e.g. announced by the trigger endpoint); a random one if ``None``.
     """
 
-    def __init__(self, context: GatewayContext, agent: Agent, dialect: str, call_log: CallLog | None = None) -> None:
+    def __init__(
+        self,
+        context: GatewayContext,
+        agent: Agent,
+        dialect: str,
+        call_log: CallLog | None = None,
+        session_id: str | None = None,
+    ) -> None:
         self._context = context
         self.dialect = dialect
         self.agent = agent
         self.call_log = call_log or CallLog(
-            call_log_id=uuid.uuid4().hex, agent_id=agent.id, agent_name=agent.name, dialect=dialect
+            call_log_id=session_id or uuid.uuid4().hex, agent_id=agent.id, agent_name=agent.name, dialect=dialect
         )
         self.call_log.status = "active"
         self.call_log.ended_at = None
@@ -109,9 +117,9 @@ class Session:
             return
 
         async def turn() -> None:
-            with self._turn_span("greeting"):
+            with self.turn_span("greeting"):
                 result = await self._context.engine.speak(self.conversation, self.agent.greeting, output, emit)
-            await self._record("greeting", result)
+            await self.record("greeting", result)
 
         self._turns.put_nowait(turn)
 
@@ -137,7 +145,7 @@ class Session:
             started = time.perf_counter()
             result = TurnResult(user_text=text)
             outcome = "ok"
-            with self._turn_span(kind) as span:
+            with self.turn_span(kind) as span:
                 try:
                     if before:
                         await before()
@@ -176,11 +184,11 @@ class Session:
                         with contextlib.suppress(Exception):
                             await after()
                     if result.user_text or result.assistant_text or result.error:
-                        await self._record(kind, result)
+                        await self.record(kind, result)
 
         self._turns.put_nowait(turn)
 
-    def _turn_span(self, kind: str):
+    def turn_span(self, kind: str):
         """A ``turn`` span under the session's span: the bus carries it to the workers' spans."""
         return tracer.start_as_current_span(
             "turn",
@@ -188,7 +196,7 @@ class Session:
             attributes={"voice.session_id": self.id, "voice.turn.kind": kind, "voice.dialect": self.dialect},
         )
 
-    async def _record(self, kind: str, result: TurnResult) -> None:
+    async def record(self, kind: str, result: TurnResult, *, interrupted: bool = False) -> None:
         self.call_log.turns.append(
             TurnRecord(
                 index=len(self.call_log.turns),
@@ -197,6 +205,7 @@ class Session:
                 assistant=result.assistant_text,
                 started_at=time.time() - result.timings.get("total_s", 0.0),
                 timings={k: round(v, 4) for k, v in result.timings.items()},
+                interrupted=interrupted,
                 error=result.error,
             )
         )

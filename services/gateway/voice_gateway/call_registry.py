@@ -1,0 +1,55 @@
+"""Calls announced by ``POST /api/calls/trigger`` and not yet connected, in the KV bucket ``sessions``
+so that any gateway replica can take the WebSocket."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+BUCKET = "sessions"
+CONNECT_WITHIN_S = 300
+
+
+class CallRegistry:
+    """Pending call sessions: agent id and template variables, kept until connected or expired."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, js) -> CallRegistry:
+        try:
+            kv = await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(
+                KeyValueConfig(bucket=BUCKET, storage=StorageType.FILE, ttl=CONNECT_WITHIN_S * 4)
+            )
+        return cls(kv)
+
+    async def announce(self, session_id: str, agent_id: str, variables: dict) -> None:
+        record = {"agent_id": agent_id, "variables": variables, "created_at": time.time(), "state": "initialized"}
+        await self._kv.put(session_id, json.dumps(record).encode())
+
+    async def claim(self, session_id: str) -> dict | None:
+        """The pending call, marked connected; ``None`` when unknown, expired or already connected."""
+        if not session_id or any(c in session_id for c in ".*> \t/"):
+            return None
+        try:
+            entry = await self._kv.get(session_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        record = json.loads(entry.value)
+        if record.get("state") != "initialized" or time.time() - record["created_at"] > CONNECT_WITHIN_S:
+            return None
+        record["state"] = "connected"
+        try:
+            await self._kv.update(session_id, json.dumps(record).encode(), last=entry.revision)
+        except Exception:
+            return None
+        return record

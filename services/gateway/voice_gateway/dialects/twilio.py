@@ -1,0 +1,144 @@
+"""Twilio Media Streams, bidirectional (protocols.md §2): the TwiML webhook and the media WebSocket.
+
+``POST /twilio/voice`` answers ``<Connect><Stream>`` pointing at ``/twilio/media`` with the agent id
+(and the caller's details) as ``<Parameter>``s. On the socket Twilio sends ``connected``, ``start``,
+``media`` (μ-law 8 kHz, base64), ``dtmf``, ``mark`` and ``stop``; the gateway sends ``media``,
+``mark`` and ``clear``, each with the ``streamSid``. When ``TWILIO_AUTH_TOKEN`` is set the webhook
+checks ``X-Twilio-Signature`` and refuses a bad one with 403.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+from xml.sax.saxutils import quoteattr
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+
+from voice_audio import Encoding
+from voice_gateway.call import CallSession, MediaFormat
+from voice_gateway.dialects.carrier import (
+    JsonSocket,
+    bad_frame_counter,
+    decode_payload,
+    frames,
+    open_call,
+    safe_id,
+)
+from voice_gateway.session import GatewayContext
+
+logger = logging.getLogger(__name__)
+
+DIALECT = "twilio"
+MEDIA = MediaFormat(encoding=Encoding.MULAW, sample_rate=8000, chunk_bytes=1600, lead_s=0.3)
+FORWARDED_PARAMETERS = ("From", "To", "CallSid", "Direction")
+
+
+def expected_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
+    """Twilio's request signature: HMAC-SHA1 over the URL and the sorted POST parameters, base64."""
+    payload = url + "".join(key + params[key] for key in sorted(params))
+    digest = hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def public_url(request: Request) -> str:
+    """The URL Twilio called, honouring a TLS-terminating proxy's X-Forwarded-Proto/Host."""
+    proto = request.headers.get("x-forwarded-proto", request.url.scheme)
+    host = request.headers.get("x-forwarded-host", request.headers.get("host", request.url.netloc))
+    query = f"?{request.url.query}" if request.url.query else ""
+    return f"{proto}://{host}{request.url.path}{query}"
+
+
+async def voice_webhook(request: Request, auth_token: str | None) -> Response:
+    """Answers Twilio's voice webhook with TwiML that connects the call to the media stream."""
+    form = {key: str(value) for key, value in (await request.form()).items()}
+    if auth_token:
+        signature = request.headers.get("x-twilio-signature", "")
+        if not hmac.compare_digest(signature, expected_signature(auth_token, public_url(request), form)):
+            logger.warning("twilio webhook refused: bad X-Twilio-Signature")
+            return Response("invalid X-Twilio-Signature", status_code=403, media_type="text/plain")
+    agent_id = request.query_params.get("agent_id") or form.get("agent_id") or "default"
+    proto = request.headers.get("x-forwarded-proto", request.url.scheme)
+    host = request.headers.get("x-forwarded-host", request.headers.get("host", request.url.netloc))
+    stream_url = f"{'wss' if proto == 'https' else 'ws'}://{host}/twilio/media"
+    parameters = [("agent_id", agent_id)] + [(key, form[key]) for key in FORWARDED_PARAMETERS if key in form]
+    body = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters)
+    twiml = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f"<Response><Connect><Stream url={quoteattr(stream_url)}>{body}</Stream></Connect></Response>"
+    )
+    return Response(twiml, media_type="application/xml")
+
+
+class TwilioTransport:
+    """Sends agent audio, marks and clears as Twilio expects them."""
+
+    def __init__(self, socket: JsonSocket) -> None:
+        self._socket = socket
+        self.stream_sid = ""
+
+    async def send_audio(self, audio: bytes) -> None:
+        payload = base64.b64encode(audio).decode()
+        await self._socket.send({"event": "media", "streamSid": self.stream_sid, "media": {"payload": payload}})
+
+    async def send_mark(self, name: str) -> bool:
+        await self._socket.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
+        return True
+
+    async def clear(self) -> None:
+        await self._socket.send({"event": "clear", "streamSid": self.stream_sid})
+
+
+async def serve(websocket: WebSocket, context: GatewayContext) -> None:
+    """Serves one Twilio media stream until ``stop`` or disconnect."""
+    await websocket.accept()
+    transport = TwilioTransport(JsonSocket(websocket))
+    call_ref: list[CallSession | None] = [None]
+    on_bad = bad_frame_counter(DIALECT, call_ref)
+    status = "disconnected"
+    try:
+        async for message in frames(websocket, DIALECT, on_bad):
+            event = message.get("event")
+            call = call_ref[0]
+            if event == "media":
+                media = message.get("media") or {}
+                if call is None:
+                    on_bad("media_before_start")
+                elif media.get("track", "inbound") == "inbound":
+                    audio = decode_payload(media.get("payload"), on_bad)
+                    if audio:
+                        call.on_audio(audio)
+            elif event == "start":
+                if call is not None:
+                    on_bad("duplicate_start")
+                    continue
+                start = message.get("start") if isinstance(message.get("start"), dict) else {}
+                transport.stream_sid = str(message.get("streamSid") or start.get("streamSid") or "")
+                parameters = start.get("customParameters") if isinstance(start.get("customParameters"), dict) else {}
+                agent_id = str(parameters.get("agent_id") or parameters.get("agentId") or "default")
+                variables = {k: v for k, v in parameters.items() if k not in ("agent_id", "agentId")}
+                call_ref[0] = await open_call(
+                    context, DIALECT, agent_id, variables, MEDIA, transport, session_id=safe_id(transport.stream_sid)
+                )
+                if call_ref[0] is None:
+                    logger.warning("twilio stream %s: unknown agent %r; closing", transport.stream_sid, agent_id)
+                    await websocket.close(code=1008, reason=f"unknown agent {agent_id!r}")
+                    return
+            elif event == "mark":
+                if call is not None and isinstance(message.get("mark"), dict):
+                    call.on_mark(str(message["mark"].get("name", "")))
+            elif event == "dtmf":
+                if call is not None and isinstance(message.get("dtmf"), dict):
+                    call.on_dtmf(str(message["dtmf"].get("digit", "")))
+            elif event == "stop":
+                status = "completed"
+                break
+            elif event != "connected":
+                on_bad("unknown_event")
+    finally:
+        if call_ref[0] is not None:
+            await call_ref[0].close(status)
