@@ -16,7 +16,7 @@ import asyncio
 import os
 import sys
 
-from voicectl import calls
+from voicectl import call_command, calls
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
     voices = sub.add_parser("voices", help="list the TTS voices")
     grpc_option(voices, 50053)
+
+    call_command.add_parser(sub)
     return parser
 
 
@@ -85,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
         from voicectl.stack import run_nats
 
         sys.exit(run_nats(args.state_dir))
+    if args.command == "call":
+        try:
+            sys.exit(asyncio.run(call_command.run_call(args)))
+        except KeyboardInterrupt:
+            sys.exit(130)
     try:
         sys.exit(asyncio.run(calls.run(args)))
     except KeyboardInterrupt:

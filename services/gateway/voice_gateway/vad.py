@@ -30,6 +30,7 @@ VAD_SAMPLE_RATES = (8000, 16000, 32000, 48000)
 FRAME_MS = 20
 _ONSET_GAP_MS = 200  # a non-voiced gap this long abandons a not-yet-confirmed onset
 _NOISE_FLOOR_RISE_DB_PER_S = 3.0
+_NOISE_FLOOR_RISE_FRACTION = 0.01  # per frame, of the distance to a louder frame (2 s time constant)
 _SILENT_DB = -100.0
 
 
@@ -52,7 +53,9 @@ class EndpointingConfig:
         energy_threshold_dbfs: Frames whose RMS level is below this are non-speech whatever the
             VAD says; None disables the fixed gate.
         noise_margin_db: Frames must also be this far above the tracked noise floor (the running
-            minimum of frame levels, rising by at most 3 dB/s); None disables the adaptive gate.
+            minimum of frame levels; it rises towards louder frames by 3 dB/s or 1% of the distance
+            per frame, whichever is more; all-zero frames are ignored once audio was seen); None
+            disables the adaptive gate.
     """
 
     silence_ms: int = 600
@@ -302,14 +305,22 @@ class Endpointer:
         buf = self._energy_buf
         np.copyto(buf, slot, casting="unsafe")
         power = float(np.dot(buf, buf)) * self._power_scale
-        level_db = 10.0 * math.log10(power) if power > 1e-10 else _SILENT_DB
+        if power <= 1e-10:
+            # Digital silence says nothing about the line's noise once it is known (lost packets), but
+            # before any audio it means a quiet line.
+            if self._noise_floor_db is None:
+                self._noise_floor_db = _SILENT_DB
+            return False
+        level_db = 10.0 * math.log10(power)
         threshold = self._gate_db
-        floor = self._noise_floor_db
         if self._margin_db is not None:
-            if floor is None:
-                floor = level_db
+            floor = level_db if self._noise_floor_db is None else self._noise_floor_db
             threshold = max(threshold, floor + self._margin_db)
-            self._noise_floor_db = level_db if level_db < floor else min(level_db, floor + self._floor_rise_db)
+            if level_db < floor:
+                self._noise_floor_db = level_db
+            else:
+                rise = max(self._floor_rise_db, (level_db - floor) * _NOISE_FLOOR_RISE_FRACTION)
+                self._noise_floor_db = min(level_db, floor + rise)
         return level_db >= threshold
 
     def _confirm(self, k: int, events: list[SpeechStarted | SpeechEnded]) -> None:

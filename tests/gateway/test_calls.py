@@ -1,0 +1,250 @@
+"""Real-time calls through the Twilio, Exotel and raw PCM dialects, with simulated carriers that
+stream Piper speech in real time and play the agent's audio back as a phone would."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from tests.services.conftest import presence
+from tests.support.speech import speak, word_error_rate
+from voice_bus.catalog import SERVICES
+from voice_bus.connection import connect
+from voicectl.callers import CallResult, call
+
+SENTENCE = "I would like to book a table for two people."
+LONG_GREETING = (
+    "Good evening and welcome to the Riverside restaurant reservation line. "
+    "Tonight we are serving a special menu of seasonal dishes from the coast. "
+    "Our kitchen is open until eleven and the terrace is heated. "
+    "Please tell me how many guests you expect and at what time you would like to arrive."
+)
+
+
+def session_id_of(result: CallResult, dialect: str) -> str:
+    for _, what, details in result.timeline.events:
+        if what == "sent start":
+            return details.get("streamSid") or details.get("stream_sid")
+        if what == "connected" and dialect == "pcm":
+            return details["url"].rstrip("/").rsplit("/", 1)[1]
+    raise AssertionError("no session id in the timeline")
+
+
+async def call_log(gateway_url: str, session_id: str) -> dict:
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        for _ in range(50):
+            response = await http.get(f"/api/calls/{session_id}")
+            if response.status_code == 200 and response.json()["status"] != "active":
+                return response.json()
+            await asyncio.sleep(0.1)
+    return response.json()
+
+
+def voiced_onset_s(samples: np.ndarray, rate: int) -> float:
+    frame = rate // 100
+    for index in range(0, len(samples) - frame, frame):
+        if np.sqrt(np.mean(samples[index : index + frame].astype(np.float64) ** 2)) > 500:
+            return index / rate
+    return 0.0
+
+
+async def bus_is_idle(nats_url: str, timeout_s: float = 5.0) -> bool:
+    nc = await connect(nats_url, name="bus-inspector")
+    js = nc.jetstream()
+    try:
+        for _ in range(int(timeout_s / 0.1)):
+            busy = [a for service in SERVICES for a in await presence(nc, service, 0.05) if a["in_flight"]]
+            queued = [(await js.stream_info(spec.stream)).state.messages for spec in SERVICES.values()]
+            if not busy and not any(queued):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("dialect", ["twilio", "exotel", "pcm"])
+async def test_a_whole_call(gateway_url, dialect):
+    samples, rate = speak(SENTENCE)
+    result = await call(dialect, gateway_url, samples, rate, speech_at_s=4.0, listen_s=10.0)
+    assert result.problems == []
+    assert result.first_agent_audio_s is not None and result.first_agent_audio_s < 4.0
+    assert result.voice_to_voice_s is not None, result.timeline.table()
+    assert len(result.agent_audio) > result.sample_rate * 2
+
+    log = await call_log(gateway_url, session_id_of(result, dialect))
+    assert log["dialect"] == dialect
+    turns = [t for t in log["turns"] if t["kind"] == "audio"]
+    assert turns, log
+    assert word_error_rate(SENTENCE, turns[0]["user"]) <= 0.2, turns[0]["user"]
+    assert turns[0]["assistant"]
+    assert {"endpointing_s", "stt_s", "first_audio_s"} <= set(turns[0]["timings"])
+
+    received = result.raw_received
+    if dialect == "twilio":
+        media = [m for m in received if m.get("event") == "media"]
+        assert media and all(m["streamSid"] for m in received if "event" in m)
+        assert result.sample_rate == 8000 and result.marks_echoed
+    elif dialect == "exotel":
+        sizes = [len(base64.b64decode(m["media"]["payload"])) for m in received if m.get("event") == "media"]
+        assert sizes and all(size % 320 == 0 and size >= 3200 for size in sizes)
+        assert all(m.get("stream_sid") for m in received if "event" in m)
+        assert result.marks_echoed
+    else:
+        sizes = [m["binary"] for m in received if "binary" in m]
+        assert sizes and all(size % 2 == 0 for size in sizes)
+        assert result.sample_rate == 16000
+
+
+async def _put_agent(gateway_url: str, agent_id: str, **fields) -> None:
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        response = await http.put(f"/api/agents/{agent_id}", json={"name": agent_id, **fields})
+        assert response.status_code == 200, response.text
+
+
+async def test_barge_in_clears_within_500_ms_and_keeps_only_what_was_heard(gateway_url, nats_url):
+    await _put_agent(gateway_url, "talker", greeting=LONG_GREETING, system_prompt="Answer in one short sentence.")
+    samples, rate = speak("Wait, stop please, I have a question.")
+    speech_at = 4.0
+    result = await call("twilio", gateway_url, samples, rate, agent_id="talker", speech_at_s=speech_at, listen_s=4.0)
+    onset = speech_at + voiced_onset_s(samples, rate)
+    first_audio = result.first_agent_audio_s
+    assert first_audio is not None and first_audio <= onset - 1.0, result.timeline.table()
+    clears = result.timeline.times("clear received")
+    assert clears, result.timeline.table()
+    assert 0 <= clears[0] - onset <= 0.5, (clears[0] - onset, result.timeline.table())
+
+    log = await call_log(gateway_url, session_id_of(result, "twilio"))
+    greeting = log["turns"][0]
+    assert greeting["kind"] == "greeting" and greeting["interrupted"] is True
+    heard = greeting["assistant"]
+    assert heard and len(heard) < len(LONG_GREETING) and LONG_GREETING.startswith(heard.split()[0])
+    assert await bus_is_idle(nats_url)
+
+
+async def test_a_short_cough_does_not_interrupt(gateway_url):
+    await _put_agent(gateway_url, "talker2", greeting=LONG_GREETING)
+    rng = np.random.default_rng(7)
+    rate = 16000
+    cough = (rng.standard_normal(int(0.15 * rate)) * 6000).astype(np.int16)
+    result = await call("twilio", gateway_url, cough, rate, agent_id="talker2", speech_at_s=4.0, listen_s=3.0)
+    assert result.timeline.times("clear received") == []
+    log = await call_log(gateway_url, session_id_of(result, "twilio"))
+    assert log["turns"][0]["interrupted"] is False
+
+
+async def test_hanging_up_mid_turn_leaves_no_work_on_the_bus(gateway_url, nats_url):
+    samples, rate = speak(SENTENCE)
+    speech_at = 4.0
+    hang_up = speech_at + len(samples) / rate + 1.0
+    await call("twilio", gateway_url, samples, rate, speech_at_s=speech_at, hang_up_after_s=hang_up, listen_s=0.5)
+    assert await bus_is_idle(nats_url, timeout_s=5.0)
+
+
+async def test_bad_frames_are_counted_and_the_call_survives(gateway_url):
+    url = gateway_url.replace("http://", "ws://")
+    async with websockets.connect(url + "/twilio/media") as ws:
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send(json.dumps({"event": "media", "streamSid": "MZbad", "media": {"payload": "AAAA"}}))
+        start = {"streamSid": "MZbad", "callSid": "CAbad", "customParameters": {"agent_id": "default"}}
+        await ws.send(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZbad", "start": start}))
+        for garbage in (
+            "not json",
+            "[1, 2]",
+            json.dumps({"event": "dance"}),
+            json.dumps({"event": "media", "streamSid": "MZbad", "media": {"payload": "%%%"}}),
+            json.dumps({"event": "media", "streamSid": "MZbad", "media": {}}),
+            json.dumps({"event": "media", "streamSid": "MZbad", "media": {"payload": "A" * 200_000}}),
+            json.dumps({"event": "start", "streamSid": "MZbad", "start": start}),
+            "x" * 300_000,
+            b"\x00\x01\x02",
+        ):
+            await ws.send(garbage)
+        audio = []
+        for _ in range(200):
+            message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if message["event"] == "media":
+                audio.append(message)
+                break
+        assert audio, "the greeting never came after the bad frames"
+        await ws.send(json.dumps({"event": "stop", "streamSid": "MZbad", "stop": {}}))
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        metrics = (await http.get("/metrics/")).text
+    for kind in (
+        "invalid_json",
+        "not_an_object",
+        "unknown_event",
+        "invalid_base64",
+        "missing_payload",
+        "oversized_payload",
+        "duplicate_start",
+        "oversized_frame",
+        "binary_frame",
+        "media_before_start",
+    ):
+        assert f'kind="{kind}"' in metrics, kind
+
+
+async def test_pcm_unknown_session_is_closed_with_4404(gateway_url):
+    url = gateway_url.replace("http://", "ws://")
+    for path in ("/ws/pcm/no-such-session", "/api/pipecat/websocket/no-such-session"):
+        async with websockets.connect(url + path) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd.code == 4404 and "unknown or expired" in closed.value.rcvd.reason
+
+
+async def test_trigger_fills_template_variables_and_refuses_unknown_agents(gateway_url):
+    await _put_agent(gateway_url, "dispatch", greeting="Hello {{driver_name}}, this is about load {{load_number}}.")
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        missing = await http.post("/api/calls/trigger", json={"agent_id": "nobody"})
+        assert missing.status_code == 404 and "nobody" in missing.text
+        assert (await http.post("/api/calls/trigger", json={"driver_name": "x"})).status_code == 422
+        body = {"agent_id": "dispatch", "driver_name": "John Doe", "load_number": "LOAD-123", "origin": "Dallas, TX"}
+        response = (await http.post("/api/calls/trigger", json=body)).json()
+    assert response["status"] == "initialized"
+    assert response["websocket_url"] == f"/api/pipecat/websocket/{response['session_id']}"
+    url = gateway_url.replace("http://", "ws://") + response["websocket_url"]
+    async with websockets.connect(url) as ws:
+        await asyncio.wait_for(ws.recv(), 30)
+    log = await call_log(gateway_url, response["session_id"])
+    assert log["turns"][0]["assistant"] == "Hello John Doe, this is about load LOAD-123."
+    async with websockets.connect(url) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd.code == 4404
+
+
+async def test_seed_003_agent_config_loads(gateway_url):
+    seed_agent = {
+        "name": "WebSocket Voice Agent",
+        "voice_system": "pipecat",
+        "pipeline_config": {
+            "stt_config": {"service": "deepgram", "model": "nova-2"},
+            "tts_config": {"service": "cartesia", "model": "sonic-english", "voice_id": "79a125e8"},
+            "llm_config": {"service": "openai", "model": "gpt-4o"},
+            "transport": "websocket",
+            "enable_interruptions": False,
+            "vad_enabled": True,
+        },
+    }
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        stored = await http.put("/api/agents/seed003", json=seed_agent)
+    assert stored.status_code == 200, stored.text
+    pipeline = stored.json()["pipeline"]
+    assert pipeline["transport"] == "websocket" and pipeline["enable_interruptions"] is False
+
+
+async def test_twilio_webhook_answers_twiml(gateway_url):
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        response = await http.post("/twilio/voice?agent_id=talker", data={"CallSid": "CA1", "From": "+15550001"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/xml")
+    assert "<Connect><Stream url=" in response.text and "/twilio/media" in response.text
+    assert '<Parameter name="agent_id" value="talker"/>' in response.text
+    assert '<Parameter name="From" value="+15550001"/>' in response.text
