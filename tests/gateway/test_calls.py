@@ -16,7 +16,9 @@ from tests.services.conftest import presence
 from tests.support.speech import speak, word_error_rate
 from voice_bus.catalog import SERVICES
 from voice_bus.connection import connect
+from voice_gateway.dialects.twilio import expected_signature
 from voicectl.callers import CallResult, call
+from voicectl.local import GatewayProcess
 
 SENTENCE = "I would like to book a table for two people."
 LONG_GREETING = (
@@ -248,3 +250,24 @@ async def test_twilio_webhook_answers_twiml(gateway_url):
     assert "<Connect><Stream url=" in response.text and "/twilio/media" in response.text
     assert '<Parameter name="agent_id" value="talker"/>' in response.text
     assert '<Parameter name="From" value="+15550001"/>' in response.text
+
+
+@pytest.fixture(scope="module")
+def signed_gateway(nats_url, gateway):
+    """A second gateway on the same bus that requires Twilio's request signature."""
+    process = GatewayProcess(nats_url, {"TWILIO_AUTH_TOKEN": "secret-token", "OTEL_TRACES_EXPORTER": "none"}).start()
+    yield process
+    process.stop()
+
+
+async def test_twilio_signature_is_checked_when_a_token_is_set(signed_gateway):
+    url = f"{signed_gateway.url}/twilio/voice?agent_id=default"
+    form = {"CallSid": "CA9", "From": "+15550002", "To": "+15550003"}
+    good = expected_signature("secret-token", url, form)
+    async with httpx.AsyncClient() as http:
+        accepted = await http.post(url, data=form, headers={"X-Twilio-Signature": good})
+        forged = await http.post(url, data=form, headers={"X-Twilio-Signature": good[:-4] + "AAAA"})
+        unsigned = await http.post(url, data=form)
+        tampered = await http.post(url, data={**form, "From": "+15559999"}, headers={"X-Twilio-Signature": good})
+    assert accepted.status_code == 200 and "<Stream" in accepted.text
+    assert [forged.status_code, unsigned.status_code, tampered.status_code] == [403, 403, 403]
