@@ -38,7 +38,9 @@ async def test_streams_deltas_and_respects_max_tokens(bus, llm_worker):
 
 
 async def test_forced_tool_call_is_assembled(bus, llm_worker):
-    request = chat("What is the weather in Paris?", tools=[WEATHER_TOOL], tool_choice="get_weather", max_tokens=64)
+    request = chat(
+        "What is the weather in Paris?", tools=[WEATHER_TOOL], tool_choice="get_weather", max_tokens=64, temperature=0.0
+    )
     completion = (await bus.collect("llm", request, timeout=120))[-1].completion
     assert [call.name for call in completion.tool_calls] == ["get_weather"]
     arguments = json.loads(completion.tool_calls[0].arguments)
