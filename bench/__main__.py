@@ -8,7 +8,11 @@ figure is an unloaded, single-request latency), then reports:
 - TTS time to the first audio chunk and real-time factor;
 - bus overhead: p50/p99 of a trivial request through JetStream and its streamed reply, on loopback;
 - the gateway (seed 001 at /ws): time from the ``audio`` message to the first ``audio_response``
-  over 20 spoken turns, with the breakdown by stage.
+  over 20 spoken turns, with the breakdown by stage;
+- real-time calls: voice-to-voice latency per dialect (Twilio, Exotel, raw PCM) with its breakdown,
+  barge-in latency, and how many concurrent Twilio calls one gateway process holds.
+
+``--only`` picks sections: bus, workers, gateway, calls, density.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import websockets
 
+from bench import calls as call_bench
 from voice.v1 import audio_pb2, llm_pb2, stt_pb2, tts_pb2
 from voice_audio import wav_bytes
 from voice_bus.client import BusClient
@@ -168,17 +173,17 @@ GATEWAY_QUESTIONS = [
 ]
 
 
+async def spoken(bus: BusClient, text: str) -> np.ndarray:
+    """``text`` spoken by the TTS worker, as PCM16 at 16 kHz."""
+    events = await bus.collect(
+        "tts", tts_pb2.SynthesizeRequest(text=text, output_format=audio_pb2.AudioFormat(sample_rate=16000)), timeout=60
+    )
+    return np.frombuffer(b"".join(e.chunk.audio for e in events if e.HasField("chunk")), dtype="<i2")
+
+
 async def bench_gateway(bus: BusClient, url: str, turns: int) -> dict:
     """Spoken turns through the browser dialect: the user's complete audio → the first agent audio."""
-    clips = []
-    for question in GATEWAY_QUESTIONS:
-        events = await bus.collect(
-            "tts",
-            tts_pb2.SynthesizeRequest(text=question, output_format=audio_pb2.AudioFormat(sample_rate=16000)),
-            timeout=60,
-        )
-        pcm = np.frombuffer(b"".join(e.chunk.audio for e in events if e.HasField("chunk")), dtype="<i2")
-        clips.append(base64.b64encode(wav_bytes(pcm, 16000)).decode())
+    clips = [base64.b64encode(wav_bytes(await spoken(bus, q), 16000)).decode() for q in GATEWAY_QUESTIONS]
     first_audio, stt, first_token, llm_to_audio = [], [], [], []
     async with websockets.connect(url.replace("http://", "ws://") + "/ws", max_size=None) as ws:
 
@@ -224,42 +229,67 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
+SECTIONS = ("bus", "workers", "gateway", "calls", "density")
+DIALECTS = ("twilio", "exotel", "pcm")
+
+
+def _row(name: str, figure: dict) -> str:
+    return f"{name:<60} {figure['median']:>9.3f} {figure['p95']:>9.3f} {figure['n']:>4}"
+
+
 def table(results: dict) -> str:
-    rows = [
-        ("STT real-time factor (5 s utterance, tiny.en int8)", results["stt"]["real_time_factor"], ""),
-        ("STT request latency via bus (s)", results["stt"]["latency_s"], ""),
-        ("LLM time to first token (s)", results["llm"]["time_to_first_token_s"], ""),
-        ("LLM tokens/s", results["llm"]["tokens_per_s"], ""),
-        ("TTS time to first chunk (s)", results["tts"]["time_to_first_chunk_s"], ""),
-        ("TTS real-time factor", results["tts"]["real_time_factor"], ""),
-    ]
-    lines = [f"{'figure':<52} {'median':>9} {'p95':>9} {'n':>4}", "-" * 77]
-    for name, figure, _ in rows:
-        lines.append(f"{name:<52} {figure['median']:>9.3f} {figure['p95']:>9.3f} {figure['n']:>4}")
+    """The figures as a text table (median, p95, count)."""
+    lines = [f"{'figure':<60} {'median':>9} {'p95':>9} {'n':>4}", "-" * 85]
+    if "stt" in results:
+        lines += [
+            _row("STT real-time factor (5 s utterance, tiny.en int8)", results["stt"]["real_time_factor"]),
+            _row("STT request latency via bus (s)", results["stt"]["latency_s"]),
+            _row("LLM time to first token (s)", results["llm"]["time_to_first_token_s"]),
+            _row("LLM tokens/s", results["llm"]["tokens_per_s"]),
+            _row("TTS time to first chunk (s)", results["tts"]["time_to_first_chunk_s"]),
+            _row("TTS real-time factor", results["tts"]["real_time_factor"]),
+        ]
     if "gateway" in results:
         lines.append(
-            f"{'gateway: audio message → first audio_response (s)':<52} "
-            f"{results['gateway']['audio_to_first_audio_response_s']['median']:>9.3f} "
-            f"{results['gateway']['audio_to_first_audio_response_s']['p95']:>9.3f} "
-            f"{results['gateway']['audio_to_first_audio_response_s']['n']:>4}"
+            _row(
+                "gateway: audio message → first audio_response (s)",
+                results["gateway"]["audio_to_first_audio_response_s"],
+            )
         )
-        for stage, figure in results["gateway"]["breakdown_s"].items():
-            lines.append(f"{'  ' + stage:<52} {figure['median']:>9.3f} {figure['p95']:>9.3f} {figure['n']:>4}")
-    bus = results["bus"]["round_trip_ms"]
-    lines.append(
-        f"{'bus round trip, trivial request (ms) p50 / p99':<52} {bus['p50']:>9.3f} {bus['p99']:>9.3f} {bus['n']:>4}"
-    )
-    lines.append(f"{'bus throughput, 4 slots (requests/s)':<52} {results['bus']['throughput_rps_4_slots']:>9.0f}")
+        lines += [_row("  " + stage, figure) for stage, figure in results["gateway"]["breakdown_s"].items()]
+    for dialect, figures in results.get("calls", {}).get("voice_to_voice", {}).items():
+        lines.append(_row(f"{dialect}: voice-to-voice (s)", figures["voice_to_voice_s"]))
+        lines += [_row("  " + stage, figure) for stage, figure in figures["breakdown_s"].items()]
+    if "barge_in" in results.get("calls", {}):
+        lines.append(
+            _row("barge-in: speech onset → clear (s)", results["calls"]["barge_in"]["speech_onset_to_clear_s"])
+        )
+    if "density" in results:
+        for step in results["density"]["steps"]:
+            label = f"density: {step['calls']} Twilio calls, p99 loop lag / frame handling (ms)"
+            lines.append(
+                f"{label:<60} {step['p99_event_loop_lag_s'] * 1000:>9.1f} {step['p99_frame_handling_s'] * 1000:>9.2f}"
+            )
+        held = results["density"]["max_calls_with_p99_frame_handling_under_20ms"]
+        lines.append(f"{'density: calls held with p99 frame handling < 20 ms':<60} {held:>9}")
+    if "bus" in results:
+        bus = results["bus"]["round_trip_ms"]
+        label = "bus round trip, trivial request (ms) p50 / p99"
+        lines.append(f"{label:<60} {bus['p50']:>9.3f} {bus['p99']:>9.3f} {bus['n']:>4}")
+        lines.append(f"{'bus throughput, 4 slots (requests/s)':<60} {results['bus']['throughput_rps_4_slots']:>9.0f}")
     return "\n".join(lines)
 
 
-async def run(args: argparse.Namespace) -> dict:
+async def run(args: argparse.Namespace, sections: set[str]) -> dict:
     results: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
-    results["bus"] = await bench_bus(args.bus_runs)
+    if "bus" in sections:
+        results["bus"] = await bench_bus(args.bus_runs)
+    if not sections & {"workers", "gateway", "calls", "density"}:
+        return results
     with NatsServer() as nats:
         port = free_port()
         llama = subprocess.Popen(
-            llama_server_command(smollm2_model_path(), "127.0.0.1", port, n_threads=os.cpu_count() or 2),
+            llama_server_command(smollm2_model_path(), "127.0.0.1", port, n_threads=max(1, (os.cpu_count() or 2) // 2)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
@@ -270,22 +300,36 @@ async def run(args: argparse.Namespace) -> dict:
             WorkerProcess("tts", nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet),
             WorkerProcess("llm", nats.url, {"OTEL_TRACES_EXPORTER": "none", "LLM_BASE_URL": base_url}, sink=quiet),
         ]
+        gateway = GatewayProcess(nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet)
         try:
             wait_until_ready(base_url, 120, process=llama)
             for worker in workers:
                 worker.start()
+            gateway.start()
             nc = await connect(nats.url, name="bench")
             bus = BusClient(nc)
-            results["stt"] = await bench_stt(bus, args.runs)
-            results["llm"] = await bench_llm(bus, args.runs)
-            results["tts"] = await bench_tts(bus, args.runs)
-            gateway = GatewayProcess(nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet).start()
-            try:
+            if "workers" in sections:
+                results["stt"] = await bench_stt(bus, args.runs)
+                results["llm"] = await bench_llm(bus, args.runs)
+                results["tts"] = await bench_tts(bus, args.runs)
+            if "gateway" in sections:
                 results["gateway"] = await bench_gateway(bus, gateway.url, args.gateway_turns)
-            finally:
-                gateway.stop()
+            utterances = [(await spoken(bus, question), 16000) for question in GATEWAY_QUESTIONS]
+            if "calls" in sections:
+                results["calls"] = {
+                    "voice_to_voice": {
+                        dialect: await call_bench.voice_to_voice(gateway.url, dialect, utterances, args.call_turns)
+                        for dialect in DIALECTS
+                    },
+                    "barge_in": await call_bench.barge_in(
+                        gateway.url, (await spoken(bus, "Wait, stop, I have a question."), 16000), args.barge_ins
+                    ),
+                }
+            if "density" in sections:
+                results["density"] = await call_bench.density(gateway.url, utterances[0], args.density_steps)
             await nc.close()
         finally:
+            gateway.stop()
             for worker in workers:
                 worker.stop()
             llama.terminate()
@@ -300,10 +344,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="measured runs per model figure")
     parser.add_argument("--bus-runs", type=int, default=2000, help="measured trivial bus requests")
     parser.add_argument("--gateway-turns", type=int, default=20, help="measured spoken turns through the gateway")
+    parser.add_argument("--call-turns", type=int, default=20, help="spoken turns per dialect in the call figures")
+    parser.add_argument("--barge-ins", type=int, default=10, help="measured barge-ins")
+    parser.add_argument(
+        "--density-steps",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[50, 100, 200, 300, 400, 500],
+        help="concurrent call counts to try, comma-separated",
+    )
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     args = parser.parse_args()
-    results = asyncio.run(run(args))
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    sections = {section.strip() for section in args.only.split(",") if section.strip()}
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    results = asyncio.run(run(args, sections))
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    merged = {**previous, **results}
+    RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
+    print(table(merged))
     print(f"\nwritten to {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
     sys.stdout.flush()
 

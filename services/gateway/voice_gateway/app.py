@@ -3,8 +3,10 @@ health and metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 from fastapi import Body, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import make_asgi_app
+from prometheus_client import Histogram, make_asgi_app
 from pydantic import ValidationError
 
 from voice_bus.client import BusClient
@@ -29,6 +31,21 @@ from voice_telemetry.tracing import setup_tracing, shutdown_tracing
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
+LAG_PROBE_S = 0.05
+
+EVENT_LOOP_LAG = Histogram(
+    "voice_gateway_event_loop_lag_seconds",
+    "How late the event loop ran a timer: what every frame waits before it is handled",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+
+
+async def monitor_event_loop_lag() -> None:
+    """Samples the event loop's scheduling delay every 50 ms (the signal of an overloaded gateway)."""
+    while True:
+        started = time.perf_counter()
+        await asyncio.sleep(LAG_PROBE_S)
+        EVENT_LOOP_LAG.observe(max(0.0, time.perf_counter() - started - LAG_PROBE_S))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -56,10 +73,12 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.nc = nc
         app.state.registry = await CallRegistry.open(js)
+        lag_monitor = asyncio.create_task(monitor_event_loop_lag())
         logger.info("gateway ready on :%d (NATS %s)", settings.port, settings.nats_url)
         try:
             yield
         finally:
+            lag_monitor.cancel()
             with contextlib.suppress(Exception):
                 await nc.drain()
             shutdown_tracing()

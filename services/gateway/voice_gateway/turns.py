@@ -194,10 +194,12 @@ class TurnEngine:
                         await emit(LlmDelta(chunk=event.delta.text, full_text=full_text))
                         if speaker:
                             for sentence in sentences.feed(event.delta.text):
+                                result.timings.setdefault("llm_first_sentence_s", time.perf_counter() - llm_started)
                                 speaker.say(sentence)
             result.timings["llm_s"] = time.perf_counter() - llm_started
             if speaker:
                 for sentence in sentences.flush():
+                    result.timings.setdefault("llm_first_sentence_s", time.perf_counter() - llm_started)
                     speaker.say(sentence)
             result.assistant_text = full_text.strip()
             await emit(LlmCompleted(text=result.assistant_text))
@@ -231,13 +233,13 @@ class _Speaker:
 
     def say(self, sentence: str) -> None:
         index = len(self._pending)
-        task = asyncio.create_task(self._synthesize(sentence))
+        task = asyncio.create_task(self._synthesize(sentence, index))
         self._pending.append(task)
         self._queue.put_nowait((index, sentence, task))
         if self._player is None:
             self._player = asyncio.create_task(self._play())
 
-    async def _synthesize(self, sentence: str) -> tuple[bytes, int]:
+    async def _synthesize(self, sentence: str, index: int) -> tuple[bytes, int]:
         agent = self._conversation.agent
         request = tts_pb2.SynthesizeRequest(
             text=sentence,
@@ -250,10 +252,13 @@ class _Speaker:
         )
         pieces: list[bytes] = []
         rate = self._output.sample_rate
+        requested = time.perf_counter()
         async for event in self._engine._bus.stream(
             "tts", request, timeout=self._engine._tts_timeout_s, session_id=self._conversation.session_id
         ):
             if event.HasField("chunk"):
+                if index == 0 and not pieces:
+                    self.timings["tts_first_chunk_s"] = time.perf_counter() - requested
                 pieces.append(event.chunk.audio)
                 rate = event.chunk.format.sample_rate
         return b"".join(pieces), rate

@@ -1,0 +1,237 @@
+"""Real-time call figures: voice-to-voice latency per dialect with its breakdown, barge-in latency,
+and how many concurrent Twilio calls one gateway process holds."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import statistics
+import time
+import urllib.request
+
+import numpy as np
+import websockets
+
+from voice_audio import resample, ulaw_encode
+from voicectl.callers import call
+
+BENCH_AGENT = {
+    "name": "Bench",
+    "system_prompt": "You are a phone assistant. Answer in one short sentence.",
+    "greeting": "Hello, how can I help?",
+    "llm": {"temperature": 0.0, "max_tokens": 40},
+}
+LONG_GREETING = (
+    "Good evening and welcome to the Riverside restaurant reservation line. "
+    "Tonight we are serving a special menu of seasonal dishes from the coast. "
+    "Our kitchen is open until eleven and the terrace is heated."
+)
+TURN_SPACING_S = 12.0
+
+
+def _put_agent(base_url: str, agent_id: str, agent: dict) -> None:
+    request = urllib.request.Request(
+        f"{base_url}/api/agents/{agent_id}",
+        data=json.dumps(agent).encode(),
+        method="PUT",
+        headers={"content-type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=10).read()
+
+
+def _call_log(base_url: str, call_id: str) -> dict:
+    with urllib.request.urlopen(f"{base_url}/api/calls/{call_id}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0, "median": float("nan"), "p95": float("nan")}
+    return {"n": len(values), "median": statistics.median(values), "p95": float(np.percentile(values, 95))}
+
+
+def _call_id(result, dialect: str) -> str:
+    for _, what, details in result.timeline.events:
+        if what == "sent start":
+            return details.get("streamSid") or details.get("stream_sid")
+        if what == "connected" and dialect == "pcm":
+            return details["url"].rstrip("/").rsplit("/", 1)[1]
+    raise RuntimeError("no call id")
+
+
+async def voice_to_voice(base_url: str, dialect: str, utterances: list[tuple[np.ndarray, int]], turns: int) -> dict:
+    """``turns`` spoken turns in one call; voice-to-voice measured at the simulated carrier."""
+    await asyncio.to_thread(_put_agent, base_url, "bench", BENCH_AGENT)
+    first, rate = utterances[0]
+    extra = [(4.0 + TURN_SPACING_S * i, resample(*utterances[i % len(utterances)], rate)) for i in range(1, turns)]
+    result = await call(
+        dialect,
+        base_url,
+        first,
+        rate,
+        agent_id="bench",
+        speech_at_s=4.0,
+        extra_speech=extra,
+        listen_s=8.0,
+        sample_rate=16000 if dialect == "exotel" else 8000,
+    )
+    ends = [
+        details["last_voiced_ms"] / 1000 for _, what, details in result.timeline.events if what == "caller speech end"
+    ]
+    starts = result.timeline.times("agent audio start")
+    latencies = []
+    for end in ends:
+        after = [t for t in starts if t >= end]
+        latencies.append(after[0] - end if after else float("nan"))
+    log = await asyncio.to_thread(_call_log, base_url, _call_id(result, dialect))
+    turns_log = [t for t in log["turns"] if t["kind"] == "audio" and not t["error"]]
+    stages = {name: [] for name in ("endpointing_s", "stt_s", "llm_first_sentence_s", "tts_first_chunk_s")}
+    other = []
+    for latency, turn in zip(latencies, turns_log, strict=False):
+        timings = turn["timings"]
+        if np.isnan(latency) or not all(name in timings for name in stages):
+            continue
+        for name in stages:
+            stages[name].append(timings[name])
+        other.append(latency - sum(timings[name] for name in stages))
+    valid = [v for v in latencies if not np.isnan(v)]
+    return {
+        "voice_to_voice_s": _summary(valid),
+        "breakdown_s": {
+            **{name: _summary(values) for name, values in stages.items()},
+            "other (gateway, bus, network)": _summary(other),
+        },
+        "turns_answered": len(valid),
+        "turns": turns,
+    }
+
+
+async def barge_in(base_url: str, interruption: tuple[np.ndarray, int], runs: int) -> dict:
+    """Caller speech while the agent reads a long greeting: speech onset → ``clear`` received."""
+    await asyncio.to_thread(_put_agent, base_url, "bench-long", {**BENCH_AGENT, "greeting": LONG_GREETING})
+    samples, rate = interruption
+    frame = rate // 100
+    onset = next(
+        (i / rate for i in range(0, len(samples) - frame, frame) if np.abs(samples[i : i + frame]).mean() > 300), 0.0
+    )
+    latencies = []
+    for _ in range(runs):
+        result = await call("twilio", base_url, samples, rate, agent_id="bench-long", speech_at_s=4.0, listen_s=1.0)
+        clears = result.timeline.times("clear received")
+        if clears:
+            latencies.append(clears[0] - (4.0 + onset))
+    return {"speech_onset_to_clear_s": _summary(latencies), "runs": runs}
+
+
+def _scrape(base_url: str) -> str:
+    with urllib.request.urlopen(f"{base_url}/metrics/", timeout=10) as response:
+        return response.read().decode()
+
+
+def _histogram(metrics: str, name: str) -> dict[float, float]:
+    buckets = {}
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if le == "+Inf" else float(le)] = buckets.get(
+                float("inf") if le == "+Inf" else float(le), 0.0
+            ) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def _p99(before: dict[float, float], after: dict[float, float]) -> float:
+    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
+    total = delta.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan")
+    for le in sorted(delta):
+        if delta[le] >= 0.99 * total:
+            return le
+    return float("inf")
+
+
+async def _load_call(url: str, frames: list[str], stop: asyncio.Event, send_lag: list[float], index: int) -> None:
+    sid = f"MZload{index:05d}"
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        start = {
+            "streamSid": sid,
+            "callSid": f"CAload{index}",
+            "customParameters": {"agent_id": "bench-density"},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        await ws.send(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": sid, "start": start}))
+
+        async def drain() -> None:
+            async for _ in ws:
+                pass
+
+        reader = asyncio.create_task(drain())
+        began = time.perf_counter() + (index % 50) * 0.0004
+        sequence = 0
+        while not stop.is_set():
+            due = began + sequence * 0.02
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                send_lag.append(-delay)
+            payload = frames[sequence % len(frames)]
+            sequence += 1
+            await ws.send(
+                f'{{"event":"media","sequenceNumber":"{sequence + 1}","streamSid":"{sid}","media":{{"track":"inbound",'
+                f'"chunk":"{sequence}","timestamp":"{sequence * 20}","payload":"{payload}"}}}}'
+            )
+        reader.cancel()
+        await ws.send(json.dumps({"event": "stop", "streamSid": sid, "stop": {}}))
+
+
+async def density(base_url: str, speech: tuple[np.ndarray, int], steps: list[int], step_s: float = 10.0) -> dict:
+    """Concurrent Twilio calls streaming real μ-law speech (turn-taking held off by a long endpointing
+    silence, so only the gateway's per-frame work is measured): p99 event-loop lag and frame handling."""
+    _put_agent(
+        base_url,
+        "bench-density",
+        {
+            "name": "Density",
+            "greeting": "",
+            "pipeline": {"endpointing_silence_ms": 5000, "max_utterance_s": 120, "enable_interruptions": False},
+        },
+    )
+    samples, rate = speech
+    mulaw = ulaw_encode(resample(samples, rate, 8000))
+    frames = [base64.b64encode(mulaw[i : i + 160]).decode() for i in range(0, len(mulaw) - 160, 160)]
+    url = base_url.replace("http://", "ws://") + "/twilio/media"
+    results = []
+    for calls in steps:
+        before = await asyncio.to_thread(_scrape, base_url)
+        stop = asyncio.Event()
+        send_lag: list[float] = []
+        tasks = [asyncio.create_task(_load_call(url, frames, stop, send_lag, i)) for i in range(calls)]
+        await asyncio.sleep(step_s)
+        after = await asyncio.to_thread(_scrape, base_url)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        lag = _p99(
+            _histogram(before, "voice_gateway_event_loop_lag_seconds"),
+            _histogram(after, "voice_gateway_event_loop_lag_seconds"),
+        )
+        frame = _p99(
+            _histogram(before, "voice_gateway_inbound_frame_seconds"),
+            _histogram(after, "voice_gateway_inbound_frame_seconds"),
+        )
+        client_late = float(np.percentile(send_lag, 99)) if send_lag else 0.0
+        results.append(
+            {
+                "calls": calls,
+                "p99_event_loop_lag_s": lag,
+                "p99_frame_handling_s": frame,
+                "p99_client_send_lag_s": client_late,
+            }
+        )
+        if lag + frame > 0.02:
+            break
+        await asyncio.sleep(2.0)
+    held = [r["calls"] for r in results if r["p99_event_loop_lag_s"] + r["p99_frame_handling_s"] <= 0.02]
+    return {"steps": results, "max_calls_with_p99_frame_handling_under_20ms": max(held) if held else 0}
