@@ -28,6 +28,8 @@ LONG_GREETING = (
     "Our kitchen is open until eleven and the terrace is heated."
 )
 TURN_SPACING_S = 12.0
+# Calls are connected (handshake, session, call log) before the steady-state window is measured.
+WARM_UP_S = 4.0
 
 
 def _put_agent(base_url: str, agent_id: str, agent: dict) -> None:
@@ -205,10 +207,12 @@ async def density(base_url: str, speech: tuple[np.ndarray, int], steps: list[int
     url = base_url.replace("http://", "ws://") + "/twilio/media"
     results = []
     for calls in steps:
-        before = await asyncio.to_thread(_scrape, base_url)
         stop = asyncio.Event()
         send_lag: list[float] = []
         tasks = [asyncio.create_task(_load_call(url, frames, stop, send_lag, i)) for i in range(calls)]
+        await asyncio.sleep(WARM_UP_S)
+        send_lag.clear()
+        before = await asyncio.to_thread(_scrape, base_url)
         await asyncio.sleep(step_s)
         after = await asyncio.to_thread(_scrape, base_url)
         stop.set()

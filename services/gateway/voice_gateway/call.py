@@ -1,6 +1,8 @@
 """Real-time calls, independent of dialect: continuous caller audio in, the agent's voice out, paced in
 real time, with voice activity detection, endpointing and barge-in.
 
+Caller audio is analysed at the carrier's own rate when the VAD supports it (8 or 16 kHz: no
+resampling per frame); the utterance goes to STT at that rate and the STT worker resamples it once.
 A dialect (Twilio, Exotel, raw PCM) decodes its frames, hands the caller's audio to
 :meth:`CallSession.on_audio`, forwards playback acknowledgements (:meth:`CallSession.on_mark`) and
 DTMF, and implements :class:`CallTransport` to send audio, marks and ``clear`` its own way.
@@ -32,7 +34,7 @@ from voice_audio import Encoding, StreamResampler, alaw_decode, ulaw_decode
 from voice_bus.errors import BusError
 from voice_gateway.session import GatewayContext, Session
 from voice_gateway.turns import Event, OutputFormat, SpeechAudio, TurnFailed, TurnResult
-from voice_gateway.vad import Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
+from voice_gateway.vad import VAD_SAMPLE_RATES, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
 
 logger = logging.getLogger(__name__)
@@ -148,16 +150,21 @@ class CallSession:
         self._media = media
         self._transport = transport
         pipeline = session.agent.pipeline
+        vad_rate = media.sample_rate if media.sample_rate in VAD_SAMPLE_RATES else STT_RATE
         self._endpointer = Endpointer(
             EndpointingConfig(
                 silence_ms=pipeline.endpointing_silence_ms,
                 min_speech_ms=pipeline.min_speech_ms,
                 max_utterance_s=pipeline.max_utterance_s,
-            )
+            ),
+            sample_rate=vad_rate,
         )
         self._interruptions = pipeline.enable_interruptions and pipeline.vad_enabled
         self._decode = _DECODERS[media.encoding]
-        self._resampler = StreamResampler(media.sample_rate, STT_RATE) if media.sample_rate != STT_RATE else None
+        self._vad_rate = vad_rate
+        self._resampler = (
+            StreamResampler(media.sample_rate, self._vad_rate) if media.sample_rate != self._vad_rate else None
+        )
         self._output = OutputFormat(encoding=_PROTO_ENCODINGS[media.encoding], sample_rate=media.sample_rate)
         self._queue: asyncio.Queue[_Spoken | None] = asyncio.Queue()
         self._spoken: list[_Spoken] = []
@@ -261,7 +268,7 @@ class CallSession:
             user_text = text or ""
             try:
                 if audio is not None:
-                    fmt = audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=STT_RATE)
+                    fmt = audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
                     user_text = await self._context.engine.transcribe(session.conversation, audio, fmt)
                     timings["stt_s"] = time.perf_counter() - started
                     if not user_text:

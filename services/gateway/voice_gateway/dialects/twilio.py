@@ -113,10 +113,13 @@ async def serve(websocket: WebSocket, context: GatewayContext) -> None:
                     if audio:
                         call.on_audio(audio)
             elif event == "start":
+                start = message.get("start") if isinstance(message.get("start"), dict) else {}
+                media_format = start.get("mediaFormat") if isinstance(start.get("mediaFormat"), dict) else {}
+                if media_format.get("encoding", "audio/x-mulaw") != "audio/x-mulaw":
+                    on_bad("unsupported_media_format")
                 if call is not None:
                     on_bad("duplicate_start")
                     continue
-                start = message.get("start") if isinstance(message.get("start"), dict) else {}
                 transport.stream_sid = str(message.get("streamSid") or start.get("streamSid") or "")
                 parameters = start.get("customParameters") if isinstance(start.get("customParameters"), dict) else {}
                 agent_id = str(parameters.get("agent_id") or parameters.get("agentId") or "default")
