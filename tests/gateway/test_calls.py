@@ -286,3 +286,47 @@ async def test_twilio_signature_is_checked_when_a_token_is_set(signed_gateway):
         tampered = await http.post(url, data={**form, "From": "+15559999"}, headers={"X-Twilio-Signature": good})
     assert accepted.status_code == 200 and "<Stream" in accepted.text
     assert [forged.status_code, unsigned.status_code, tampered.status_code] == [403, 403, 403]
+
+
+@pytest.mark.parametrize("dialect", ["twilio", "exotel"])
+async def test_dtmf_reaches_the_agent(gateway_url, dialect):
+    silence = np.zeros(1600, dtype=np.int16)
+    result = await call(dialect, gateway_url, silence, 16000, speech_at_s=3.5, dtmf=[(4.0, "7")], listen_s=6.0)
+    assert result.timeline.times("dtmf sent"), result.timeline.table()
+    log = await call_log(gateway_url, session_id_of(result, dialect))
+    dtmf = [t for t in log["turns"] if t["kind"] == "dtmf"]
+    assert dtmf and "pressed 7" in dtmf[0]["user"] and dtmf[0]["assistant"], log["turns"]
+
+
+async def test_exotel_and_pcm_bad_frames_are_counted_and_the_call_survives(gateway_url):
+    url = gateway_url.replace("http://", "ws://")
+    async with websockets.connect(url + "/exotel/media?sample-rate=16000") as ws:
+        await ws.send(json.dumps({"event": "connected"}))
+        start = {"stream_sid": "EXbad", "call_sid": "c", "account_sid": "a", "custom_parameters": {}}
+        await ws.send(json.dumps({"event": "start", "sequence_number": 1, "stream_sid": "EXbad", "start": start}))
+        odd = base64.b64encode(b"\x01\x02\x03").decode()
+        for garbage in ("{", json.dumps({"event": "media", "stream_sid": "EXbad", "media": {"payload": odd}}), b"\x00"):
+            await ws.send(garbage)
+        message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert message["event"] == "media" and message["stream_sid"] == "EXbad"
+    async with websockets.connect(url + "/exotel/media?sample-rate=11025") as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd.code == 1008
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        session = (await http.post("/api/calls/trigger", json={"agent_id": "default"})).json()["session_id"]
+    async with websockets.connect(f"{url}/ws/pcm/{session}") as ws:
+        await ws.send("a text frame")
+        await ws.send(b"\x01\x02\x03")
+        first = await asyncio.wait_for(ws.recv(), 30)
+        assert isinstance(first, bytes) and len(first) % 2 == 0
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        metrics = (await http.get("/metrics/")).text
+    for dialect, kind in (
+        ("exotel", "invalid_json"),
+        ("exotel", "odd_pcm_length"),
+        ("exotel", "binary_frame"),
+        ("pcm", "text_frame"),
+        ("pcm", "odd_pcm_length"),
+    ):
+        assert f'voice_gateway_bad_frames_total{{dialect="{dialect}",kind="{kind}"}}' in metrics, (dialect, kind)
