@@ -23,7 +23,7 @@ from voice_gateway.agents import AGENT_ID, Agent, AgentStore
 from voice_gateway.call_registry import CallRegistry
 from voice_gateway.calls import CallLogStore
 from voice_gateway.config import Settings
-from voice_gateway.dialects import browser, exotel, pcm, twilio
+from voice_gateway.dialects import browser, exotel, pcm, retell, twilio
 from voice_gateway.session import GatewayContext
 from voice_gateway.turns import TurnEngine
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
@@ -170,6 +170,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.websocket("/api/pipecat/websocket/{session_id}")
     async def pipecat_media(websocket: WebSocket, session_id: str) -> None:
         await pcm.serve(websocket, app.state.context, app.state.registry, session_id)
+
+    @app.websocket(f"/{settings.retell_ws_path}/{{call_id}}")
+    async def retell_socket(websocket: WebSocket, call_id: str) -> None:
+        await retell.serve(websocket, app.state.context, call_id)
 
     @app.websocket("/ws")
     async def browser_socket(websocket: WebSocket) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ class Settings:
         max_utterance_s: ``GATEWAY_MAX_UTTERANCE_SECONDS``: cap on one utterance's audio.
         stt_timeout_s, llm_timeout_s, tts_timeout_s: ``GATEWAY_<STAGE>_TIMEOUT_SECONDS``: bus request budgets.
         twilio_auth_token: ``TWILIO_AUTH_TOKEN``: when set, Twilio webhooks must carry a valid signature.
+        retell_ws_path: ``OBFUSCATED_WS_PATH`` (seed 000's name; ``RETELL_WS_PATH`` is an alias): the
+            path segment of Retell's socket, ``/{path}/{call_id}``.
     """
 
     nats_url: str
@@ -35,6 +38,7 @@ class Settings:
     llm_timeout_s: float
     tts_timeout_s: float
     twilio_auth_token: str | None = None
+    retell_ws_path: str = "ws-default"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -52,4 +56,22 @@ class Settings:
             llm_timeout_s=env_float("GATEWAY_LLM_TIMEOUT_SECONDS", 60.0, minimum=1.0),
             tts_timeout_s=env_float("GATEWAY_TTS_TIMEOUT_SECONDS", 30.0, minimum=1.0),
             twilio_auth_token=env_str("TWILIO_AUTH_TOKEN", "") or None,
+            retell_ws_path=_path_segment(
+                "OBFUSCATED_WS_PATH", env_str("OBFUSCATED_WS_PATH", "") or env_str("RETELL_WS_PATH", "ws-default")
+            ),
         )
+
+
+def _path_segment(name: str, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._~-]{1,200}", value) or value in (
+        "api",
+        "ws",
+        "static",
+        "twilio",
+        "exotel",
+        "metrics",
+    ):
+        raise ConfigError(
+            f"{name}={value!r}: one URL path segment of letters, digits, '.', '_', '~' or '-', not a reserved one"
+        )
+    return value

@@ -1,0 +1,246 @@
+"""Retell's custom-LLM WebSocket (seed 000, protocols.md §1) at ``/{OBFUSCATED_WS_PATH}/{call_id}``.
+
+Retell connects per call and talks text only. On connect the gateway sends ``config``
+(``auto_reconnect``, ``call_details``); after ``call_details`` it sends the begin message
+(``response`` with ``response_id`` 0: the agent's greeting). ``ping_pong`` is echoed at once;
+``update_only`` transcripts are recorded; ``response_required`` and ``reminder_required`` are
+answered by streaming ``response`` events (``content``, ``content_complete``, ``response_id``) from
+the LLM. Retell's transcript is the conversation's history (it knows what was actually heard). A
+newer ``response_id`` cancels the older answer at once, including its LLM request on the bus, and
+nothing more is sent under the old id. Every message is handled in its own task; all of them are
+cancelled on disconnect. A binary frame closes the socket with 1007; a server error with 1011.
+
+The agent comes from ``?agent_id=`` on the URL, else ``call.metadata.agent_id`` in ``call_details``,
+else ``default``; ``retell_llm_dynamic_variables`` fill the agent's ``{{name}}`` template variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from voice_gateway.call import BAD_FRAMES
+from voice_gateway.session import GatewayContext, Session
+from voice_gateway.templates import personalise
+from voice_gateway.turns import Conversation, Event, LlmDelta, TurnFailed
+
+logger = logging.getLogger(__name__)
+
+DIALECT = "retell"
+CALL_DETAILS_WAIT_S = 5.0
+MAX_FRAME_BYTES = 1024 * 1024
+REMINDER_HINT = "(The user has not responded in a while. Gently check whether they are still there.)"
+UNINTELLIGIBLE = "(unintelligible audio)"
+
+
+def history_from_transcript(transcript: object) -> list[dict]:
+    """Chat messages from Retell's transcript: ``agent`` → assistant, anything else → user."""
+    messages: list[dict] = []
+    for utterance in transcript if isinstance(transcript, list) else []:
+        if not isinstance(utterance, dict) or not isinstance(utterance.get("content"), str):
+            continue
+        role = "assistant" if utterance.get("role") == "agent" else "user"
+        content = utterance["content"].strip()
+        if not content:
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += " " + content
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+class RetellConnection:
+    """One Retell call."""
+
+    def __init__(self, websocket: WebSocket, context: GatewayContext, call_id: str) -> None:
+        self._ws = websocket
+        self._context = context
+        self._call_id = call_id
+        self._session: Session | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._current_response_id = -1
+        self._answer: asyncio.Task | None = None
+        self._send_lock = asyncio.Lock()
+        self._begun = asyncio.Event()
+        self.transcript: list = []
+
+    async def send(self, message: dict) -> None:
+        async with self._send_lock:
+            if self._ws.application_state == WebSocketState.CONNECTED:
+                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                    await self._ws.send_text(json.dumps(message))
+
+    async def run(self) -> None:
+        await self.send(
+            {"response_type": "config", "config": {"auto_reconnect": True, "call_details": True}, "response_id": 1}
+        )
+        fallback = asyncio.create_task(self._begin_without_details())
+        close_code, reason = 1000, ""
+        try:
+            while True:
+                try:
+                    frame = await self._ws.receive()
+                except WebSocketDisconnect:
+                    break
+                if frame["type"] == "websocket.disconnect":
+                    break
+                if frame.get("bytes") is not None:
+                    BAD_FRAMES.labels(DIALECT, "binary_frame").inc()
+                    close_code, reason = 1007, "binary frames are not part of this protocol"
+                    break
+                self._dispatch(frame.get("text") or "")
+        except Exception as exc:
+            logger.exception("retell call %s failed", self._call_id)
+            close_code, reason = 1011, f"server error: {type(exc).__name__}"
+        finally:
+            fallback.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, fallback, return_exceptions=True)
+            if self._session is not None:
+                await self._session.close("completed" if close_code in (1000, 1007) else "error")
+            if close_code != 1000 and self._ws.application_state == WebSocketState.CONNECTED:
+                with contextlib.suppress(Exception):
+                    await self._ws.close(code=close_code, reason=reason)
+
+    def _dispatch(self, text: str) -> None:
+        if len(text) > MAX_FRAME_BYTES:
+            BAD_FRAMES.labels(DIALECT, "oversized_frame").inc()
+            logger.warning("retell %s: oversized frame (%d bytes) ignored", self._call_id, len(text))
+            return
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError:
+            BAD_FRAMES.labels(DIALECT, "invalid_json").inc()
+            logger.warning("retell %s: invalid JSON ignored", self._call_id)
+            return
+        if not isinstance(message, dict):
+            BAD_FRAMES.labels(DIALECT, "not_an_object").inc()
+            return
+        kind = message.get("interaction_type")
+        if kind == "ping_pong":
+            self._spawn(self.send({"response_type": "ping_pong", "timestamp": message.get("timestamp")}))
+        elif kind == "call_details":
+            self._spawn(self._begin(message.get("call") if isinstance(message.get("call"), dict) else {}))
+        elif kind == "update_only":
+            if isinstance(message.get("transcript"), list):
+                self.transcript = message["transcript"]
+        elif kind in ("response_required", "reminder_required"):
+            response_id = message.get("response_id")
+            if not isinstance(response_id, int) or isinstance(response_id, bool) or response_id < 0:
+                BAD_FRAMES.labels(DIALECT, "bad_response_id").inc()
+                logger.warning("retell %s: %s without an integer response_id ignored", self._call_id, kind)
+                return
+            if response_id <= self._current_response_id:
+                return
+            self._current_response_id = response_id
+            if self._answer is not None and not self._answer.done():
+                self._answer.cancel()
+            transcript = message.get("transcript") if isinstance(message.get("transcript"), list) else self.transcript
+            self._answer = self._spawn(self._respond(response_id, transcript, reminder=kind == "reminder_required"))
+        else:
+            BAD_FRAMES.labels(DIALECT, "unknown_event").inc()
+            logger.warning("retell %s: unknown interaction_type %r ignored", self._call_id, kind)
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _open_session(self, call: dict) -> Session | None:
+        query = self._ws.query_params
+        metadata = call.get("metadata") if isinstance(call.get("metadata"), dict) else {}
+        agent_id = str(query.get("agent_id") or metadata.get("agent_id") or "default")
+        agent = await self._context.agents.get(agent_id)
+        if agent is None:
+            logger.warning("retell %s: unknown agent %r, using the default agent", self._call_id, agent_id)
+            agent = await self._context.agents.get("default")
+        variables = call.get("retell_llm_dynamic_variables")
+        variables = (
+            {k: v for k, v in variables.items() if isinstance(v, (str, int, float, bool))}
+            if isinstance(variables, dict)
+            else {}
+        )
+        session = Session(self._context, personalise(agent, variables), DIALECT, session_id=_safe(self._call_id))
+        await session.start()
+        return session
+
+    async def _begin(self, call: dict) -> None:
+        if self._begun.is_set():
+            return
+        self._begun.set()
+        self._session = await self._open_session(call)
+        greeting = self._session.agent.greeting
+        await self.send({"response_type": "response", "response_id": 0, "content": greeting, "content_complete": True})
+
+    async def _begin_without_details(self) -> None:
+        await asyncio.sleep(CALL_DETAILS_WAIT_S)
+        await self._begin({})
+
+    async def _respond(self, response_id: int, transcript: list, *, reminder: bool) -> None:
+        if self._session is None:
+            await self._begin({})
+        session = self._session
+        history = history_from_transcript(transcript)
+        if reminder or not history or history[-1]["role"] != "user":
+            user_text = REMINDER_HINT
+        else:
+            user_text = history.pop()["content"]
+        conversation = Conversation(session_id=session.id, agent=session.agent, history=history)
+        started = time.perf_counter()
+
+        async def emit(event: Event) -> None:
+            if response_id != self._current_response_id:
+                raise asyncio.CancelledError
+            if isinstance(event, LlmDelta):
+                await self.send(
+                    {
+                        "response_type": "response",
+                        "response_id": response_id,
+                        "content": event.chunk,
+                        "content_complete": False,
+                    }
+                )
+            elif isinstance(event, TurnFailed):
+                logger.warning("retell %s: %s", self._call_id, event.error)
+
+        with session.turn_span("response") as span:
+            span.set_attribute("voice.retell.response_id", response_id)
+            try:
+                result = await self._context.engine.respond(conversation, user_text, None, emit, started)
+            except Exception as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                logger.warning("retell %s: response %d failed: %s", self._call_id, response_id, exc)
+                if response_id == self._current_response_id:
+                    await self.send(
+                        {
+                            "response_type": "response",
+                            "response_id": response_id,
+                            "content": "Sorry, I had a problem there.",
+                            "content_complete": True,
+                        }
+                    )
+                return
+            if response_id == self._current_response_id:
+                await self.send(
+                    {"response_type": "response", "response_id": response_id, "content": "", "content_complete": True}
+                )
+                await session.record("response", result)
+
+
+def _safe(call_id: str) -> str | None:
+    return call_id if call_id and all(c.isalnum() or c in "-_" for c in call_id) and len(call_id) <= 128 else None
+
+
+async def serve(websocket: WebSocket, context: GatewayContext, call_id: str) -> None:
+    """Serves one Retell custom-LLM socket."""
+    await websocket.accept()
+    await RetellConnection(websocket, context, call_id).run()
