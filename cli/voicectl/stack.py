@@ -21,6 +21,8 @@ NATS_PORT = 4222
 NATS_MONITOR_PORT = 8222
 LLAMA_PORT = 8080
 GATEWAY_PORT = 8000
+# The chat stream's key for local use; set GATEWAY_API_KEYS to choose your own.
+DEV_API_KEY = "dev-key"
 WORKERS = {"stt": (50051, 9101, 36), "llm": (50052, 9102, 32), "tts": (50053, 9103, 35)}
 
 
@@ -73,11 +75,16 @@ def run_stack(state_dir: str = ".run") -> int:
         wait_for_port(LLAMA_PORT, 120, process=llama.process)
         for child, (grpc_port, _, _) in zip(children[1:], WORKERS.values(), strict=True):
             wait_serving(f"127.0.0.1:{grpc_port}", 300, alive=child.running)
-        gateway = GatewayProcess(nats.url, {"GATEWAY_HOST": "0.0.0.0"}, port=GATEWAY_PORT)
+        gateway = GatewayProcess(
+            nats.url,
+            {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_API_KEYS": os.environ.get("GATEWAY_API_KEYS", DEV_API_KEY)},
+            port=GATEWAY_PORT,
+        )
         children.append(gateway.child)
         gateway.start()
         print(
             "\n  ready: open http://localhost:8000 and talk (WebSocket ws://localhost:8000/ws)\n"
+            "         chat stream ws://localhost:8000/v1/chat/stream (token: $GATEWAY_API_KEYS or dev-key)\n"
             "         STT gRPC :50051, LLM gRPC :50052, TTS gRPC :50053, metrics :9101-9103 and :8000/metrics\n"
             "  try:   voicectl tts 'Hello there.' -o hello.wav && voicectl stt hello.wav && voicectl llm 'Hi!'\n"
             "  stop:  Ctrl-C\n",

@@ -7,6 +7,8 @@ import pytest
 from tests.support.workers import _Tee
 from voicectl.local import GatewayProcess
 
+TOKEN_SECRET = "test-token-secret"
+
 
 @pytest.fixture(scope="session")
 def gateway(nats_url, stt_worker, llm_worker, tts_worker):
@@ -14,7 +16,14 @@ def gateway(nats_url, stt_worker, llm_worker, tts_worker):
     import io
 
     log = io.StringIO()
-    process = GatewayProcess(nats_url, {"OTEL_TRACES_EXPORTER": "none"}, sink=_Tee(log)).start()
+    env = {
+        "OTEL_TRACES_EXPORTER": "none",
+        "GATEWAY_API_KEYS": "test-key,second-key",
+        "GATEWAY_TOKEN_SECRET": TOKEN_SECRET,
+        "GATEWAY_CHAT_PING_INTERVAL_SECONDS": "1",
+        "GATEWAY_CHAT_PONG_TIMEOUT_SECONDS": "1.5",
+    }
+    process = GatewayProcess(nats_url, env, sink=_Tee(log)).start()
     process.log = log
     yield process
     process.stop()

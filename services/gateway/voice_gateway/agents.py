@@ -78,6 +78,8 @@ class Agent(_Strict):
     system_prompt: str = Field(default="You are a helpful voice assistant.", max_length=20_000)
     greeting: str = Field(default="", max_length=2000)
     voice: str = ""
+    avatar_url: str = ""
+    background_url: str = ""
     llm: LlmOptions = Field(default_factory=LlmOptions)
     stt: SttOptions = Field(default_factory=SttOptions)
     tts: TtsOptions = Field(default_factory=TtsOptions)

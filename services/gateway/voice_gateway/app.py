@@ -20,10 +20,11 @@ from pydantic import ValidationError
 from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
 from voice_gateway.agents import AGENT_ID, Agent, AgentStore
+from voice_gateway.auth import Authenticator
 from voice_gateway.call_registry import CallRegistry
 from voice_gateway.calls import CallLogStore
 from voice_gateway.config import Settings
-from voice_gateway.dialects import browser, exotel, pcm, retell, twilio
+from voice_gateway.dialects import browser, chat, exotel, pcm, retell, twilio
 from voice_gateway.session import GatewayContext
 from voice_gateway.turns import TurnEngine
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
@@ -174,6 +175,18 @@ def create_app(settings: Settings) -> FastAPI:
     @app.websocket(f"/{settings.retell_ws_path}/{{call_id}}")
     async def retell_socket(websocket: WebSocket, call_id: str) -> None:
         await retell.serve(websocket, app.state.context, call_id)
+
+    authenticator = Authenticator(settings.api_keys, settings.token_secret)
+
+    @app.websocket("/v1/chat/stream")
+    async def chat_stream(websocket: WebSocket) -> None:
+        await chat.serve(
+            websocket,
+            app.state.context,
+            authenticator,
+            ping_interval_s=settings.chat_ping_interval_s,
+            pong_timeout_s=settings.chat_pong_timeout_s,
+        )
 
     @app.websocket("/ws")
     async def browser_socket(websocket: WebSocket) -> None:

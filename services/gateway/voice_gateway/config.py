@@ -24,6 +24,10 @@ class Settings:
         max_utterance_s: ``GATEWAY_MAX_UTTERANCE_SECONDS``: cap on one utterance's audio.
         stt_timeout_s, llm_timeout_s, tts_timeout_s: ``GATEWAY_<STAGE>_TIMEOUT_SECONDS``: bus request budgets.
         twilio_auth_token: ``TWILIO_AUTH_TOKEN``: when set, Twilio webhooks must carry a valid signature.
+        api_keys: ``GATEWAY_API_KEYS``: comma-separated keys accepted by the chat stream's ``authorize``.
+        token_secret: ``GATEWAY_TOKEN_SECRET``: HMAC secret of signed tokens (see ``voice_gateway.auth``).
+        chat_ping_interval_s: ``GATEWAY_CHAT_PING_INTERVAL_SECONDS``: how often the chat stream pings.
+        chat_pong_timeout_s: ``GATEWAY_CHAT_PONG_TIMEOUT_SECONDS``: how long past a ping without a pong closes it.
         retell_ws_path: ``OBFUSCATED_WS_PATH`` (seed 000's name; ``RETELL_WS_PATH`` is an alias): the
             path segment of Retell's socket, ``/{path}/{call_id}``.
     """
@@ -39,6 +43,10 @@ class Settings:
     tts_timeout_s: float
     twilio_auth_token: str | None = None
     retell_ws_path: str = "ws-default"
+    api_keys: tuple[str, ...] = ()
+    token_secret: str | None = None
+    chat_ping_interval_s: float = 20.0
+    chat_pong_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -56,6 +64,10 @@ class Settings:
             llm_timeout_s=env_float("GATEWAY_LLM_TIMEOUT_SECONDS", 60.0, minimum=1.0),
             tts_timeout_s=env_float("GATEWAY_TTS_TIMEOUT_SECONDS", 30.0, minimum=1.0),
             twilio_auth_token=env_str("TWILIO_AUTH_TOKEN", "") or None,
+            api_keys=tuple(key.strip() for key in env_str("GATEWAY_API_KEYS", "").split(",") if key.strip()),
+            token_secret=env_str("GATEWAY_TOKEN_SECRET", "") or None,
+            chat_ping_interval_s=env_float("GATEWAY_CHAT_PING_INTERVAL_SECONDS", 20.0, minimum=0.1),
+            chat_pong_timeout_s=env_float("GATEWAY_CHAT_PONG_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             retell_ws_path=_path_segment(
                 "OBFUSCATED_WS_PATH", env_str("OBFUSCATED_WS_PATH", "") or env_str("RETELL_WS_PATH", "ws-default")
             ),
