@@ -40,7 +40,7 @@ def piper_voice() -> PiperVoice:
 
 
 def speak(text: str) -> tuple[np.ndarray, int]:
-    """Synthesize speech with Piper.
+    """Synthesize speech with Piper, deterministically (no generator noise).
 
     Args:
         text: What to say; several sentences are fine.
@@ -53,8 +53,13 @@ def speak(text: str) -> tuple[np.ndarray, int]:
         ValueError: If Piper produced no audio for ``text``.
     """
     voice = piper_voice()
+    from piper import SynthesisConfig
+
+    # Without the generator's random noise, the same text gives the same samples on every run, so
+    # timing assertions (VAD onsets, utterance lengths) cannot flake.
+    deterministic = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
     with _SYNTH_LOCK:
-        chunks = [chunk.audio_int16_array.reshape(-1) for chunk in voice.synthesize(text)]
+        chunks = [chunk.audio_int16_array.reshape(-1) for chunk in voice.synthesize(text, deterministic)]
     if not chunks:
         raise ValueError(f"Piper produced no audio for {text!r}")
     return np.concatenate(chunks).astype(np.int16, copy=False), voice.config.sample_rate
