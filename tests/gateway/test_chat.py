@@ -35,8 +35,10 @@ class ChatClient:
         await self.ws.send(json.dumps(message))
 
     async def next(self, timeout: float = 60) -> dict:
+        """The next non-ping message within ``timeout`` (pings in between are answered, never cut short)."""
+        deadline = time.monotonic() + timeout
         while True:
-            message = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+            message = json.loads(await asyncio.wait_for(self.ws.recv(), max(0.01, deadline - time.monotonic())))
             if message.get("type") == "ping":
                 self.pings += 1
                 if self.answer_pings:
@@ -46,8 +48,9 @@ class ChatClient:
 
     async def until(self, type_: str, timeout: float = 90) -> list[dict]:
         events = []
+        deadline = time.monotonic() + timeout
         while True:
-            events.append(await self.next(timeout))
+            events.append(await self.next(max(0.01, deadline - time.monotonic())))
             if events[-1]["type"] == type_:
                 return events
 
@@ -134,7 +137,7 @@ async def test_answering_pongs_keeps_the_connection(gateway_url):
         await client.send(type="authorize", token="test-key")
         await client.next()
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(client.next(30), 4.0)
+            await client.next(4.0)
         assert client.pings >= 2
         await client.send(type="chat_message", content="Say hi.")
         assert (await client.until("stream_end"))[-1]["interrupted"] is False

@@ -24,7 +24,7 @@ from voice_gateway.auth import Authenticator
 from voice_gateway.call_registry import CallRegistry
 from voice_gateway.calls import CallLogStore
 from voice_gateway.config import Settings
-from voice_gateway.dialects import browser, chat, exotel, pcm, retell, twilio
+from voice_gateway.dialects import browser, channels, chat, exotel, pcm, retell, twilio
 from voice_gateway.session import GatewayContext
 from voice_gateway.turns import TurnEngine
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
@@ -187,6 +187,10 @@ def create_app(settings: Settings) -> FastAPI:
             ping_interval_s=settings.chat_ping_interval_s,
             pong_timeout_s=settings.chat_pong_timeout_s,
         )
+
+    @app.websocket("/ws/channels")
+    async def channels_socket(websocket: WebSocket) -> None:
+        await channels.serve(websocket, app.state.nc)
 
     @app.websocket("/ws")
     async def browser_socket(websocket: WebSocket) -> None:

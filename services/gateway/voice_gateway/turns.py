@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -168,6 +170,8 @@ class TurnEngine:
         The user's message and the answer join the conversation's history.
         """
         agent = conversation.agent
+        status = SessionEvents(self._bus, conversation.session_id)
+        await status.publish("Assistant is processing your request...", "started", "status")
         conversation.history.append({"role": "user", "content": user_text})
         request = llm_pb2.GenerateRequest(
             messages=conversation.messages(),
@@ -190,7 +194,9 @@ class TurnEngine:
                     if event.HasField("delta") and event.delta.text:
                         if not full_text:
                             result.timings["llm_first_token_s"] = time.perf_counter() - llm_started
+                            await status.publish("Assistant is responding...", "responding", "status")
                         full_text += event.delta.text
+                        await status.publish(full_text, "in_progress", "response")
                         await emit(LlmDelta(chunk=event.delta.text, full_text=full_text))
                         if speaker:
                             for sentence in sentences.feed(event.delta.text):
@@ -202,15 +208,50 @@ class TurnEngine:
                     result.timings.setdefault("llm_first_sentence_s", time.perf_counter() - llm_started)
                     speaker.say(sentence)
             result.assistant_text = full_text.strip()
+            await status.publish(result.assistant_text, "completed", "response", final=True)
             await emit(LlmCompleted(text=result.assistant_text))
             if speaker:
                 await speaker.finish()
                 result.timings.update(speaker.timings)
+        except BusError as exc:
+            await status.publish(describe(exc, "the assistant"), "error", "error", error_details=str(exc))
+            raise
         finally:
             if speaker:
                 await speaker.cancel()
             conversation.history.append({"role": "assistant", "content": full_text.strip()})
         return result
+
+
+EVENTS_PREFIX = "voice.events."
+
+
+class SessionEvents:
+    """Publishes a turn's progress as the channel payloads of seed 002 on ``voice.events.<session_id>``,
+    where the channel bridge (``/ws/channels``) and any observer on any gateway replica receive them."""
+
+    def __init__(self, bus: BusClient, session_id: str) -> None:
+        self._nc = bus.nc
+        self._subject = EVENTS_PREFIX + session_id
+        self._session_id = session_id
+        self._message_id = uuid.uuid4().hex
+
+    async def publish(
+        self, message: str, status: str, type_: str, *, final: bool = False, error_details: str | None = None
+    ) -> None:
+        payload = {
+            "message": message,
+            "timestamp": time.time(),
+            "status": status,
+            "type": type_,
+            "final_message": final,
+            "message_id": self._message_id,
+            "thread_id": self._session_id,
+        }
+        if error_details is not None:
+            payload["error_details"] = error_details
+        with contextlib.suppress(Exception):
+            await self._nc.publish(self._subject, json.dumps(payload).encode())
 
 
 class _Speaker:

@@ -1,0 +1,129 @@
+"""Channel pub/sub (seed 002) at ``/ws/channels``: dashboards follow a session's live status.
+
+``{"channel": "subscription", "payload": {"action": "subscribe" | "unsubscribe", "channel": name}}``
+subscribes a connection to a channel (acknowledged with ``action`` ``subscribed`` /
+``unsubscribed``); ``{"channel": name, "payload": {...}}`` publishes to every subscriber. A channel
+is the NATS subject ``voice.events.<name>``, so subscribers on every gateway replica receive what
+any of them publishes, and every session publishes its turns' status payloads (``message``,
+``timestamp``, ``status``, ``type``, ``final_message``, ``message_id``, ``thread_id``,
+``error_details``) on the channel named after its session id. Errors come back as
+``{"channel": "error", "payload": {"error": …}}`` and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+
+from nats.aio.msg import Msg
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from voice_gateway.call import BAD_FRAMES
+from voice_gateway.turns import EVENTS_PREFIX
+
+logger = logging.getLogger(__name__)
+
+DIALECT = "channels"
+CHANNEL = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+MAX_SUBSCRIPTIONS = 100
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
+class ChannelConnection:
+    """One WebSocket bridged to NATS subjects."""
+
+    def __init__(self, websocket: WebSocket, nc) -> None:
+        self._ws = websocket
+        self._nc = nc
+        self._subscriptions: dict[str, object] = {}
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, channel: str, payload: dict) -> None:
+        async with self._send_lock:
+            if self._ws.application_state == WebSocketState.CONNECTED:
+                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                    await self._ws.send_text(json.dumps({"channel": channel, "payload": payload}))
+
+    async def error(self, message: str) -> None:
+        await self.send("error", {"error": message})
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    frame = await self._ws.receive()
+                except WebSocketDisconnect:
+                    break
+                if frame["type"] == "websocket.disconnect":
+                    break
+                await self._handle(frame)
+        finally:
+            for subscription in self._subscriptions.values():
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+
+    async def _handle(self, frame: dict) -> None:
+        if frame.get("bytes") is not None:
+            BAD_FRAMES.labels(DIALECT, "binary_frame").inc()
+            await self.error("binary frames are not part of this protocol; send JSON text")
+            return
+        text = frame.get("text") or ""
+        if len(text) > MAX_MESSAGE_BYTES:
+            BAD_FRAMES.labels(DIALECT, "oversized_frame").inc()
+            await self.error(f"message of {len(text)} bytes exceeds {MAX_MESSAGE_BYTES}")
+            return
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError as exc:
+            BAD_FRAMES.labels(DIALECT, "invalid_json").inc()
+            await self.error(f"invalid JSON: {exc.msg}")
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("payload"), dict):
+            await self.error('a message is {"channel": name, "payload": {...}}')
+            return
+        channel, payload = message.get("channel"), message["payload"]
+        if channel == "subscription":
+            await self._subscription(payload)
+        elif isinstance(channel, str) and CHANNEL.match(channel):
+            await self._nc.publish(EVENTS_PREFIX + channel, json.dumps(payload).encode())
+        else:
+            await self.error("channel names are 1-128 letters, digits, '-' or '_'")
+
+    async def _subscription(self, payload: dict) -> None:
+        action, channel = payload.get("action"), payload.get("channel")
+        if not isinstance(channel, str) or not CHANNEL.match(channel):
+            await self.error("subscription: channel names are 1-128 letters, digits, '-' or '_'")
+            return
+        if action == "subscribe":
+            if channel not in self._subscriptions:
+                if len(self._subscriptions) >= MAX_SUBSCRIPTIONS:
+                    await self.error(f"subscription: at most {MAX_SUBSCRIPTIONS} channels per connection")
+                    return
+
+                async def forward(msg: Msg, name: str = channel) -> None:
+                    try:
+                        data = json.loads(msg.data)
+                    except json.JSONDecodeError:
+                        return
+                    if isinstance(data, dict):
+                        await self.send(name, data)
+
+                self._subscriptions[channel] = await self._nc.subscribe(EVENTS_PREFIX + channel, cb=forward)
+                await self._nc.flush()
+            await self.send("subscription", {"action": "subscribed", "channel": channel})
+        elif action == "unsubscribe":
+            subscription = self._subscriptions.pop(channel, None)
+            if subscription is not None:
+                await subscription.unsubscribe()
+            await self.send("subscription", {"action": "unsubscribed", "channel": channel})
+        else:
+            await self.error("subscription: action must be 'subscribe' or 'unsubscribe'")
+
+
+async def serve(websocket: WebSocket, nc) -> None:
+    """Accepts and serves one channels connection."""
+    await websocket.accept()
+    await ChannelConnection(websocket, nc).run()
