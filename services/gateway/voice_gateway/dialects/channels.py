@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 DIALECT = "channels"
 CHANNEL = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# Names the protocol itself uses for control messages; no one may publish or subscribe to them.
+RESERVED = frozenset({"subscription", "error"})
 MAX_SUBSCRIPTIONS = 100
 MAX_MESSAGE_BYTES = 256 * 1024
 
@@ -87,15 +89,18 @@ class ChannelConnection:
         channel, payload = message.get("channel"), message["payload"]
         if channel == "subscription":
             await self._subscription(payload)
-        elif isinstance(channel, str) and CHANNEL.match(channel):
+        elif isinstance(channel, str) and CHANNEL.match(channel) and channel not in RESERVED:
             await self._nc.publish(EVENTS_PREFIX + channel, json.dumps(payload).encode())
         else:
-            await self.error("channel names are 1-128 letters, digits, '-' or '_'")
+            await self.error("channel names are 1-128 letters, digits, '-' or '_', and not 'error'")
 
     async def _subscription(self, payload: dict) -> None:
         action, channel = payload.get("action"), payload.get("channel")
-        if not isinstance(channel, str) or not CHANNEL.match(channel):
-            await self.error("subscription: channel names are 1-128 letters, digits, '-' or '_'")
+        if not isinstance(channel, str) or not CHANNEL.match(channel) or channel in RESERVED:
+            await self.error(
+                f"subscription: cannot {action} {channel!r}: channel names are 1-128 letters, digits, '-' or '_', "
+                "and not 'subscription' or 'error'"
+            )
             return
         if action == "subscribe":
             if channel not in self._subscriptions:

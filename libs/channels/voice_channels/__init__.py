@@ -1,0 +1,25 @@
+"""Client for the gateway's channel pub/sub at ``/ws/channels`` (the seed's ``WebSocketService``)."""
+
+from voice_channels.client import (
+    CHANNEL_NAME,
+    DEFAULT_URI,
+    ChannelConnectionError,
+    ChannelError,
+    ChannelMessage,
+    ChannelSendError,
+    ChannelSubscriptionError,
+    MessageStream,
+    WebSocketService,
+)
+
+__all__ = [
+    "CHANNEL_NAME",
+    "DEFAULT_URI",
+    "ChannelConnectionError",
+    "ChannelError",
+    "ChannelMessage",
+    "ChannelSendError",
+    "ChannelSubscriptionError",
+    "MessageStream",
+    "WebSocketService",
+]
