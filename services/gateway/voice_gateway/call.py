@@ -176,6 +176,7 @@ class CallSession:
         self._last_voiced_wall: float | None = None
         self._first_audio_pending = False
         self._heard_at_barge_in: str | None = None
+        self._frame_seconds = INBOUND_FRAME.labels(session.dialect)
         self.stats = CallStats()
         self._closed = False
 
@@ -217,7 +218,7 @@ class CallSession:
                 self._on_speech_started(event, started)
             elif isinstance(event, SpeechEnded):
                 self._on_speech_ended(event, started)
-        INBOUND_FRAME.labels(self.dialect).observe(time.perf_counter() - started)
+        self._frame_seconds.observe(time.perf_counter() - started)
 
     def bad_frame(self, kind: str) -> None:
         """Counts a malformed or unexpected frame (the call goes on)."""
