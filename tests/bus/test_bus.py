@@ -151,6 +151,31 @@ async def test_cancelling_mid_stream_stops_the_handler_and_frees_the_slot(bus, r
     assert freed_latency < 0.3
 
 
+async def test_a_cancelled_consumer_always_ends_cancelled(bus, running_worker):
+    """Cancelling the task that reads a busy stream must end it: the cancellation may land while a
+    reply is arriving or while the abandoned request is being cleaned up, and is never swallowed."""
+
+    async def flood(req, ctx):
+        for i in range(100_000):
+            yield delta(str(i))
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+        yield completion("flood")
+
+    async def consume() -> None:
+        async for _event in bus.stream("llm", request(), timeout=30):
+            pass
+
+    async with running_worker("llm", flood, concurrency=4):
+        for delay in (0.0, 0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2):
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(0.3 + delay)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=5)
+            assert task in done, f"the consumer cancelled after {delay}s kept running"
+            assert task.cancelled()
+
+
 async def test_handler_errors_carry_codes_and_the_worker_keeps_serving(bus, running_worker):
     async def handler(req, ctx):
         text = req.messages[-1].content

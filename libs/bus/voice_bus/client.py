@@ -145,7 +145,8 @@ class BusClient:
                     raise BusError(DEADLINE_EXCEEDED, f"{service} request {request_id} exceeded {timeout:.1f}s")
                 wait = min(remaining, stall_timeout) if started else remaining
                 try:
-                    msg = await asyncio.wait_for(replies.get(), wait)
+                    async with asyncio.timeout(wait):
+                        msg = await replies.get()
                 except TimeoutError:
                     if time.monotonic() >= deadline:
                         continue
@@ -202,10 +203,20 @@ class BusClient:
         return [event async for event in self.stream(service, request, **kwargs)]
 
 
+_cleanups: set[asyncio.Task] = set()
+
+
 async def _shielded(coro) -> None:
-    try:
-        await asyncio.shield(coro)
-    except asyncio.CancelledError:
-        pass
-    except Exception as exc:
-        logger.debug("cancel not sent: %s", exc)
+    """Runs ``coro`` to the end even if the caller is cancelled meanwhile; the caller's own
+    cancellation still propagates (swallowing it would leave the caller running on)."""
+    task = asyncio.ensure_future(coro)
+    _cleanups.add(task)
+    task.add_done_callback(_cleanup_done)
+    with contextlib.suppress(Exception):
+        await asyncio.shield(task)
+
+
+def _cleanup_done(task: asyncio.Task) -> None:
+    _cleanups.discard(task)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.debug("cancel not sent: %s", error)

@@ -20,7 +20,6 @@ DTMF, and implements :class:`CallTransport` to send audio, marks and ``clear`` i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from voice_bus.errors import BusError
 from voice_gateway.session import GatewayContext, Session
 from voice_gateway.turns import Event, OutputFormat, SpeechAudio, TurnFailed, TurnResult
 from voice_gateway.vad import VAD_SAMPLE_RATES, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
+from voice_runtime.tasks import cancel_and_wait, wait_quietly
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
 
 logger = logging.getLogger(__name__)
@@ -258,9 +258,7 @@ class CallSession:
         self._turn = asyncio.create_task(self._run_turn(previous, audio, text, endpoint_wait_s))
 
     async def _run_turn(self, previous: asyncio.Task | None, audio: bytes | None, text: str | None, wait_s: float):
-        if previous is not None and not previous.done():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await previous
+        await wait_quietly(previous)
         started = time.perf_counter()
         kind = "audio" if audio is not None else "dtmf"
         session = self.session
@@ -355,15 +353,11 @@ class CallSession:
         answer_finished = turn is None or turn.done()
         if not answer_finished:
             self._heard_at_barge_in = heard
-            turn.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await turn
+            await cancel_and_wait(turn)
             self._heard_at_barge_in = None
         while not self._queue.empty():
             self._queue.get_nowait()
-        self._player.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._player
+        await cancel_and_wait(self._player)
         self._playing = None
         await self._transport.clear()
         latency = time.perf_counter() - onset_wall
@@ -409,9 +403,5 @@ class CallSession:
         if self._closed:
             return
         self._closed = True
-        for task in (self._turn, self._player):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait(self._turn, self._player)
         await self.session.close(status)

@@ -35,9 +35,12 @@ from voice_gateway.turns import (
     TurnResult,
     describe,
 )
+from voice_runtime.tasks import cancel_and_wait
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
 
 logger = logging.getLogger(__name__)
+
+CLOSE_GRACE_S = 10.0
 tracer = trace.get_tracer("voice_gateway")
 
 ACTIVE_SESSIONS = Gauge("voice_gateway_active_sessions", "Sessions open on this gateway", ["dialect"])
@@ -236,9 +239,13 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        self._runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._runner
+        while not self._turns.empty():
+            self._turns.get_nowait()
+        # The sentinel ends the runner even if a library swallowed the cancellation (Python 3.11's
+        # wait_for does when the awaited result lands in the same loop iteration as the cancel).
+        self._turns.put_nowait(None)
+        if not await cancel_and_wait(self._runner, timeout=CLOSE_GRACE_S):
+            logger.warning("session %s: the running turn ignored cancellation for %.0f s", self.id, CLOSE_GRACE_S)
         self.call_log.status = status
         self.call_log.ended_at = time.time()
         with contextlib.suppress(Exception):

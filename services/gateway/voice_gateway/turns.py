@@ -24,6 +24,7 @@ from voice_bus.client import BusClient
 from voice_bus.errors import BusError
 from voice_gateway.agents import Agent
 from voice_gateway.sentences import SentenceStream
+from voice_runtime.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("voice_gateway")
@@ -327,12 +328,7 @@ class _Speaker:
 
     async def cancel(self) -> None:
         """Stops synthesis and playback of whatever is unfinished (the bus requests are cancelled)."""
-        tasks = [t for t in (*self._pending, self._player) if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, BusError):
-                await task
+        await cancel_and_wait(*self._pending, self._player)
 
 
 def describe(error: BusError, stage: str) -> str:

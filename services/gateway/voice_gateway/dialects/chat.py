@@ -69,6 +69,7 @@ class ChatConnection:
         self._last_pong = time.monotonic()
         self._sessions: dict[str, Session] = {}
         self._stream: asyncio.Task | None = None
+        self._interrupted = False
         self._send_lock = asyncio.Lock()
         self._close: tuple[int, str] | None = None
 
@@ -87,7 +88,8 @@ class ChatConnection:
             while self._close is None:
                 timeout = None if self._authorized else AUTHORIZE_WITHIN_S
                 try:
-                    frame = await asyncio.wait_for(self._ws.receive(), timeout)
+                    async with asyncio.timeout(timeout):
+                        frame = await self._ws.receive()
                 except TimeoutError:
                     await self.error("authorize within 10 seconds of connecting", "unauthorized")
                     self._close = (UNAUTHORIZED, "authorization timeout")
@@ -150,6 +152,7 @@ class ChatConnection:
             await self._chat(message)
         elif kind == "interrupt_stream":
             if self._stream is not None and not self._stream.done():
+                self._interrupted = True
                 self._stream.cancel()
             else:
                 await self.error("no stream to interrupt")
@@ -202,6 +205,7 @@ class ChatConnection:
             await self.error(f"chat_message: unknown agent {agent_id!r}")
             return
         with_audio = message.get("audio") is True
+        self._interrupted = False
         self._stream = asyncio.create_task(self._answer(session, content.strip(), with_audio))
 
     async def _session(self, conversation_id: str, agent_id: str) -> Session | None:
@@ -236,6 +240,8 @@ class ChatConnection:
 
         async def emit(event: Event) -> None:
             nonlocal full_text
+            if self._interrupted:
+                raise asyncio.CancelledError
             if isinstance(event, LlmDelta):
                 full_text = event.full_text
                 if not with_audio:
@@ -251,6 +257,9 @@ class ChatConnection:
         try:
             with session.turn_span("chat"):
                 result = await self._context.engine.respond(session.conversation, content, output, emit, started)
+            if self._interrupted:
+                # The interrupt's cancellation was lost inside a library call; the answer still ends here.
+                raise asyncio.CancelledError
             if not with_audio:
                 for sentence in sentences.flush():
                     await chunk(sentence)
