@@ -262,7 +262,7 @@ async def test_twilio_webhook_answers_twiml(gateway_url):
     async with httpx.AsyncClient(base_url=gateway_url) as http:
         response = await http.post("/twilio/voice?agent_id=talker", data={"CallSid": "CA1", "From": "+15550001"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("application/xml")
-    assert "<Connect><Stream url=" in response.text and "/twilio/media" in response.text
+    assert "<Connect action=" in response.text and "<Stream url=" in response.text and "/twilio/media" in response.text
     assert '<Parameter name="agent_id" value="talker"/>' in response.text
     assert '<Parameter name="From" value="+15550001"/>' in response.text
 

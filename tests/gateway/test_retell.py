@@ -54,7 +54,7 @@ async def test_happy_path_and_field_types(gateway_url):
     async with RetellPeer(gateway_url, "call_happy1") as retell:
         config = await retell.next()
         assert config["response_type"] == "config"
-        assert config["config"] == {"auto_reconnect": True, "call_details": True}
+        assert config["config"] == {"auto_reconnect": True, "call_details": True, "transcript_with_tool_calls": True}
         await retell.send(interaction_type="call_details", call={"call_id": "call_happy1", "call_type": "web_call"})
         begin = await retell.next()
         assert begin["response_type"] == "response" and begin["response_id"] == 0

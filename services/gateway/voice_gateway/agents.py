@@ -30,6 +30,8 @@ class LlmOptions(_Strict):
     model: str = ""
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int = Field(default=150, ge=1, le=4096)
+    tool_choice: str = Field(default="auto", description='"auto", "required", "none" or a tool name; first round only')
+    max_tool_rounds: int = Field(default=3, ge=1, le=8, description="LLM rounds with tool calls before a plain answer")
 
 
 class SttOptions(_Strict):
@@ -46,16 +48,59 @@ class TtsOptions(_Strict):
     language: str = ""
 
 
+BUILTIN_TOOLS: dict[str, tuple[str, dict[str, Any]]] = {
+    "end_call": (
+        "End the call. Use it when the caller says goodbye or the conversation is over.",
+        {"type": "object", "properties": {"reason": {"type": "string"}}},
+    ),
+    "transfer_call": (
+        "Transfer the caller to a human agent.",
+        {"type": "object", "properties": {"reason": {"type": "string"}}},
+    ),
+}
+TRANSFER_NUMBER_PARAMETERS = {
+    "type": "object",
+    "properties": {"number": {"type": "string", "description": "E.164 number, e.g. +14155550100"}},
+    "required": ["number"],
+}
+
+
 class Tool(_Strict):
-    """A tool the model may call: a built-in (``end_call``, ``transfer_call``) or an HTTP webhook."""
+    """A tool the model may call: a built-in (``end_call``, ``transfer_call``: no ``url``) or an HTTP
+    webhook (``url``). Built-ins get a description and parameters when none are given."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str = ""
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    description: str = Field(default="", max_length=2000)
+    parameters: dict[str, Any] = Field(default_factory=dict)
     url: str = ""
     method: str = "POST"
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = Field(default=5.0, gt=0, le=60)
+    transfer_number: str = Field(default="", max_length=32)
+
+    @model_validator(mode="after")
+    def _builtin_or_webhook(self) -> Tool:
+        if self.url:
+            if not re.match(r"^https?://[^\s/]+", self.url):
+                raise ValueError(f"tool {self.name!r}: url must be an http:// or https:// URL")
+            if self.method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+                raise ValueError(f"tool {self.name!r}: method must be GET, POST, PUT, PATCH or DELETE")
+        elif self.name not in BUILTIN_TOOLS:
+            raise ValueError(
+                f"tool {self.name!r} has no url: a webhook tool needs one, and the built-ins are "
+                + ", ".join(BUILTIN_TOOLS)
+            )
+        else:
+            description, parameters = BUILTIN_TOOLS[self.name]
+            if self.name == "transfer_call" and not self.transfer_number:
+                parameters = TRANSFER_NUMBER_PARAMETERS
+            self.description = self.description or description
+            self.parameters = self.parameters or parameters
+        if not self.parameters:
+            self.parameters = {"type": "object", "properties": {}}
+        if self.parameters.get("type") != "object":
+            raise ValueError(f"tool {self.name!r}: parameters must be a JSON schema of type object")
+        return self
 
 
 class PipelineOptions(_Strict):
@@ -123,6 +168,13 @@ class Agent(_Strict):
         if len(names) != len(set(names)):
             raise ValueError("tool names must be unique")
         return tools
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_mode_or_tool(self) -> Agent:
+        choice = self.llm.tool_choice
+        if choice not in ("auto", "required", "none") and choice not in {t.name for t in self.tools}:
+            raise ValueError(f'llm.tool_choice must be "auto", "required", "none" or a tool name, not {choice!r}')
+        return self
 
 
 class AgentStore:

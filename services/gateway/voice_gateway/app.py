@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 from fastapi import Body, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -61,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
         agents = await AgentStore.open(js)
         await agents.load_default(settings.default_agent_file)
         bus = BusClient(nc)
+        http = httpx.AsyncClient(follow_redirects=False)
         app.state.context = GatewayContext(
             bus=bus,
             agents=agents,
@@ -70,16 +72,19 @@ def create_app(settings: Settings) -> FastAPI:
                 stt_timeout_s=settings.stt_timeout_s,
                 llm_timeout_s=settings.llm_timeout_s,
                 tts_timeout_s=settings.tts_timeout_s,
+                http=http,
             ),
+            registry=await CallRegistry.open(js),
         )
         app.state.nc = nc
-        app.state.registry = await CallRegistry.open(js)
+        app.state.registry = app.state.context.registry
         lag_monitor = asyncio.create_task(monitor_event_loop_lag())
         logger.info("gateway ready on :%d (NATS %s)", settings.port, settings.nats_url)
         try:
             yield
         finally:
             lag_monitor.cancel()
+            await http.aclose()
             with contextlib.suppress(Exception):
                 await nc.drain()
             shutdown_tracing()
@@ -155,6 +160,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/twilio/voice")
     async def twilio_voice(request: Request):
         return await twilio.voice_webhook(request, settings.twilio_auth_token)
+
+    @app.post("/twilio/after-stream")
+    async def twilio_after_stream(request: Request):
+        return await twilio.after_stream_webhook(request, settings.twilio_auth_token, app.state.context.registry)
 
     @app.websocket("/twilio/media")
     async def twilio_media(websocket: WebSocket) -> None:

@@ -32,7 +32,8 @@ from voice.v1 import audio_pb2
 from voice_audio import Encoding, StreamResampler, alaw_decode, ulaw_decode
 from voice_bus.errors import BusError
 from voice_gateway.session import GatewayContext, Session
-from voice_gateway.turns import Event, OutputFormat, SpeechAudio, TurnFailed, TurnResult
+from voice_gateway.tools import CallAction
+from voice_gateway.turns import CallActionRequested, Event, OutputFormat, SpeechAudio, TurnFailed, TurnResult
 from voice_gateway.vad import VAD_SAMPLE_RATES, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
 from voice_runtime.tasks import cancel_and_wait, wait_quietly
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
@@ -40,6 +41,8 @@ from voice_telemetry.metrics import LATENCY_BUCKETS_S
 logger = logging.getLogger(__name__)
 
 STT_RATE = 16000
+# How long past the expected end of playout a hang-up waits for the far end's marks.
+PLAYOUT_GRACE_S = 5.0
 
 BARGE_INS = Counter("voice_gateway_barge_ins_total", "Caller speech that interrupted the agent", ["dialect"])
 BARGE_IN_LATENCY = Histogram(
@@ -85,6 +88,9 @@ class CallTransport(Protocol):
 
     async def clear(self) -> None:
         """Asks the far end to drop audio it has not played yet (or just stops sending)."""
+
+    async def hang_up(self, action: CallAction) -> None:
+        """Ends the call from our side (``end_call``) or hands it to ``action.number`` (``transfer_call``)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,8 @@ class CallSession:
         self._heard_at_barge_in: str | None = None
         self._frame_seconds = INBOUND_FRAME.labels(session.dialect)
         self.stats = CallStats()
+        self.action: CallAction | None = None
+        self._finishing: asyncio.Task | None = None
         self._closed = False
 
     @property
@@ -303,8 +311,21 @@ class CallSession:
             )
             self._spoken.append(spoken)
             self._queue.put_nowait(spoken)
+        elif isinstance(event, CallActionRequested) and event.action is not None:
+            self._finishing = asyncio.create_task(self._finish_call(event.action))
         elif isinstance(event, TurnFailed):
             logger.warning("call %s: %s", self.session.id, event.error)
+
+    async def _finish_call(self, action: CallAction) -> None:
+        """Hangs up or transfers once the caller has heard the answer (a barge-in first discards it)."""
+        deadline = time.monotonic() + PLAYOUT_GRACE_S + sum(s.duration_s for s in self._spoken)
+        while time.monotonic() < deadline and (
+            self._playing is not None or not self._queue.empty() or any(not s.played for s in self._spoken)
+        ):
+            await asyncio.sleep(0.05)
+        self.action = action
+        logger.info("call %s: %s by the agent %s", self.session.id, action.kind, action.number)
+        await self._transport.hang_up(action)
 
     async def _play(self) -> None:
         """Sends queued sentences in chunks, never more than the media's ``lead_s`` ahead of real time."""
@@ -351,6 +372,7 @@ class CallSession:
         heard = self._heard_text()
         turn = self._turn
         answer_finished = turn is None or turn.done()
+        await cancel_and_wait(self._finishing)
         if not answer_finished:
             self._heard_at_barge_in = heard
             await cancel_and_wait(turn)
@@ -403,5 +425,7 @@ class CallSession:
         if self._closed:
             return
         self._closed = True
-        await cancel_and_wait(self._turn, self._player)
+        await cancel_and_wait(self._turn, self._player, self._finishing)
+        if self.action is not None and self.action.kind == "transfer_call":
+            status = "transferred"
         await self.session.close(status)

@@ -1,5 +1,6 @@
 """Calls announced by ``POST /api/calls/trigger`` and not yet connected, in the KV bucket ``sessions``
-so that any gateway replica can take the WebSocket."""
+so that any gateway replica can take the WebSocket; and carrier calls the agent transferred, for the
+carrier's follow-up request (which may reach another replica)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from nats.js.kv import KeyValue
 
 BUCKET = "sessions"
 CONNECT_WITHIN_S = 300
+TRANSFER_PREFIX = "transfer-"
 
 
 class CallRegistry:
@@ -33,6 +35,20 @@ class CallRegistry:
     async def announce(self, session_id: str, agent_id: str, variables: dict) -> None:
         record = {"agent_id": agent_id, "variables": variables, "created_at": time.time(), "state": "initialized"}
         await self._kv.put(session_id, json.dumps(record).encode())
+
+    async def note_transfer(self, call_sid: str, number: str) -> None:
+        """Remembers that the agent transferred carrier call ``call_sid`` to ``number``."""
+        await self._kv.put(TRANSFER_PREFIX + call_sid, json.dumps({"number": number, "at": time.time()}).encode())
+
+    async def transfer_of(self, call_sid: str) -> str | None:
+        """The number carrier call ``call_sid`` was transferred to, if the agent transferred it."""
+        if not call_sid or any(c in call_sid for c in ".*> \t/"):
+            return None
+        try:
+            entry = await self._kv.get(TRANSFER_PREFIX + call_sid)
+        except KeyNotFoundError:
+            return None
+        return json.loads(entry.value)["number"] if entry.value else None
 
     async def claim(self, session_id: str) -> dict | None:
         """The pending call, marked connected; ``None`` when unknown, expired or already connected."""

@@ -25,6 +25,8 @@ class TurnRecord(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     interrupted: bool = False
     error: str = ""
+    tools: list[dict] = Field(default_factory=list)
+    action: dict | None = None
 
 
 class CallLog(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from voice.v1 import audio_pb2
 from voice_bus.client import BusClient
 from voice_bus.errors import BusError
 from voice_gateway.agents import Agent, AgentStore
+from voice_gateway.call_registry import CallRegistry
 from voice_gateway.calls import CallLog, CallLogStore, TurnRecord
 from voice_gateway.turns import (
     Conversation,
@@ -62,6 +64,7 @@ class GatewayContext:
     agents: AgentStore
     calls: CallLogStore
     engine: TurnEngine
+    registry: CallRegistry | None = None
 
 
 class Session:
@@ -210,6 +213,8 @@ class Session:
                 timings={k: round(v, 4) for k, v in result.timings.items()},
                 interrupted=interrupted,
                 error=result.error,
+                tools=result.tools,
+                action=dataclasses.asdict(result.action) if result.action else None,
             )
         )
         with contextlib.suppress(Exception):

@@ -17,17 +17,26 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import httpx
 from opentelemetry import trace
+from prometheus_client import Counter, Histogram
 
 from voice.v1 import audio_pb2, llm_pb2, stt_pb2, tts_pb2
 from voice_bus.client import BusClient
 from voice_bus.errors import BusError
 from voice_gateway.agents import Agent
 from voice_gateway.sentences import SentenceStream
+from voice_gateway.tools import CallAction, Toolbox
 from voice_runtime.tasks import cancel_and_wait
+from voice_telemetry.metrics import LATENCY_BUCKETS_S
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("voice_gateway")
+
+TOOL_CALLS = Counter(
+    "voice_gateway_tool_calls_total", "Tool calls run for the model, by tool and outcome", ["tool", "outcome"]
+)
+TOOL_SECONDS = Histogram("voice_gateway_tool_seconds", "Duration of one tool call", buckets=LATENCY_BUCKETS_S)
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,35 @@ class LlmDelta(Event):
 class LlmCompleted(Event):
     text: str = ""
     kind: str = "llm_complete"
+
+
+@dataclass(frozen=True)
+class ToolCalled(Event):
+    """The model called a tool; ``arguments`` is the JSON text it produced."""
+
+    tool_call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+    kind: str = "tool_call"
+
+
+@dataclass(frozen=True)
+class ToolFinished(Event):
+    """A tool's result, as the model will read it."""
+
+    tool_call_id: str = ""
+    name: str = ""
+    content: str = ""
+    successful: bool = True
+    kind: str = "tool_result"
+
+
+@dataclass(frozen=True)
+class CallActionRequested(Event):
+    """A built-in tool asks the call to end or be transferred; sent after the answer is spoken."""
+
+    action: CallAction | None = None
+    kind: str = "call_action"
 
 
 @dataclass(frozen=True)
@@ -97,6 +135,8 @@ class TurnResult:
     assistant_text: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    tools: list[dict] = field(default_factory=list)
+    action: CallAction | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +157,18 @@ class Conversation:
 
     def messages(self) -> list[llm_pb2.ChatMessage]:
         system = [llm_pb2.ChatMessage(role="system", content=self.agent.system_prompt)]
-        return system + [llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in self.history]
+        return system + [_chat_message(m) for m in self.history]
+
+
+def _chat_message(message: dict) -> llm_pb2.ChatMessage:
+    """History entries are OpenAI-shaped dicts; tool calls and tool results keep their ids."""
+    return llm_pb2.ChatMessage(
+        role=message["role"],
+        content=message.get("content") or "",
+        name=message.get("name", ""),
+        tool_call_id=message.get("tool_call_id", ""),
+        tool_calls=[llm_pb2.ToolCall(**call) for call in message.get("tool_calls", ())],
+    )
 
 
 class TurnEngine:
@@ -126,10 +177,20 @@ class TurnEngine:
     Args:
         bus: Client of the STT, LLM and TTS workers.
         stt_timeout_s, llm_timeout_s, tts_timeout_s: Budgets of each bus request.
+        http: Client for the agents' webhook tools (one is made when not given).
     """
 
-    def __init__(self, bus: BusClient, *, stt_timeout_s: float, llm_timeout_s: float, tts_timeout_s: float) -> None:
+    def __init__(
+        self,
+        bus: BusClient,
+        *,
+        stt_timeout_s: float,
+        llm_timeout_s: float,
+        tts_timeout_s: float,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
         self._bus = bus
+        self._http = http or httpx.AsyncClient()
         self._stt_timeout_s = stt_timeout_s
         self._llm_timeout_s = llm_timeout_s
         self._tts_timeout_s = tts_timeout_s
@@ -168,41 +229,62 @@ class TurnEngine:
     ) -> TurnResult:
         """Streams the LLM's answer to ``user_text`` and, when ``output`` is given, speaks it sentence by sentence.
 
-        The user's message and the answer join the conversation's history.
+        When the agent has tools, the model's tool calls are run, their results fed back, and the
+        model asked again (at most ``llm.max_tool_rounds`` rounds with tools, then a plain answer).
+        The user's message, the tool calls and results, and the answer join the conversation's history.
         """
         agent = conversation.agent
         status = SessionEvents(self._bus, conversation.session_id)
         await status.publish("Assistant is processing your request...", "started", "status")
         conversation.history.append({"role": "user", "content": user_text})
-        request = llm_pb2.GenerateRequest(
-            messages=conversation.messages(),
-            model=agent.llm.model,
-            max_tokens=agent.llm.max_tokens,
-            session_id=conversation.session_id,
-        )
-        if agent.llm.temperature is not None:
-            request.temperature = agent.llm.temperature
+        toolbox = Toolbox(agent, self._http)
         result = TurnResult(user_text=user_text)
         speaker = _Speaker(self, conversation, output, emit, started) if output is not None else None
         sentences = SentenceStream()
         full_text = ""
+        round_text = ""
+        unanswered: list[llm_pb2.ToolCall] = []
         llm_started = time.perf_counter()
         try:
-            with tracer.start_as_current_span("llm"):
-                async for event in self._bus.stream(
-                    "llm", request, timeout=self._llm_timeout_s, session_id=conversation.session_id
-                ):
-                    if event.HasField("delta") and event.delta.text:
-                        if not full_text:
-                            result.timings["llm_first_token_s"] = time.perf_counter() - llm_started
-                            await status.publish("Assistant is responding...", "responding", "status")
-                        full_text += event.delta.text
-                        await status.publish(full_text, "in_progress", "response")
-                        await emit(LlmDelta(chunk=event.delta.text, full_text=full_text))
-                        if speaker:
-                            for sentence in sentences.feed(event.delta.text):
-                                result.timings.setdefault("llm_first_sentence_s", time.perf_counter() - llm_started)
-                                speaker.say(sentence)
+            for round_index in range(agent.llm.max_tool_rounds + 1):
+                tool_choice = ""
+                if toolbox:
+                    last_round = round_index == agent.llm.max_tool_rounds or result.action is not None
+                    tool_choice = "none" if last_round else agent.llm.tool_choice if round_index == 0 else "auto"
+                request = self._llm_request(conversation, toolbox, tool_choice)
+                round_text = ""
+                calls: list[llm_pb2.ToolCall] = []
+                with tracer.start_as_current_span("llm") as span:
+                    span.set_attribute("voice.llm.round", round_index)
+                    async for event in self._bus.stream(
+                        "llm", request, timeout=self._llm_timeout_s, session_id=conversation.session_id
+                    ):
+                        if event.HasField("delta") and event.delta.text:
+                            if not full_text:
+                                result.timings["llm_first_token_s"] = time.perf_counter() - llm_started
+                                await status.publish("Assistant is responding...", "responding", "status")
+                            full_text += event.delta.text
+                            round_text += event.delta.text
+                            await status.publish(full_text, "in_progress", "response")
+                            await emit(LlmDelta(chunk=event.delta.text, full_text=full_text))
+                            if speaker:
+                                for sentence in sentences.feed(event.delta.text):
+                                    result.timings.setdefault("llm_first_sentence_s", time.perf_counter() - llm_started)
+                                    speaker.say(sentence)
+                        elif event.HasField("completion") and tool_choice not in ("", "none"):
+                            calls = [_with_id(call) for call in event.completion.tool_calls]
+                if not calls:
+                    break
+                conversation.history.append(
+                    {
+                        "role": "assistant",
+                        "content": round_text.strip(),
+                        "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls],
+                    }
+                )
+                round_text = ""
+                unanswered = list(calls)
+                await self._run_tools(conversation, toolbox, calls, emit, status, result, unanswered)
             result.timings["llm_s"] = time.perf_counter() - llm_started
             if speaker:
                 for sentence in sentences.flush():
@@ -214,14 +296,99 @@ class TurnEngine:
             if speaker:
                 await speaker.finish()
                 result.timings.update(speaker.timings)
+            if result.action is not None:
+                await emit(CallActionRequested(action=result.action))
         except BusError as exc:
             await status.publish(describe(exc, "the assistant"), "error", "error", error_details=str(exc))
             raise
         finally:
             if speaker:
                 await speaker.cancel()
-            conversation.history.append({"role": "assistant", "content": full_text.strip()})
+            for call in unanswered:
+                # A turn cut off while its tools ran: every call still gets an answer, as the API requires.
+                conversation.history.append(
+                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": '{"error": "interrupted"}'}
+                )
+            conversation.history.append({"role": "assistant", "content": round_text.strip()})
         return result
+
+    def _llm_request(self, conversation: Conversation, toolbox: Toolbox, tool_choice: str) -> llm_pb2.GenerateRequest:
+        agent = conversation.agent
+        request = llm_pb2.GenerateRequest(
+            messages=conversation.messages(),
+            model=agent.llm.model,
+            max_tokens=agent.llm.max_tokens,
+            session_id=conversation.session_id,
+        )
+        if tool_choice:
+            request.tools.extend(toolbox.specs())
+            request.tool_choice = tool_choice
+        if agent.llm.temperature is not None:
+            request.temperature = agent.llm.temperature
+        return request
+
+    async def _run_tools(
+        self,
+        conversation: Conversation,
+        toolbox: Toolbox,
+        calls: list[llm_pb2.ToolCall],
+        emit: Emit,
+        status: SessionEvents,
+        result: TurnResult,
+        unanswered: list[llm_pb2.ToolCall],
+    ) -> None:
+        """Runs one round's tool calls concurrently and appends their results to the history in order."""
+        for call in calls:
+            await emit(ToolCalled(tool_call_id=call.id, name=call.name, arguments=call.arguments))
+            await status.publish(f"Executing {call.name}...", "processing", "tool")
+
+        async def run(call: llm_pb2.ToolCall):
+            with tracer.start_as_current_span(f"tool {call.name}") as span:
+                span.set_attribute("gen_ai.operation.name", "execute_tool")
+                span.set_attribute("gen_ai.tool.name", call.name)
+                span.set_attribute("gen_ai.tool.call.id", call.id)
+                tool_started = time.perf_counter()
+                outcome = await toolbox.run(call, conversation.session_id)
+                span.set_attribute("voice.tool.successful", outcome.successful)
+                TOOL_CALLS.labels(call.name, "ok" if outcome.successful else "error").inc()
+                TOOL_SECONDS.observe(time.perf_counter() - tool_started)
+                return outcome
+
+        outcomes = await asyncio.gather(*(run(call) for call in calls))
+        for call, outcome in zip(calls, outcomes, strict=True):
+            conversation.history.append(
+                {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": outcome.content}
+            )
+            unanswered.remove(call)
+            result.tools.append(
+                {
+                    "tool_call_id": call.id,
+                    "name": call.name,
+                    "arguments": call.arguments,
+                    "result": outcome.content,
+                    "successful": outcome.successful,
+                }
+            )
+            if outcome.action is not None and result.action is None:
+                result.action = outcome.action
+            await emit(
+                ToolFinished(
+                    tool_call_id=call.id, name=call.name, content=outcome.content, successful=outcome.successful
+                )
+            )
+            if outcome.successful:
+                await status.publish(f"{call.name} finished", "completed", "tool")
+            else:
+                await status.publish(f"{call.name} failed", "error", "tool", error_details=outcome.content)
+
+
+def _with_id(call: llm_pb2.ToolCall) -> llm_pb2.ToolCall:
+    """Some backends leave a tool call's id empty; the tool message must still name it."""
+    return (
+        call
+        if call.id
+        else llm_pb2.ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=call.name, arguments=call.arguments)
+    )
 
 
 EVENTS_PREFIX = "voice.events."

@@ -7,7 +7,11 @@ level. Server → client: ``init_success`` then the greeting as ``audio_response
 ``llm_complete``, ``tts_start``, ``audio_response`` (one per sentence, as soon as it is
 synthesized, so often before ``llm_complete``), ``tts_complete`` (the whole reply), and
 ``processing_complete``; per text turn the ``llm_*`` events, ``text_response`` and the audio; ``end``
-→ ``session_ended``. Any invalid message gets an ``error`` event and the session goes on.
+→ ``session_ended``. When the agent uses tools, ``llm_tool_call`` (``toolCallId``, ``name``,
+``arguments``: JSON text) and ``llm_tool_result`` (``toolCallId``, ``name``, ``result``,
+``successful``) come between the ``llm_chunk`` events; a built-in ``end_call`` or ``transfer_call``
+ends the session after the answer with ``session_ended`` (``reason``, ``transferNumber``). Any
+invalid message gets an ``error`` event and the session goes on.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from voice.v1 import audio_pb2
 from voice_audio import wav_bytes
 from voice_gateway.session import GatewayContext, Session
+from voice_gateway.tools import CallAction
 from voice_gateway.turns import (
+    CallActionRequested,
     Event,
     LlmCompleted,
     LlmDelta,
@@ -34,8 +40,11 @@ from voice_gateway.turns import (
     SpeechAudio,
     SpeechCompleted,
     SttCompleted,
+    ToolCalled,
+    ToolFinished,
     TurnFailed,
 )
+from voice_runtime.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +93,7 @@ class BrowserConnection:
         self._max_utterance_s = max_utterance_s
         self._send_lock = asyncio.Lock()
         self._session: Session | None = None
+        self._ending: asyncio.Task | None = None
 
     async def send(self, type_: str, data: dict | None = None) -> None:
         async with self._send_lock:
@@ -107,6 +117,7 @@ class BrowserConnection:
         except WebSocketDisconnect:
             pass
         finally:
+            await cancel_and_wait(self._ending)
             if self._session is not None:
                 await self._session.close("disconnected")
                 self._session = None
@@ -204,6 +215,26 @@ class BrowserConnection:
         await session.close("completed")
         await self.send("session_ended", {"callLogId": session.id})
 
+    def end_after_turn(self, action: CallAction) -> None:
+        """A built-in tool ended (or transferred) the session: once the turn is over it is closed and
+        the client gets ``session_ended`` with the reason."""
+        session = self._session
+        if session is None:
+            return
+
+        async def end() -> None:
+            await session.wait_idle()
+            if self._session is not session:
+                return
+            self._session = None
+            await session.close("transferred" if action.kind == "transfer_call" else "completed")
+            data = {"callLogId": session.id, "reason": action.kind}
+            if action.number:
+                data["transferNumber"] = action.number
+            await self.send("session_ended", data)
+
+        self._ending = asyncio.create_task(end())
+
     async def _greeting_events(self, event: Event) -> None:
         """The greeting goes out as one ``audio_response``, as the seed's first message."""
         if isinstance(event, SpeechCompleted) and self._session is not None:
@@ -240,6 +271,22 @@ class _TurnEvents:
             await send("audio_response", {"audio": wav_base64(event.audio, event.sample_rate), "text": event.text})
         elif isinstance(event, SpeechCompleted):
             await send("tts_complete", {"audio": wav_base64(event.audio, event.sample_rate)})
+        elif isinstance(event, ToolCalled):
+            await send(
+                "llm_tool_call", {"toolCallId": event.tool_call_id, "name": event.name, "arguments": event.arguments}
+            )
+        elif isinstance(event, ToolFinished):
+            await send(
+                "llm_tool_result",
+                {
+                    "toolCallId": event.tool_call_id,
+                    "name": event.name,
+                    "result": event.content,
+                    "successful": event.successful,
+                },
+            )
+        elif isinstance(event, CallActionRequested) and event.action is not None:
+            self._connection.end_after_turn(event.action)
         elif isinstance(event, TurnFailed):
             await self._connection.error(event.error)
         elif event.kind in ("stt_start", "llm_start"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import re
@@ -15,8 +16,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from voice_audio import Encoding
 from voice_gateway.call import BAD_FRAMES, CallSession, CallTransport, MediaFormat
+from voice_gateway.call_registry import CallRegistry
 from voice_gateway.session import GatewayContext, Session
 from voice_gateway.templates import personalise
+from voice_gateway.tools import CallAction
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +126,12 @@ class CarrierTransport:
     """Sends agent audio, marks and ``clear`` as JSON events carrying the stream id under ``sid_key``
     (Twilio's ``streamSid``, Exotel's ``stream_sid``)."""
 
-    def __init__(self, socket: JsonSocket, sid_key: str) -> None:
+    def __init__(self, socket: JsonSocket, sid_key: str, registry: CallRegistry | None = None) -> None:
         self._socket = socket
         self._sid_key = sid_key
+        self._registry = registry
         self.stream_sid = ""
+        self.call_sid = ""
 
     async def send_audio(self, audio: bytes) -> None:
         payload = base64.b64encode(audio).decode()
@@ -139,6 +144,19 @@ class CarrierTransport:
     async def clear(self) -> None:
         await self._socket.send({"event": "clear", self._sid_key: self.stream_sid})
 
+    async def hang_up(self, action: CallAction) -> None:
+        """Closes the media stream (1000). A transfer is noted under the carrier's call id first, for the
+        carrier's next step to read (Twilio's ``<Connect action>``, Exotel's dynamic Connect URL)."""
+        if action.kind == "transfer_call" and self._registry is not None and self.call_sid:
+            try:
+                await self._registry.note_transfer(self.call_sid, action.number)
+            except Exception:
+                logger.exception("transfer of call %s to %s could not be noted", self.call_sid, action.number)
+        websocket = self._socket.websocket
+        if websocket.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await websocket.close(code=1000, reason=action.kind)
+
 
 @dataclass(frozen=True)
 class StreamStart:
@@ -147,6 +165,7 @@ class StreamStart:
     stream_sid: str
     agent_id: str
     variables: dict
+    call_sid: str = ""
 
 
 async def serve_media_stream(
@@ -160,7 +179,7 @@ async def serve_media_stream(
 ) -> None:
     """Serves a carrier media stream (Twilio, Exotel): ``connected``, ``start``, ``media``, ``dtmf``,
     ``mark``, ``stop`` in; ``media``, ``mark``, ``clear`` out. Bad frames are counted, never fatal."""
-    transport = CarrierTransport(JsonSocket(websocket), sid_key)
+    transport = CarrierTransport(JsonSocket(websocket), sid_key, context.registry)
     call_ref: list[CallSession | None] = [None]
     on_bad = bad_frame_counter(dialect, call_ref)
     status = "disconnected"
@@ -184,6 +203,7 @@ async def serve_media_stream(
                     on_bad("duplicate_start")
                     continue
                 transport.stream_sid = start.stream_sid
+                transport.call_sid = start.call_sid if _SAFE_ID.match(start.call_sid) else ""
                 call_ref[0] = await open_call(
                     context,
                     dialect,

@@ -5,8 +5,10 @@ client's own speech synthesis.
 agent's ``avatar`` and ``background`` when configured), or ``error`` and close **4401**.
 ``chat_message`` (``content``, ``user_id``, ``agent_id``, ``conversation_id``, optional ``audio``:
 true) → ``stream_start``, ``tts_ready_chunk`` (``chunk``: one complete sentence each; with ``audio``
-the sentence's speech as base64 WAV too), ``tool_call`` / ``tool_result`` when the agent uses tools,
-``stream_end`` (``content``: the whole answer; ``interrupted``). ``interrupt_stream`` cancels the
+the sentence's speech as base64 WAV too), ``tool_call`` (``tool_call_id``, ``name``, ``arguments``:
+an object) / ``tool_result`` (``tool_call_id``, ``name``, ``content``, ``successful``) when the agent
+uses tools, ``stream_end`` (``content``: the whole answer; ``interrupted``; ``action`` when a
+built-in tool ended or transferred the conversation). ``interrupt_stream`` cancels the
 answer in flight. The server sends ``ping`` every ``GATEWAY_CHAT_PING_INTERVAL_SECONDS`` and closes
 with **4408** a connection that misses its ``pong`` for ``GATEWAY_CHAT_PONG_TIMEOUT_SECONDS``; a
 connection that does not authorize within 10 s is closed with 4401. Conversations persist by
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -34,7 +37,7 @@ from voice_gateway.auth import Authenticator
 from voice_gateway.call import BAD_FRAMES
 from voice_gateway.sentences import SentenceStream
 from voice_gateway.session import GatewayContext, Session
-from voice_gateway.turns import Event, LlmDelta, OutputFormat, SpeechAudio, TurnFailed
+from voice_gateway.turns import Event, LlmDelta, OutputFormat, SpeechAudio, ToolCalled, ToolFinished, TurnFailed
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +253,23 @@ class ChatConnection:
             elif isinstance(event, SpeechAudio):
                 wav = wav_bytes(np.frombuffer(event.audio, dtype="<i2"), event.sample_rate)
                 await chunk(event.text, base64.b64encode(wav).decode())
+            elif isinstance(event, ToolCalled):
+                try:
+                    arguments = json.loads(event.arguments or "{}")
+                except json.JSONDecodeError:
+                    arguments = event.arguments
+                await self.send(
+                    "tool_call", tool_call_id=event.tool_call_id, name=event.name, arguments=arguments, **ids
+                )
+            elif isinstance(event, ToolFinished):
+                await self.send(
+                    "tool_result",
+                    tool_call_id=event.tool_call_id,
+                    name=event.name,
+                    content=event.content,
+                    successful=event.successful,
+                    **ids,
+                )
             elif isinstance(event, TurnFailed):
                 await self.error(event.error, "turn_failed")
 
@@ -263,8 +283,9 @@ class ChatConnection:
             if not with_audio:
                 for sentence in sentences.flush():
                     await chunk(sentence)
-            await self.send("stream_end", content=result.assistant_text, interrupted=False, **ids)
             await session.record("chat", result)
+            action = {"action": dataclasses.asdict(result.action)} if result.action else {}
+            await self.send("stream_end", content=result.assistant_text, interrupted=False, **ids, **action)
         except asyncio.CancelledError:
             await self.send("stream_end", content=full_text.strip(), interrupted=True, **ids)
             raise

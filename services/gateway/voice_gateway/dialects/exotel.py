@@ -63,6 +63,7 @@ async def serve(websocket: WebSocket, context: GatewayContext) -> None:
         parameters = parameters if isinstance(parameters, dict) else {}
         reserved = ("agent_id", "sample-rate", "sample_rate")
         return StreamStart(
+            call_sid=str(start.get("call_sid") or start.get("callSid") or ""),
             stream_sid=_sid(message, start),
             agent_id=str(query.get("agent_id") or parameters.get("agent_id") or "default"),
             variables={k: v for k, v in {**parameters, **query}.items() if k not in reserved},

@@ -3,11 +3,14 @@ ways on ``/ws/pcm/{session_id}`` or the seed's path ``/api/pipecat/websocket/{se
 
 A session id that was never announced, has expired (not connected within 5 minutes) or is already
 connected is closed with code **4404** and the reason ``unknown or expired session``. Text frames
-and odd-length frames are counted and ignored; the call goes on.
+and odd-length frames are counted and ignored; the call goes on. When the agent's ``end_call`` or
+``transfer_call`` tool runs, the gateway closes the socket with 1000 (reason ``end_call`` or
+``transfer_call``) after the answer has played; the transfer number is in the call log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -17,6 +20,7 @@ from voice_gateway.call import CallSession, MediaFormat
 from voice_gateway.call_registry import CallRegistry
 from voice_gateway.dialects.carrier import MAX_FRAME_BYTES, open_call
 from voice_gateway.session import GatewayContext
+from voice_gateway.tools import CallAction
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,12 @@ class PcmTransport:
 
     async def clear(self) -> None:
         return None
+
+    async def hang_up(self, action: CallAction) -> None:
+        """Closes the socket normally (1000); a transfer has no in-band form here and is in the call log."""
+        if self._websocket.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await self._websocket.close(code=1000, reason=action.kind)
 
 
 async def serve(websocket: WebSocket, context: GatewayContext, registry: CallRegistry, session_id: str) -> None:

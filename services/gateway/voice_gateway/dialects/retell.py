@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from voice_gateway.call import BAD_FRAMES
 from voice_gateway.session import GatewayContext, Session
 from voice_gateway.templates import personalise
-from voice_gateway.turns import Conversation, Event, LlmDelta, TurnFailed
+from voice_gateway.turns import Conversation, Event, LlmDelta, ToolCalled, ToolFinished, TurnFailed
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +39,41 @@ UNINTELLIGIBLE = "(unintelligible audio)"
 
 
 def history_from_transcript(transcript: object) -> list[dict]:
-    """Chat messages from Retell's transcript: ``agent`` → assistant, anything else → user."""
+    """Chat messages from Retell's transcript: ``agent`` → assistant, anything else → user.
+
+    ``transcript_with_tool_calls`` items are understood too: a ``tool_call_invocation`` becomes an
+    assistant message carrying the call, a ``tool_call_result`` the ``tool`` message answering it.
+    """
     messages: list[dict] = []
     for utterance in transcript if isinstance(transcript, list) else []:
-        if not isinstance(utterance, dict) or not isinstance(utterance.get("content"), str):
+        if not isinstance(utterance, dict):
+            continue
+        if utterance.get("role") == "tool_call_invocation":
+            call = {
+                "id": str(utterance.get("tool_call_id") or ""),
+                "name": str(utterance.get("name") or ""),
+                "arguments": str(utterance.get("arguments") or "{}"),
+            }
+            if call["id"] and call["name"]:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            continue
+        if utterance.get("role") == "tool_call_result":
+            call_id = str(utterance.get("tool_call_id") or "")
+            if any(call_id == c["id"] for m in messages for c in m.get("tool_calls", ())):
+                messages.append({"role": "tool", "tool_call_id": call_id, "content": str(utterance.get("content"))})
+            continue
+        if not isinstance(utterance.get("content"), str):
             continue
         role = "assistant" if utterance.get("role") == "agent" else "user"
         content = utterance["content"].strip()
         if not content:
             continue
-        if messages and messages[-1]["role"] == role:
+        if messages and messages[-1]["role"] == role and "tool_calls" not in messages[-1]:
             messages[-1]["content"] += " " + content
         else:
             messages.append({"role": role, "content": content})
-    return messages
+    answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
+    return [m for m in messages if not m.get("tool_calls") or m["tool_calls"][0]["id"] in answered]
 
 
 class RetellConnection:
@@ -78,7 +99,11 @@ class RetellConnection:
 
     async def run(self) -> None:
         await self.send(
-            {"response_type": "config", "config": {"auto_reconnect": True, "call_details": True}, "response_id": 1}
+            {
+                "response_type": "config",
+                "config": {"auto_reconnect": True, "call_details": True, "transcript_with_tool_calls": True},
+                "response_id": 1,
+            }
         )
         fallback = asyncio.create_task(self._begin_without_details())
         close_code, reason = 1000, ""
@@ -208,6 +233,24 @@ class RetellConnection:
                         "content_complete": False,
                     }
                 )
+            elif isinstance(event, ToolCalled):
+                await self.send(
+                    {
+                        "response_type": "tool_call_invocation",
+                        "tool_call_id": event.tool_call_id,
+                        "name": event.name,
+                        "arguments": event.arguments,
+                    }
+                )
+            elif isinstance(event, ToolFinished):
+                await self.send(
+                    {
+                        "response_type": "tool_call_result",
+                        "tool_call_id": event.tool_call_id,
+                        "content": event.content,
+                        "successful": event.successful,
+                    }
+                )
             elif isinstance(event, TurnFailed):
                 logger.warning("retell %s: %s", self._call_id, event.error)
 
@@ -230,9 +273,17 @@ class RetellConnection:
                     )
                 return
             if response_id == self._current_response_id:
-                await self.send(
-                    {"response_type": "response", "response_id": response_id, "content": "", "content_complete": True}
-                )
+                final = {
+                    "response_type": "response",
+                    "response_id": response_id,
+                    "content": "",
+                    "content_complete": True,
+                }
+                if result.action is not None and result.action.kind == "end_call":
+                    final["end_call"] = True
+                elif result.action is not None and result.action.kind == "transfer_call":
+                    final["transfer_number"] = result.action.number
+                await self.send(final)
                 await session.record("response", result)
 
 

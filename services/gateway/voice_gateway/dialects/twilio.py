@@ -5,6 +5,10 @@
 ``media`` (μ-law 8 kHz, base64), ``dtmf``, ``mark`` and ``stop``; the gateway sends ``media``,
 ``mark`` and ``clear``, each with the ``streamSid``. When ``TWILIO_AUTH_TOKEN`` is set the webhook
 checks ``X-Twilio-Signature`` and refuses a bad one with 403.
+
+The ``<Connect>`` verb carries ``action="/twilio/after-stream"``: when the agent ends the stream
+(its ``end_call`` or ``transfer_call`` tool), Twilio asks that URL what next, and gets ``<Dial>``
+with the transfer number or ``<Hangup/>``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import base64
 import hashlib
 import hmac
 import logging
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,6 +25,7 @@ from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
 from voice_gateway.call import MediaFormat
+from voice_gateway.call_registry import CallRegistry
 from voice_gateway.dialects.carrier import StreamStart, serve_media_stream
 from voice_gateway.session import GatewayContext
 
@@ -46,25 +51,46 @@ def public_url(request: Request) -> str:
     return f"{proto}://{host}{request.url.path}{query}"
 
 
-async def voice_webhook(request: Request, auth_token: str | None) -> Response:
-    """Answers Twilio's voice webhook with TwiML that connects the call to the media stream."""
+async def _signed_form(request: Request, auth_token: str | None) -> dict[str, str] | Response:
+    """The webhook's form parameters, or a 403 response when the signature is wrong."""
     form = {key: str(value) for key, value in (await request.form()).items()}
     if auth_token:
         signature = request.headers.get("x-twilio-signature", "")
         if not hmac.compare_digest(signature, expected_signature(auth_token, public_url(request), form)):
-            logger.warning("twilio webhook refused: bad X-Twilio-Signature")
+            logger.warning("twilio webhook %s refused: bad X-Twilio-Signature", request.url.path)
             return Response("invalid X-Twilio-Signature", status_code=403, media_type="text/plain")
+    return form
+
+
+async def voice_webhook(request: Request, auth_token: str | None) -> Response:
+    """Answers Twilio's voice webhook with TwiML that connects the call to the media stream."""
+    form = await _signed_form(request, auth_token)
+    if isinstance(form, Response):
+        return form
     agent_id = request.query_params.get("agent_id") or form.get("agent_id") or "default"
     proto = request.headers.get("x-forwarded-proto", request.url.scheme)
     host = request.headers.get("x-forwarded-host", request.headers.get("host", request.url.netloc))
     stream_url = f"{'wss' if proto == 'https' else 'ws'}://{host}/twilio/media"
+    action_url = f"{proto}://{host}/twilio/after-stream"
     parameters = [("agent_id", agent_id)] + [(key, form[key]) for key in FORWARDED_PARAMETERS if key in form]
     body = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters)
     twiml = (
         '<?xml version="1.0" encoding="UTF-8"?>'
-        f"<Response><Connect><Stream url={quoteattr(stream_url)}>{body}</Stream></Connect></Response>"
+        f"<Response><Connect action={quoteattr(action_url)}><Stream url={quoteattr(stream_url)}>{body}</Stream>"
+        "</Connect></Response>"
     )
     return Response(twiml, media_type="application/xml")
+
+
+async def after_stream_webhook(request: Request, auth_token: str | None, registry: CallRegistry | None) -> Response:
+    """Twilio asks what to do once the media stream has ended: ``<Dial>`` the number the agent's
+    ``transfer_call`` tool chose, or hang up."""
+    form = await _signed_form(request, auth_token)
+    if isinstance(form, Response):
+        return form
+    number = await registry.transfer_of(form.get("CallSid", "")) if registry is not None else None
+    verb = f"<Dial>{escape(number)}</Dial>" if number else "<Hangup/>"
+    return Response(f'<?xml version="1.0" encoding="UTF-8"?><Response>{verb}</Response>', media_type="application/xml")
 
 
 def parse_start(message: dict, on_bad) -> StreamStart:
@@ -75,6 +101,7 @@ def parse_start(message: dict, on_bad) -> StreamStart:
         on_bad("unsupported_media_format")
     parameters = start.get("customParameters") if isinstance(start.get("customParameters"), dict) else {}
     return StreamStart(
+        call_sid=str(start.get("callSid") or parameters.get("CallSid") or ""),
         stream_sid=str(message.get("streamSid") or start.get("streamSid") or ""),
         agent_id=str(parameters.get("agent_id") or parameters.get("agentId") or "default"),
         variables={k: v for k, v in parameters.items() if k not in ("agent_id", "agentId")},

@@ -1,0 +1,74 @@
+"""A real local HTTP server standing in for an agent's webhook tools, recording what it was sent.
+
+Paths: ``/order`` answers JSON about the order, ``/slow`` answers only after ``slow_s`` seconds,
+``/fail`` answers 500, anything else 404.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+
+class WebhookServer:
+    """Runs in a thread; ``requests`` holds ``(method, path, query, headers, body)`` of each call."""
+
+    def __init__(self, slow_s: float = 4.0) -> None:
+        self.slow_s = slow_s
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                url = urlparse(self.path)
+                server.requests.append(
+                    {
+                        "method": self.command,
+                        "path": url.path,
+                        "query": {k: v[0] for k, v in parse_qs(url.query).items()},
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "body": json.loads(body) if body else None,
+                    }
+                )
+                if url.path == "/slow":
+                    time.sleep(server.slow_s)
+                if url.path in ("/order", "/slow"):
+                    self._reply(200, {"order": "A-42", "status": "shipped", "eta": "tomorrow"})
+                elif url.path == "/fail":
+                    self._reply(500, {"error": "database down"})
+                else:
+                    self._reply(404, {"error": "no such path"})
+
+            def _reply(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = do_POST = do_PUT = _handle  # noqa: N815 (http.server dispatches on these names)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> WebhookServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
