@@ -17,10 +17,10 @@ MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/runtime libs/chan
 PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
 PROTOS := $(wildcard protos/voice/v1/*.proto)
 
-.PHONY: help install install-test system-deps system-deps-test run test protos protos-check bench clean
+.PHONY: help install install-test system-deps system-deps-test run test protos protos-check bench clean helm-lint k8s-validate
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
@@ -55,7 +55,7 @@ install-test: system-deps-test $(VENV)/.installed-test ## install what `make tes
 run: install ## start nats-server, the llama.cpp server, the workers and the gateway on :8000 (Ctrl-C stops)
 	$(VENV)/bin/voicectl up
 
-test: install-test protos-check ## run the test suite (real nats-server, real models)
+test: install-test protos-check helm-lint k8s-validate ## run the test suite (real nats-server, real models)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 protos: ## regenerate libs/protos from protos/voice/v1
@@ -68,6 +68,12 @@ protos-check: ## fail if the committed generated code differs from protos/
 	for f in $$(cd $$tmp && find voice -name '*.py*'); do \
 	  cmp -s $$tmp/$$f libs/protos/$$f || { echo "protos-check: libs/protos/$$f is out of date; run 'make protos'"; exit 1; }; \
 	done && echo "protos-check: generated code matches protos/"
+
+helm-lint: $(VENV)/.installed-test ## helm lint --strict the chart with its CI value sets (deploy/helm/voice-platform/ci)
+	$(PY) deploy/helm/check.py lint
+
+k8s-validate: $(VENV)/.installed-test ## render the chart, validate every object and the policies; hadolint the Dockerfiles
+	$(PY) deploy/helm/check.py validate hadolint
 
 bench: install-test ## run the benchmarks; figures go to bench/results.json and a table
 	$(PY) -m bench
