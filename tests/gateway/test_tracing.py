@@ -99,6 +99,12 @@ async def test_one_call_is_one_trace_with_the_expected_tree(traced_stack):
     assert all(s["attributes"].get("gen_ai.request.model") for s in llm)
     stt = [s for s in spans if s["name"] == "stt.transcribe"]
     assert len(stt) == 1 and turn_of(stt[0])["attributes"]["voice.turn.kind"] == "audio"
+    text_turn = next(t for t in turns if t["attributes"]["voice.turn.kind"] == "text")
+    assert text_turn["attributes"]["voice.timing.llm_first_token_s"] > 0
+    assert text_turn["attributes"]["voice.timing.first_audio_s"] > 0
+    assert session["attributes"]["voice.dialect"] == "browser" and session["attributes"]["voice.agent_id"] == "default"
+    values = [str(v) for s in spans for v in s["attributes"].values()]
+    assert not [v for v in values if "Thank you" in v or "joke" in v], "transcript text in spans without the opt-in"
     other_traces = {s["trace_id"] for s in receiver.spans if s["attributes"].get("voice.session_id") == session_id} - {
         trace_id
     }

@@ -37,6 +37,7 @@ from voice_gateway.turns import CallActionRequested, Event, OutputFormat, Speech
 from voice_gateway.vad import VAD_SAMPLE_RATES, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
 from voice_runtime.tasks import cancel_and_wait, wait_quietly
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
+from voice_telemetry.tracing import capture_content
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,9 @@ class CallSession:
         kind = "audio" if audio is not None else "dtmf"
         session = self.session
         with session.turn_span(kind) as span:
+            if audio is not None:
+                span.set_attribute("voice.audio.duration_s", round(len(audio) / (2 * self._vad_rate), 3))
+                span.add_event("endpointing", {"voice.endpointing.wait_s": round(wait_s, 4)})
             timings: dict[str, float] = {"endpointing_s": wait_s}
             user_text = text or ""
             try:
@@ -288,6 +292,8 @@ class CallSession:
                 span.set_attribute("voice.time_to_first_audio_s", result.timings.get("first_audio_s", -1.0))
                 await session.record(kind, result)
             except asyncio.CancelledError:
+                reason = "barge_in" if self._heard_at_barge_in is not None else "call_ended"
+                span.add_event("cancelled", {"voice.cancel.reason": reason})
                 if self._heard_at_barge_in is not None:
                     result = TurnResult(user_text=user_text, assistant_text=self._heard_at_barge_in, timings=timings)
                     await session.record(kind, result, interrupted=True)
@@ -390,7 +396,15 @@ class CallSession:
         self._trim_history(heard, trim_log=answer_finished)
         self._spoken.clear()
         self._player = asyncio.create_task(self._play())
-        logger.info("barge-in on call %s after %.0f ms; the caller heard %r", self.session.id, latency * 1000, heard)
+        self.session.span.add_event(
+            "barge_in", {"voice.barge_in.latency_s": round(latency, 4), "voice.barge_in.heard_chars": len(heard)}
+        )
+        if capture_content():
+            logger.info(
+                "barge-in on call %s after %.0f ms; the caller heard %r", self.session.id, latency * 1000, heard
+            )
+        else:
+            logger.info("barge-in on call %s after %.0f ms", self.session.id, latency * 1000)
 
     def _heard_text(self) -> str:
         """What the caller heard of the agent's current answer: played sentences and the played part

@@ -39,6 +39,7 @@ from voice_gateway.turns import (
 )
 from voice_runtime.tasks import cancel_and_wait
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
+from voice_telemetry.tracing import set_content_attribute
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,14 @@ class Session:
                 self.conversation.history.append({"role": "assistant", "content": turn.assistant})
         self.span = tracer.start_span(
             "session",
-            attributes={"voice.session_id": self.id, "voice.dialect": dialect, "voice.agent_id": agent.id},
+            attributes={
+                "voice.session_id": self.id,
+                "voice.dialect": dialect,
+                "voice.agent_id": agent.id,
+                "gen_ai.request.model": agent.llm.model or "default",
+                "voice.tts.voice": agent.voice or "default",
+                "voice.agent.tools": len(agent.tools),
+            },
         )
         self._turns: asyncio.Queue[Callable[[], Awaitable[None]] | None] = asyncio.Queue()
         self._runner = asyncio.create_task(self._run_turns())
@@ -156,6 +164,7 @@ class Session:
                     if before:
                         await before()
                     if audio is not None:
+                        span.set_attribute("voice.audio.bytes", len(audio))
                         stt_started = time.perf_counter()
                         await emit(StageStarted(kind="stt_start"))
                         user_text = await self._context.engine.transcribe(self.conversation, audio, fmt)
@@ -177,6 +186,9 @@ class Session:
                     if "first_audio_s" in result.timings:
                         FIRST_AUDIO.labels(self.dialect, kind).observe(result.timings["first_audio_s"])
                         span.set_attribute("voice.time_to_first_audio_s", result.timings["first_audio_s"])
+                except asyncio.CancelledError:
+                    span.add_event("cancelled", {"voice.cancel.reason": "session_closed"})
+                    raise
                 except BusError as exc:
                     stage = "speech recognition" if not result.user_text and audio is not None else "the assistant"
                     result.error = describe(exc, stage)
@@ -203,6 +215,15 @@ class Session:
         )
 
     async def record(self, kind: str, result: TurnResult, *, interrupted: bool = False) -> None:
+        """Adds a finished turn to the call log (and its timings, and text if opted in, to the turn's span)."""
+        span = trace.get_current_span()
+        for name, seconds in result.timings.items():
+            span.set_attribute(f"voice.timing.{name}", round(seconds, 4))
+        span.set_attribute("voice.turn.interrupted", interrupted)
+        if result.tools:
+            span.set_attribute("voice.turn.tool_calls", len(result.tools))
+        set_content_attribute(span, "voice.user_text", result.user_text)
+        set_content_attribute(span, "voice.assistant_text", result.assistant_text)
         self.call_log.turns.append(
             TurnRecord(
                 index=len(self.call_log.turns),

@@ -258,9 +258,10 @@ class RetellConnection:
             span.set_attribute("voice.retell.response_id", response_id)
             try:
                 result = await self._context.engine.respond(conversation, user_text, None, emit, started)
+            except asyncio.CancelledError:
+                span.add_event("cancelled", {"voice.cancel.reason": "superseded"})
+                raise
             except Exception as exc:
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
                 logger.warning("retell %s: response %d failed: %s", self._call_id, response_id, exc)
                 if response_id == self._current_response_id:
                     await self.send(
