@@ -3,6 +3,11 @@
 Starts nats-server (JetStream, max_payload 8 MB), the llama.cpp server with SmolLM2, the STT, LLM
 and TTS workers and the gateway on :8000, each log line prefixed with its process name. Ctrl-C (or
 SIGTERM) stops the gateway, drains the workers, then stops the LLM backend and NATS.
+
+Unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) or ``OTEL_TRACES_EXPORTER`` is
+set (or ``OTEL_SDK_DISABLED=true``), it also runs a local OTLP receiver that appends every process's
+spans to ``<state dir>/traces.jsonl`` and points the children's standard ``OTEL_*`` variables at it:
+``voicectl trace SESSION_ID`` then shows a call's waterfall without Jaeger.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import threading
 import time
 from pathlib import Path
 
+from voice_telemetry.collector import OtlpReceiver
 from voicectl.health import wait_serving
 from voicectl.local import ChildProcess, GatewayProcess, NatsServer, wait_for_port
+from voicectl.traces import TRACE_FILE_NAME
 
 NATS_PORT = 4222
 NATS_MONITOR_PORT = 8222
@@ -24,6 +31,19 @@ GATEWAY_PORT = 8000
 # The chat stream's key for local use; set GATEWAY_API_KEYS to choose your own.
 DEV_API_KEY = "dev-key"
 WORKERS = {"stt": (50051, 9101, 36), "llm": (50052, 9102, 32), "tts": (50053, 9103, 35)}
+# Variables that mean the user chose where spans go: then no local receiver.
+_OTEL_CHOICES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")
+# How long the children batch spans before sending them to the local receiver.
+LOCAL_TRACES_DELAY_MS = 500
+
+
+def local_trace_receiver(state_dir: str, environ: dict[str, str] | None = None) -> OtlpReceiver | None:
+    """A started OTLP receiver writing ``<state_dir>/traces.jsonl``, or ``None`` when the user configured
+    tracing through the standard ``OTEL_*`` variables (or disabled it)."""
+    environ = os.environ if environ is None else environ
+    if any(environ.get(name) for name in _OTEL_CHOICES) or environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    return OtlpReceiver(Path(state_dir, TRACE_FILE_NAME).resolve(), keep=False).start()
 
 
 def _port_free(port: int) -> bool:
@@ -52,9 +72,14 @@ def run_stack(state_dir: str = ".run") -> int:
         return 1
     nats, stop = _nats_until_signalled(state_dir)
     children: list[ChildProcess] = []
+    receiver = None
     try:
         nats.start()
         print(f"    nats | nats-server with JetStream on {nats.url} (monitor http://127.0.0.1:{NATS_MONITOR_PORT})")
+        receiver = local_trace_receiver(state_dir)
+        otel = receiver.env(LOCAL_TRACES_DELAY_MS) if receiver else {}
+        if receiver:
+            print(f"  traces | spans go to {receiver.path} (see them: voicectl trace --list)")
         threads = str(max(1, (os.cpu_count() or 2) // 2))
         llama = ChildProcess(
             "llama",
@@ -62,7 +87,7 @@ def run_stack(state_dir: str = ".run") -> int:
             color=33,
         ).start()
         children.append(llama)
-        env = {"NATS_URL": nats.url, "LLM_BASE_URL": f"http://127.0.0.1:{LLAMA_PORT}/v1"}
+        env = {**otel, "NATS_URL": nats.url, "LLM_BASE_URL": f"http://127.0.0.1:{LLAMA_PORT}/v1"}
         for name, (grpc_port, metrics_port, color) in WORKERS.items():
             children.append(
                 ChildProcess(
@@ -77,7 +102,7 @@ def run_stack(state_dir: str = ".run") -> int:
             wait_serving(f"127.0.0.1:{grpc_port}", 300, alive=child.running)
         gateway = GatewayProcess(
             nats.url,
-            {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_API_KEYS": os.environ.get("GATEWAY_API_KEYS", DEV_API_KEY)},
+            {**otel, "GATEWAY_HOST": "0.0.0.0", "GATEWAY_API_KEYS": os.environ.get("GATEWAY_API_KEYS", DEV_API_KEY)},
             port=GATEWAY_PORT,
         )
         children.append(gateway.child)
@@ -109,6 +134,8 @@ def run_stack(state_dir: str = ".run") -> int:
             child.wait(max(0.1, give_up - time.monotonic()))
             child.stop(timeout_s=1)
         nats.stop()
+        if receiver:
+            receiver.stop()
         print("stopped", flush=True)
 
 

@@ -3,6 +3,9 @@
 ``async for event in bus.stream("llm", request, timeout=30):`` publishes the request to the
 service's JetStream work queue and yields the events a worker streams back to a private inbox, in
 order, until the final one. Failures arrive as :class:`BusError` with a code.
+
+Every process that sends requests (the gateway, ``voicectl``) exposes ``voice_bus_client_*``
+metrics: requests in flight and finished by service and outcome, and the time to the first event.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from prometheus_client import Counter, Gauge, Histogram
 
 from voice.v1 import events_pb2
 from voice_bus.catalog import (
@@ -31,6 +35,7 @@ from voice_bus.catalog import (
 )
 from voice_bus.connection import MAX_REQUEST_BYTES
 from voice_bus.errors import DEADLINE_EXCEEDED, INVALID_ARGUMENT, UNAVAILABLE, BusError
+from voice_telemetry.metrics import LATENCY_BUCKETS_S
 from voice_telemetry.tracing import inject_context
 
 logger = logging.getLogger(__name__)
@@ -41,6 +46,19 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_STALL_TIMEOUT_S = 15.0
 # A positive answer to the presence probe is trusted this long.
 PRESENCE_TTL_S = 2.0
+
+CLIENT_REQUESTS = Counter(
+    "voice_bus_client_requests_total",
+    "Requests this process sent on the bus, by service and outcome (ok, abandoned, or an error code)",
+    ["service", "outcome"],
+)
+CLIENT_IN_FLIGHT = Gauge("voice_bus_client_in_flight", "Requests this process waits on, by service", ["service"])
+CLIENT_FIRST_EVENT = Histogram(
+    "voice_bus_client_time_to_first_event_seconds",
+    "From sending a request to its first event (queueing, bus and the worker's own time to first result)",
+    ["service"],
+    buckets=LATENCY_BUCKETS_S,
+)
 
 
 class BusClient:
@@ -102,6 +120,34 @@ class BusClient:
             BusError: UNAVAILABLE when no worker runs or the one running it died mid-stream,
                 DEADLINE_EXCEEDED when ``timeout`` passes, or the error a worker answered.
         """
+        final_field = service_spec(service).final_field
+        outcome = "abandoned"
+        started = time.perf_counter()
+        first = True
+        CLIENT_IN_FLIGHT.labels(service).inc()
+        try:
+            events = self._stream(service, request, timeout=timeout, stall_timeout=stall_timeout, session_id=session_id)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if first:
+                        first = False
+                        CLIENT_FIRST_EVENT.labels(service).observe(time.perf_counter() - started)
+                    if event.WhichOneof("event") == final_field:
+                        outcome = "ok"
+                    yield event
+        except BusError as exc:
+            outcome = exc.code_name.lower()
+            raise
+        except Exception:
+            outcome = "internal"
+            raise
+        finally:
+            CLIENT_IN_FLIGHT.labels(service).dec()
+            CLIENT_REQUESTS.labels(service, outcome).inc()
+
+    async def _stream(
+        self, service: str, request: Message, *, timeout: float, stall_timeout: float, session_id: str
+    ) -> AsyncIterator[Message]:
         spec = service_spec(service)
         if not isinstance(request, spec.request_type):
             raise TypeError(f"{service} takes {spec.request_type.__name__}, not {type(request).__name__}")

@@ -54,11 +54,25 @@ HEARTBEAT_INTERVAL_S = ACK_WAIT_S / 3
 FETCH_TIMEOUT_S = 2.0
 RECENT_CANCELS = 4096
 
+LAG_INTERVAL_S = 2.0
+
+# Outcomes of a request (``voice_worker_requests_total``); all but these two count as errors.
+NOT_ERRORS = frozenset({"ok", "cancelled"})
+
 WORK_REQUESTS = Counter(
-    "voice_worker_requests_total", "Requests finished by this worker, by outcome", ["service", "outcome"]
+    "voice_worker_requests_total",
+    "Requests finished by this worker, by front door (bus, grpc) and outcome",
+    ["service", "transport", "outcome"],
 )
-WORK_IN_FLIGHT = Gauge("voice_worker_in_flight", "Requests running in this worker", ["service"])
-WORK_SLOTS = Gauge("voice_worker_slots", "Concurrency slots of this worker", ["service"])
+WORK_ERRORS = Counter(
+    "voice_worker_errors_total",
+    "Failed requests by kind (deadline_exceeded, invalid_argument, unavailable, internal) and bus fetch failures",
+    ["service", "transport", "kind"],
+)
+WORK_IN_FLIGHT = Gauge(
+    "voice_worker_in_flight", "Requests running in this worker, by front door (bus, grpc)", ["service", "transport"]
+)
+WORK_SLOTS = Gauge("voice_worker_slots", "Concurrency slots of this worker (0 while it drains)", ["service"])
 WORK_QUEUE_WAIT = Histogram(
     "voice_worker_queue_wait_seconds",
     "From the request's publication to a worker picking it up",
@@ -67,13 +81,38 @@ WORK_QUEUE_WAIT = Histogram(
 )
 WORK_DURATION = Histogram(
     "voice_worker_request_duration_seconds",
-    "Time a worker spent on one request",
-    ["service"],
+    "Time a worker spent on one request, by front door (bus, grpc)",
+    ["service", "transport"],
     buckets=LATENCY_BUCKETS_S,
 )
 CONSUMER_PENDING = Gauge(
-    "voice_worker_consumer_pending", "Messages waiting in the service's work queue (consumer lag)", ["service"]
+    "voice_worker_consumer_pending",
+    "Messages waiting in the service's work queue, not yet taken by any worker (consumer lag)",
+    ["service"],
 )
+CONSUMER_ACK_PENDING = Gauge(
+    "voice_worker_consumer_ack_pending",
+    "Messages taken by the service's workers and not yet acknowledged (work in progress, all workers)",
+    ["service"],
+)
+CONSUMER_REDELIVERED = Gauge(
+    "voice_worker_consumer_redelivered",
+    "Unacknowledged messages of the service's consumer that were delivered more than once",
+    ["service"],
+)
+
+
+def record_outcome(service: str, transport: str, outcome: str) -> None:
+    """Counts one finished request, and an error unless the outcome is ``ok`` or ``cancelled``.
+
+    Args:
+        service: ``stt``, ``llm`` or ``tts``.
+        transport: The front door: ``bus`` or ``grpc``.
+        outcome: ``ok``, ``cancelled`` or an error code name in lower case (``deadline_exceeded``, …).
+    """
+    WORK_REQUESTS.labels(service, transport, outcome).inc()
+    if outcome not in NOT_ERRORS:
+        WORK_ERRORS.labels(service, transport, outcome).inc()
 
 
 @dataclass
@@ -165,6 +204,7 @@ class Worker:
         self._recent_cancels: OrderedDict[str, None] = OrderedDict()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._lag_task: asyncio.Task | None = None
         self._subscriptions: list = []
         self._pull = None
         self.max_unacked_seen = 0
@@ -181,7 +221,12 @@ class Worker:
         self._subscriptions.append(await self._nc.subscribe(CANCEL_PREFIX + "*", cb=self._on_cancel))
         self._subscriptions.append(await self._nc.subscribe(self._spec.presence_subject, cb=self._on_presence))
         WORK_SLOTS.labels(self._spec.name).set(self._concurrency)
+        WORK_IN_FLIGHT.labels(self._spec.name, "bus")
+        WORK_REQUESTS.labels(self._spec.name, "bus", "ok")
+        for kind in ("deadline_exceeded", "invalid_argument", "unavailable", "internal"):
+            WORK_ERRORS.labels(self._spec.name, "bus", kind)
         self._loop_task = asyncio.create_task(self._fetch_loop(), name=f"{self._name}-fetch")
+        self._lag_task = asyncio.create_task(self._lag_loop(), name=f"{self._name}-lag")
         logger.info("%s consuming %s with %d slot(s)", self._name, self._spec.subject, self._concurrency)
 
     async def stop(self, grace_s: float = 60.0) -> None:
@@ -189,6 +234,11 @@ class Worker:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        WORK_SLOTS.labels(self._spec.name).set(0)
+        if self._lag_task:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
         for sub in self._subscriptions[1:]:
             await sub.unsubscribe()
         if self._loop_task:
@@ -207,7 +257,6 @@ class Worker:
         logger.info("%s stopped", self._name)
 
     async def _fetch_loop(self) -> None:
-        lag_checked = 0.0
         while not self._stopping.is_set():
             await self._slots.acquire()
             if self._stopping.is_set():
@@ -217,12 +266,10 @@ class Worker:
                 messages = await self._pull.fetch(1, timeout=FETCH_TIMEOUT_S)
             except (TimeoutError, NatsTimeoutError):
                 self._slots.release()
-                if time.monotonic() - lag_checked > FETCH_TIMEOUT_S:
-                    lag_checked = time.monotonic()
-                    await self._record_lag()
                 continue
             except Exception as exc:
                 self._slots.release()
+                WORK_ERRORS.labels(self._spec.name, "bus", "fetch").inc()
                 logger.warning("%s fetch failed: %s", self._name, exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -236,10 +283,18 @@ class Worker:
         self._tasks.discard(task)
         self._slots.release()
 
+    async def _lag_loop(self) -> None:
+        """Publishes the consumer's backlog every ``LAG_INTERVAL_S``, busy or idle."""
+        while True:
+            await self._record_lag()
+            await asyncio.sleep(LAG_INTERVAL_S)
+
     async def _record_lag(self) -> None:
         with contextlib.suppress(Exception):
-            info = await self._js.consumer_info(self._spec.stream, self._spec.durable)
-            CONSUMER_PENDING.labels(self._spec.name).set(info.num_pending)
+            info = await self._js.consumer_info(self._spec.stream, self._spec.durable, timeout=LAG_INTERVAL_S)
+            CONSUMER_PENDING.labels(self._spec.name).set(info.num_pending or 0)
+            CONSUMER_ACK_PENDING.labels(self._spec.name).set(info.num_ack_pending or 0)
+            CONSUMER_REDELIVERED.labels(self._spec.name).set(info.num_redelivered or 0)
 
     async def _on_presence(self, msg: Msg) -> None:
         if msg.reply:
@@ -271,6 +326,7 @@ class Worker:
             WORK_QUEUE_WAIT.labels(self._spec.name).observe(max(0.0, time.time() - published.timestamp()))
         if not inbox:
             logger.warning("%s dropped a message without %s", self._name, HEADER_REPLY)
+            record_outcome(self._spec.name, "bus", "invalid_argument")
             await msg.term()
             return
         replies = _ReplyStream(self._nc, self._spec, inbox, request_id, attempt)
@@ -285,7 +341,7 @@ class Worker:
             span.set_attribute("messaging.message.delivery_attempt", attempt)
             outcome = await self._answer(msg, replies, request_id, headers, deadline, attempt)
             span.set_attribute("voice.outcome", outcome)
-        WORK_REQUESTS.labels(self._spec.name, outcome).inc()
+        record_outcome(self._spec.name, "bus", outcome)
 
     async def _answer(
         self,
@@ -322,7 +378,7 @@ class Worker:
         self._running[context.request_id] = (task, context)
         keepalive = asyncio.create_task(self._keepalive(msg, replies))
         started = time.monotonic()
-        WORK_IN_FLIGHT.labels(self._spec.name).inc()
+        WORK_IN_FLIGHT.labels(self._spec.name, "bus").inc()
         try:
             await replies.heartbeat()
             timeout = None if deadline is None else max(0.0, deadline - time.time())
@@ -357,8 +413,8 @@ class Worker:
             context.cancelled.set()
             keepalive.cancel()
             self._running.pop(context.request_id, None)
-            WORK_IN_FLIGHT.labels(self._spec.name).dec()
-            WORK_DURATION.labels(self._spec.name).observe(time.monotonic() - started)
+            WORK_IN_FLIGHT.labels(self._spec.name, "bus").dec()
+            WORK_DURATION.labels(self._spec.name, "bus").observe(time.monotonic() - started)
             with contextlib.suppress(Exception):
                 await msg.ack()
 

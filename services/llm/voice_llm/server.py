@@ -18,7 +18,7 @@ class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
         self._handler = handler
 
     async def Generate(self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        async for event in stream_from_handler(self._handler, request, context, "grpc.Generate"):
+        async for event in stream_from_handler(self._handler, request, context, "grpc.Generate", service="llm"):
             yield event
 
 

@@ -1,8 +1,14 @@
-"""The Transcribe operation in protobuf terms, shared by the NATS worker and the gRPC server."""
+"""The Transcribe operation in protobuf terms, shared by the NATS worker and the gRPC server.
+
+The transcript and the request's ``initial_prompt`` go into the span (``voice.stt.transcript``,
+``voice.stt.initial_prompt``) and a log line only with
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -16,7 +22,9 @@ from voice_runtime.formats import container_of, encoding_of
 from voice_runtime.threads import iterate_in_thread
 from voice_stt.engine import Segment, SpeechToTextEngine, Transcript, TranscriptionCancelled
 from voice_telemetry.metrics import LATENCY_BUCKETS_S, RTF_BUCKETS
+from voice_telemetry.tracing import capture_content, set_content_attribute
 
+logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("voice_stt")
 
 STT_LATENCY = Histogram(
@@ -44,6 +52,8 @@ class TranscribeHandler:
         with tracer.start_as_current_span("stt.transcribe") as span:
             span.set_attribute("voice.session_id", context.session_id)
             span.set_attribute("voice.stt.model", self._engine.name)
+            if request.initial_prompt:
+                set_content_attribute(span, "voice.stt.initial_prompt", request.initial_prompt)
             started = time.perf_counter()
             if not request.audio:
                 raise ValueError("empty audio")
@@ -84,6 +94,9 @@ class TranscribeHandler:
                             STT_RTF.observe(elapsed / duration_s)
                             span.set_attribute("voice.stt.real_time_factor", elapsed / duration_s)
                         span.set_attribute("voice.stt.language", item.language)
+                        set_content_attribute(span, "voice.stt.transcript", item.text)
+                        if capture_content():
+                            logger.info("transcript of %s: %r", context.request_id, item.text)
                         transcript = transcript_proto(item)
                         transcript.processing_time_s = elapsed
                         yield stt_pb2.TranscribeEvent(transcript=transcript)

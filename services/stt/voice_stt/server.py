@@ -18,7 +18,7 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
         self._handler = handler
 
     async def Transcribe(self, request: stt_pb2.TranscribeRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        async for event in stream_from_handler(self._handler, request, context, "grpc.Transcribe"):
+        async for event in stream_from_handler(self._handler, request, context, "grpc.Transcribe", service="stt"):
             yield event
 
 

@@ -239,7 +239,7 @@ class TextToSpeechEngine(abc.ABC):
             started = time.perf_counter()
             samples = synthesize_sentence(sentence, speed)
             if samples.size == 0:
-                _LOGGER.debug("%s produced no audio for sentence %d: %r", self.name, index, sentence)
+                _LOGGER.debug("%s produced no audio for sentence %d (%d characters)", self.name, index, len(sentence))
                 continue
             _LOGGER.debug(
                 "%s sentence %d: %.3fs of audio in %.3fs",

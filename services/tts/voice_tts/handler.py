@@ -1,7 +1,12 @@
-"""The Synthesize operation in protobuf terms, shared by the NATS worker and the gRPC server."""
+"""The Synthesize operation in protobuf terms, shared by the NATS worker and the gRPC server.
+
+The text to speak goes into the span (``voice.tts.text``) and a log line only with
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``; by default the span has its length.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -14,8 +19,10 @@ from voice_bus.worker import RequestContext, stopped_error
 from voice_runtime.formats import encoding_of, proto_format
 from voice_runtime.threads import iterate_in_thread
 from voice_telemetry.metrics import LATENCY_BUCKETS_S, RTF_BUCKETS
+from voice_telemetry.tracing import capture_content, set_content_attribute
 from voice_tts.engine import SynthesisCancelled, TextToSpeechEngine
 
+logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("voice_tts")
 
 MIN_OUTPUT_RATE = 8000
@@ -59,6 +66,10 @@ class SynthesizeHandler:
             span.set_attribute("voice.session_id", context.session_id)
             span.set_attribute("voice.tts.engine", self._engine.name)
             span.set_attribute("voice.tts.voice", request.voice or "default")
+            span.set_attribute("voice.tts.characters", len(request.text))
+            set_content_attribute(span, "voice.tts.text", request.text)
+            if capture_content():
+                logger.info("synthesizing for %s: %r", context.request_id, request.text)
             started = time.perf_counter()
             if len(request.text) > MAX_TEXT_CHARS:
                 raise ValueError(f"text of {len(request.text)} characters exceeds {MAX_TEXT_CHARS}")

@@ -18,7 +18,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         self._handler = handler
 
     async def Synthesize(self, request: tts_pb2.SynthesizeRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        async for event in stream_from_handler(self._handler, request, context, "grpc.Synthesize"):
+        async for event in stream_from_handler(self._handler, request, context, "grpc.Synthesize", service="tts"):
             yield event
 
     async def ListVoices(self, request: tts_pb2.ListVoicesRequest, context: grpc.aio.ServicerContext):  # noqa: N802
