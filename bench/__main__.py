@@ -39,6 +39,7 @@ from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
 from voice_bus.worker import Worker
 from voice_llm.embedded import llama_server_command, smollm2_model_path, wait_until_ready
+from voicectl.gateway_api import default_api_key
 from voicectl.local import GatewayProcess, NatsServer, WorkerProcess, free_port
 
 RESULTS = Path(__file__).with_name("results.json")
@@ -300,7 +301,11 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
             WorkerProcess("tts", nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet),
             WorkerProcess("llm", nats.url, {"OTEL_TRACES_EXPORTER": "none", "LLM_BASE_URL": base_url}, sink=quiet),
         ]
-        gateway = GatewayProcess(nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet)
+        # The REST API (agents, call logs, the PCM trigger) takes the key the callers send.
+        gateway_env = {"OTEL_TRACES_EXPORTER": "none", "GATEWAY_API_KEYS": default_api_key()}
+        # The density sweep opens more calls than the gateway's default GATEWAY_MAX_SESSIONS (500) allows.
+        gateway_env["GATEWAY_MAX_SESSIONS"] = str(max([*args.density_steps, 0]) + 100)
+        gateway = GatewayProcess(nats.url, gateway_env, sink=quiet)
         try:
             wait_until_ready(base_url, 120, process=llama)
             for worker in workers:

@@ -1,5 +1,10 @@
 """Real-time call figures: voice-to-voice latency per dialect with its breakdown, barge-in latency,
-and how many concurrent Twilio calls one gateway process holds."""
+and how many concurrent Twilio calls one gateway process holds.
+
+The callers, the per-turn voice-to-voice measurement and the REST helpers are ``voicectl``'s (the same
+ones ``voicectl load`` drives). The density figure keeps a lighter Twilio streamer of its own: hundreds of
+calls that only stream μ-law frames, so that the load generator's own work on the same cores stays small.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import numpy as np
 import websockets
 
 from voice_audio import resample, ulaw_encode
+from voicectl import gateway_api
 from voicectl.callers import call
 
 BENCH_AGENT = {
@@ -33,33 +39,17 @@ WARM_UP_S = 4.0
 
 
 def _put_agent(base_url: str, agent_id: str, agent: dict) -> None:
-    request = urllib.request.Request(
-        f"{base_url}/api/agents/{agent_id}",
-        data=json.dumps(agent).encode(),
-        method="PUT",
-        headers={"content-type": "application/json"},
-    )
-    urllib.request.urlopen(request, timeout=10).read()
+    gateway_api.put_agent(base_url, agent_id, agent, api_key=gateway_api.default_api_key())
 
 
 def _call_log(base_url: str, call_id: str) -> dict:
-    with urllib.request.urlopen(f"{base_url}/api/calls/{call_id}", timeout=10) as response:
-        return json.loads(response.read())
+    return gateway_api.call_log(base_url, call_id, api_key=gateway_api.default_api_key())
 
 
 def _summary(values: list[float]) -> dict:
     if not values:
         return {"n": 0, "median": float("nan"), "p95": float("nan")}
     return {"n": len(values), "median": statistics.median(values), "p95": float(np.percentile(values, 95))}
-
-
-def _call_id(result, dialect: str) -> str:
-    for _, what, details in result.timeline.events:
-        if what == "sent start":
-            return details.get("streamSid") or details.get("stream_sid")
-        if what == "connected" and dialect == "pcm":
-            return details["url"].rstrip("/").rsplit("/", 1)[1]
-    raise RuntimeError("no call id")
 
 
 async def voice_to_voice(base_url: str, dialect: str, utterances: list[tuple[np.ndarray, int]], turns: int) -> dict:
@@ -77,16 +67,12 @@ async def voice_to_voice(base_url: str, dialect: str, utterances: list[tuple[np.
         extra_speech=extra,
         listen_s=8.0,
         sample_rate=16000 if dialect == "exotel" else 8000,
+        api_key=gateway_api.default_api_key(),
     )
-    ends = [
-        details["last_voiced_ms"] / 1000 for _, what, details in result.timeline.events if what == "caller speech end"
-    ]
-    starts = result.timeline.times("agent audio start")
-    latencies = []
-    for end in ends:
-        after = [t for t in starts if t >= end]
-        latencies.append(after[0] - end if after else float("nan"))
-    log = await asyncio.to_thread(_call_log, base_url, _call_id(result, dialect))
+    latencies = [float("nan") if latency is None else latency for latency in result.turn_latencies()]
+    if result.session_id is None:
+        raise RuntimeError("no call id")
+    log = await asyncio.to_thread(_call_log, base_url, result.session_id)
     turns_log = [t for t in log["turns"] if t["kind"] == "audio" and not t["error"]]
     stages = {name: [] for name in ("endpointing_s", "stt_s", "llm_first_sentence_s", "tts_first_chunk_s")}
     other = []

@@ -6,6 +6,10 @@
     voicectl llm "prompt"                    stream a reply token by token
     voicectl tts "text" -o out.wav           synthesize speech
     voicectl voices                          list the TTS voices
+    voicectl trace SESSION_ID [--png OUT]    a call's spans as a waterfall (local trace file of `up`)
+    voicectl trace --list                    the recent sessions in that file
+    voicectl call --dialect twilio --wav F   play a WAV file as a phone caller to the gateway
+    voicectl load --calls N --duration S     N concurrent real-time calls, turn after turn, with a latency report
 Add --grpc (optionally HOST:PORT) to any of stt/llm/tts/voices to use the gRPC front door.
 """
 
@@ -16,7 +20,7 @@ import asyncio
 import os
 import sys
 
-from voicectl import call_command, calls
+from voicectl import call_command, calls, load, traces
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     grpc_option(voices, 50053)
 
     call_command.add_parser(sub)
+    load.add_parser(sub)
+    traces.add_parser(sub)
     return parser
 
 
@@ -87,9 +93,16 @@ def main(argv: list[str] | None = None) -> None:
         from voicectl.stack import run_nats
 
         sys.exit(run_nats(args.state_dir))
+    if args.command == "trace":
+        sys.exit(traces.run(args))
     if args.command == "call":
         try:
             sys.exit(asyncio.run(call_command.run_call(args)))
+        except KeyboardInterrupt:
+            sys.exit(130)
+    if args.command == "load":
+        try:
+            sys.exit(asyncio.run(load.run(args)))
         except KeyboardInterrupt:
             sys.exit(130)
     try:

@@ -49,6 +49,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--sample-rate", type=int, choices=EXOTEL_RATES, default=8000, help="Exotel's ?sample-rate= (default 8000)"
     )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="API key of the PCM trigger request (default: $GATEWAY_API_KEY, else dev-key, which `voicectl up` sets)",
+    )
     return parser
 
 
@@ -93,6 +98,7 @@ async def run_call(args: argparse.Namespace) -> int:
     from websockets.exceptions import WebSocketException
 
     from voicectl.callers import CallError, call
+    from voicectl.gateway_api import default_api_key
 
     parameters = dict(item.partition("=")[::2] for item in args.param)
     if any(not key for key in parameters):
@@ -116,6 +122,7 @@ async def run_call(args: argparse.Namespace) -> int:
             listen_s=args.listen,
             sample_rate=args.sample_rate,
             parameters=parameters,
+            api_key=args.api_key or default_api_key(),
         )
     except (CallError, OSError, TimeoutError, ValueError) as exc:
         print(f"voicectl call: {exc}", file=sys.stderr)

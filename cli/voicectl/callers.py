@@ -19,6 +19,10 @@ The caller's audio is streamed in real time on a fixed frame clock that starts w
 Agent audio goes through a simulated playback buffer that plays in real time, so ``CallResult.agent_audio``
 is what the caller actually heard. Every wait is bounded: the call lasts until the last caller speech ends
 plus ``listen_s`` (or ``hang_up_after_s``), or until the server closes the socket.
+
+What the caller says is either scripted up front (``caller_audio`` and ``extra_speech`` at fixed times) or
+decided during the call by a ``CallScript``, which sees every timeline event as it happens and can ``say``
+more (turn-taking and barging in: what ``voicectl load`` does).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import contextlib
 import json
 import secrets
@@ -35,7 +40,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import websockets
@@ -43,7 +48,18 @@ from websockets.exceptions import ConnectionClosed
 
 from voice_audio import resample, ulaw_decode, ulaw_encode
 
-__all__ = ["DIALECTS", "CallError", "CallResult", "CallTimeline", "call", "dialect_url", "last_voiced_s"]
+__all__ = [
+    "DIALECTS",
+    "CallError",
+    "CallResult",
+    "CallScript",
+    "CallTimeline",
+    "LiveCall",
+    "call",
+    "dialect_url",
+    "first_voiced_s",
+    "last_voiced_s",
+]
 
 DIALECTS = ("twilio", "exotel", "pcm")
 EXOTEL_RATES = (8000, 16000, 24000)
@@ -126,6 +142,8 @@ class CallResult:
         underruns: How often playback ran dry and resumed within 0.25 s (audio sent slower than real
             time: the caller hears a glitch). Longer pauses end a stretch of playback instead.
         underrun_s: The total length of those gaps.
+        session_id: The call's id at the gateway: the stream sid (Twilio, Exotel) or the triggered session
+            id (PCM).
     """
 
     agent_audio: np.ndarray
@@ -141,6 +159,7 @@ class CallResult:
     close_code: int | None = None
     underruns: int = 0
     underrun_s: float = 0.0
+    session_id: str | None = None
 
     @property
     def first_agent_audio_s(self) -> float | None:
@@ -167,6 +186,34 @@ class CallResult:
         """Seconds of agent audio the caller heard."""
         return self.agent_audio.size / self.sample_rate
 
+    def turn_latencies(self) -> list[float | None]:
+        """Voice-to-voice latency of every caller utterance, in the order they ended.
+
+        Returns:
+            For each utterance with a voiced sample: seconds from its last voiced sample to the first burst
+            of agent audio starting at or after it, or None where no agent audio followed.
+        """
+        starts = self.timeline.times("agent audio start")
+        latencies: list[float | None] = []
+        for _, what, details in self.timeline.events:
+            if what != "caller speech end" or details.get("last_voiced_ms") is None:
+                continue
+            end = details["last_voiced_ms"] / 1000
+            answer = next((t for t in starts if t >= end), None)
+            latencies.append(None if answer is None else answer - end)
+        return latencies
+
+
+def _voiced_windows(samples: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
+    window = max(1, rate // 100)
+    count = samples.size // window
+    if count == 0:
+        return np.zeros(0, np.int64), window
+    frames = samples[: count * window].astype(np.float32).reshape(count, window)
+    rms = np.sqrt(np.mean(frames * frames, axis=1))
+    threshold = max(100.0, float(rms.max()) / 32.0)
+    return np.flatnonzero(rms >= threshold), window
+
 
 def last_voiced_s(samples: np.ndarray, rate: int) -> float | None:
     """Offset in seconds of the end of the last voiced 10 ms window in ``samples``.
@@ -174,17 +221,86 @@ def last_voiced_s(samples: np.ndarray, rate: int) -> float | None:
     A window is voiced when its RMS is at least 1/32 of the loudest window's (-30 dB) and at least 100
     (about -50 dBFS). Returns None for silence.
     """
-    window = max(1, rate // 100)
-    count = samples.size // window
-    if count == 0:
-        return None
-    frames = samples[: count * window].astype(np.float32).reshape(count, window)
-    rms = np.sqrt(np.mean(frames * frames, axis=1))
-    threshold = max(100.0, float(rms.max()) / 32.0)
-    voiced = np.flatnonzero(rms >= threshold)
+    voiced, window = _voiced_windows(samples, rate)
     if voiced.size == 0:
         return None
     return float((voiced[-1] + 1) * window) / rate
+
+
+def first_voiced_s(samples: np.ndarray, rate: int) -> float | None:
+    """Offset in seconds of the start of the first voiced 10 ms window in ``samples`` (the speech onset).
+
+    Voiced as in ``last_voiced_s``. Returns None for silence.
+    """
+    voiced, window = _voiced_windows(samples, rate)
+    if voiced.size == 0:
+        return None
+    return float(voiced[0] * window) / rate
+
+
+class LiveCall(Protocol):
+    """What a ``CallScript`` sees of a call in progress.
+
+    Attributes:
+        dialect: ``"twilio"``, ``"exotel"`` or ``"pcm"``.
+        rate: The caller's (and the heard audio's) sample rate in Hz.
+        end_s: When the caller hangs up, in seconds after connect.
+    """
+
+    dialect: str
+    rate: int
+    end_s: float
+
+    def now(self) -> float:
+        """Seconds since the WebSocket opened."""
+        ...
+
+    @property
+    def agent_playing(self) -> bool:
+        """Whether agent audio is playing or queued for playback right now."""
+        ...
+
+    def say(self, samples: np.ndarray, at_s: float | None = None) -> float:
+        """Speak ``samples`` (int16 mono at ``rate``), mixed over anything else the caller is saying.
+
+        Args:
+            samples: What to say.
+            at_s: When to start, in call seconds; by default (and at the earliest) the next frame not yet sent.
+
+        Returns:
+            When the speech starts, in call seconds (speech starting after ``end_s`` is never sent).
+        """
+        ...
+
+
+class CallScript:
+    """Decides during a call what the caller says; subclass and override what you need.
+
+    The methods run on the call's event loop and must not block; they may call ``call.say``. An exception
+    raised by one ends the call and propagates out of ``call()``.
+    """
+
+    def on_start(self, call: LiveCall) -> None:
+        """The WebSocket is open and the carrier's opening messages were sent."""
+
+    def on_event(self, call: LiveCall, t: float, what: str, details: dict[str, Any]) -> None:
+        """An event was added to the call's timeline (see ``CallTimeline``) at ``t`` call seconds."""
+
+    def on_tick(self, call: LiveCall, t: float) -> None:
+        """Called about every 10 ms while the call is up."""
+
+
+class _ScriptedTimeline(CallTimeline):
+    """A timeline that also tells a callback about every event as it is added."""
+
+    def __init__(self, notify: Callable[[float, str, dict[str, Any]], None]) -> None:
+        super().__init__()
+        self._notify = notify
+
+    def add(self, t: float, what: str, **details: Any) -> None:
+        """Record an event at ``t`` seconds since connect and pass it on."""
+        super().add(t, what, **details)
+        self._notify(t, what, details)
 
 
 @dataclass
@@ -201,10 +317,12 @@ class _Player:
     """A real-time playback buffer on the call clock: audio chunks and marks, played in order.
 
     Playback that runs dry and resumes within ``_UNDERRUN_S`` is one stretch with an underrun, not two.
+    With ``keep=False`` the played audio is not kept (``heard`` and ``track`` are empty).
     """
 
-    def __init__(self, rate: int, on_event: Callable[[float, str, dict[str, Any]], None]) -> None:
+    def __init__(self, rate: int, on_event: Callable[[float, str, dict[str, Any]], None], keep: bool = True) -> None:
         self.rate = rate
+        self.keep = keep
         self.pieces: list[tuple[int, np.ndarray]] = []
         self.underruns = 0
         self.underrun_s = 0.0
@@ -249,7 +367,8 @@ class _Player:
             if room <= 0:
                 break
             take = min(room, head.remaining)
-            self.pieces.append((self._cursor, head.samples[head.pos : head.pos + take]))
+            if self.keep:
+                self.pieces.append((self._cursor, head.samples[head.pos : head.pos + take]))
             head.pos += take
             self._cursor += take
             if head.remaining == 0:
@@ -314,6 +433,8 @@ class _Player:
         return np.concatenate([piece for _, piece in self.pieces]).astype(np.int16, copy=False)
 
     def track(self, duration_s: float) -> np.ndarray:
+        if not self.keep:
+            return np.zeros(0, np.int16)
         end = max([int(duration_s * self.rate)] + [pos + piece.size for pos, piece in self.pieces])
         out = np.zeros(end, np.int16)
         for pos, piece in self.pieces:
@@ -329,6 +450,8 @@ class _Segment:
     last_voiced_s: float | None
     first_frame: int = 0
     last_frame: int = 0
+    start: int = 0
+    stop: int = 0
 
 
 class _Call:
@@ -339,20 +462,40 @@ class _Call:
     keep_current_on_clear = False
     echo_marks_on_clear = False
 
-    def __init__(self, ws_url: str, rate: int, segments: list[_Segment], end_s: float, dtmf: list[tuple[float, str]]):
+    def __init__(
+        self,
+        ws_url: str,
+        rate: int,
+        segments: list[_Segment],
+        end_s: float,
+        dtmf: list[tuple[float, str]],
+        *,
+        script: CallScript | None = None,
+        record: bool = True,
+    ):
         self.ws_url = ws_url
         self.rate = rate
         self.frame = rate * self.frame_ms // 1000
-        self.segments = segments
+        self.segments: list[_Segment] = []
         self.end_s = end_s
         self.dtmf = sorted(dtmf)
-        self.timeline = CallTimeline()
+        self.script = script
+        self.record = record
+        self.timeline = CallTimeline() if script is None else _ScriptedTimeline(self._notify)
         self.raw: list[dict[str, Any]] = []
         self.problems: list[str] = []
         self.marks_echoed: list[str] = []
         self.clears = 0
-        self.player = _Player(rate, lambda t, what, details: self.timeline.add(t, what, **details))
-        self.track = self._build_track()
+        self.player = _Player(rate, lambda t, what, details: self.timeline.add(t, what, **details), keep=record)
+        # The caller's track is mixed frame by frame from its segments: those yet to start (by start
+        # sample) and those sounding now.
+        self._track_length = int(np.ceil(self.end_s * self.rate / self.frame)) * self.frame + self.frame
+        self._upcoming: list[_Segment] = []
+        self._active: list[_Segment] = []
+        self._silence = np.zeros(self.frame, np.int16)
+        self._next_frame = 0
+        for seg in segments:
+            self._place(seg)
         self._ws: Any = None
         self._t0 = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -366,19 +509,60 @@ class _Call:
         self._burst_pending = True
         self._problem_counts: dict[str, int] = {}
 
-    def _build_track(self) -> np.ndarray:
-        length = int(np.ceil(self.end_s * self.rate / self.frame)) * self.frame + self.frame
-        track = np.zeros(length, np.int32)
-        for seg in self.segments:
-            start = round(seg.start_s * self.rate)
-            stop = min(length, start + seg.samples.size)
-            if stop > start:
-                track[start:stop] += seg.samples[: stop - start]
-                seg.first_frame = start // self.frame
-                seg.last_frame = (stop - 1) // self.frame
-            else:
-                seg.first_frame = seg.last_frame = -1
-        return np.clip(track, -32768, 32767).astype(np.int16)
+    def _place(self, seg: _Segment) -> None:
+        """Put a segment on the caller's track (clipped at the end of the call)."""
+        self.segments.append(seg)
+        seg.start = round(seg.start_s * self.rate)
+        seg.stop = min(self._track_length, seg.start + seg.samples.size)
+        if seg.stop > seg.start:
+            seg.first_frame = seg.start // self.frame
+            seg.last_frame = (seg.stop - 1) // self.frame
+            bisect.insort(self._upcoming, seg, key=lambda other: other.start)
+        else:
+            seg.first_frame = seg.last_frame = -1
+
+    def _frame_audio(self, k: int) -> tuple[np.ndarray, list[_Segment]]:
+        """Caller frame ``k`` and the segments sounding in it."""
+        lo = k * self.frame
+        hi = lo + self.frame
+        while self._upcoming and self._upcoming[0].start < hi:
+            self._active.append(self._upcoming.pop(0))
+        sounding = self._active
+        if not sounding:
+            return self._silence, []
+        self._active = [seg for seg in sounding if seg.last_frame > k]
+        if len(sounding) == 1 and sounding[0].start <= lo and sounding[0].stop >= hi:
+            seg = sounding[0]
+            return seg.samples[lo - seg.start : hi - seg.start], sounding
+        mix = np.zeros(self.frame, np.int32)
+        for seg in sounding:
+            a, b = max(lo, seg.start), min(hi, seg.stop)
+            if b > a:
+                mix[a - lo : b - lo] += seg.samples[a - seg.start : b - seg.start]
+        return np.clip(mix, -32768, 32767).astype(np.int16), sounding
+
+    def _notify(self, t: float, what: str, details: dict[str, Any]) -> None:
+        if self.script is not None:
+            self.script.on_event(self, t, what, details)
+
+    @property
+    def agent_playing(self) -> bool:
+        """Whether agent audio is playing or queued for playback right now."""
+        return self.player.playing or self.player.queued_samples() > 0
+
+    def say(self, samples: np.ndarray, at_s: float | None = None) -> float:
+        """Speak ``samples`` (int16 mono at ``self.rate``) from ``at_s`` (by default and at the earliest:
+        the next frame not yet sent); returns the call time the speech starts at."""
+        samples = _int16(samples, "samples")
+        earliest = self._next_frame * self.frame / self.rate
+        start_s = max(earliest, self.now() if at_s is None else float(at_s))
+        self._place(_Segment(len(self.segments), start_s, samples, last_voiced_s(samples, self.rate)))
+        return start_s
+
+    @property
+    def session_id(self) -> str | None:
+        """The call's id at the gateway."""
+        return None
 
     def now(self) -> float:
         assert self._loop is not None
@@ -423,6 +607,8 @@ class _Call:
                 self.timeline.add(t - self._t0, what, **details)
             self.timeline.add(0.0, "connected", url=self.ws_url)
             await self.on_open()
+            if self.script is not None:
+                self.script.on_start(self)
             receiver = asyncio.create_task(self._receive())
             ticker = asyncio.create_task(self._tick())
             try:
@@ -453,6 +639,7 @@ class _Call:
             close_code=self._close_code,
             underruns=self.player.underruns,
             underrun_s=self.player.underrun_s,
+            session_id=self.session_id,
         )
 
     def _last_voiced(self) -> float | None:
@@ -482,10 +669,11 @@ class _Call:
             await self._sleep_until(due)
             if self._closed.is_set():
                 break
-            samples = self.track[k * self.frame : (k + 1) * self.frame]
+            samples, sounding = self._frame_audio(k)
+            self._next_frame = k + 1
             if not await self.send_frame(k, samples):
                 break
-            for seg in self.segments:
+            for seg in sounding:
                 if seg.first_frame == k:
                     self.timeline.add(
                         self.now(),
@@ -532,7 +720,8 @@ class _Call:
             async for message in self._ws:
                 now = self.now()
                 if isinstance(message, bytes):
-                    self.raw.append({"binary": len(message)})
+                    if self.record:
+                        self.raw.append({"binary": len(message)})
                     await self.on_binary(now, message)
                     continue
                 try:
@@ -540,15 +729,19 @@ class _Call:
                 except ValueError:
                     parsed = None
                 if not isinstance(parsed, dict):
-                    self.raw.append({"text": message})
+                    if self.record:
+                        self.raw.append({"text": message})
                     await self.on_text(now, message)
                     continue
-                self.raw.append(parsed)
+                if self.record:
+                    self.raw.append(parsed)
                 await self.on_json(now, parsed)
 
     async def _tick(self) -> None:
         while not self._closed.is_set():
             await self._deliver(self.player.advance(self.now()))
+            if self.script is not None:
+                self.script.on_tick(self, self.now())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), timeout=_TICK_S)
 
@@ -647,8 +840,12 @@ class _TwilioCall(_Call):
         self.call_sid = "CA" + secrets.token_hex(16)
         self.account_sid = "AC" + secrets.token_hex(16)
         self.custom_parameters = custom_parameters
-        self.ulaw = ulaw_encode(self.track)
         self._seq = 0
+
+    @property
+    def session_id(self) -> str | None:
+        """The call's id at the gateway: the stream sid."""
+        return self.stream_sid
 
     def _next(self) -> str:
         self._seq += 1
@@ -675,7 +872,7 @@ class _TwilioCall(_Call):
         self.timeline.add(self.now(), "sent start", streamSid=self.stream_sid, callSid=self.call_sid)
 
     async def send_frame(self, k: int, samples: np.ndarray) -> bool:
-        payload = base64.b64encode(self.ulaw[k * self.frame : (k + 1) * self.frame]).decode("ascii")
+        payload = base64.b64encode(ulaw_encode(samples)).decode("ascii")
         return await self.send_json(
             lambda: {
                 "event": "media",
@@ -760,6 +957,11 @@ class _ExotelCall(_Call):
         self.account_sid = "voicectl" + secrets.token_hex(2)
         self.custom_parameters = custom_parameters
         self._seq = 0
+
+    @property
+    def session_id(self) -> str | None:
+        """The call's id at the gateway: the stream sid."""
+        return self.stream_sid
 
     def _next(self) -> str:
         self._seq += 1
@@ -869,6 +1071,11 @@ class _PcmCall(_Call):
         super().__init__(*args, **kwargs)
         self._carry = b""
 
+    @property
+    def session_id(self) -> str | None:
+        """The call's id at the gateway: the triggered session's id, the last part of the socket's path."""
+        return urllib.parse.urlsplit(self.ws_url).path.rstrip("/").rsplit("/", 1)[-1] or None
+
     async def send_frame(self, k: int, samples: np.ndarray) -> bool:
         return await self.send(samples.astype("<i2").tobytes())
 
@@ -931,15 +1138,15 @@ def dialect_url(dialect: str, url: str, *, sample_rate: int = 8000, parameters: 
     return urllib.parse.urlunsplit((_ws_scheme(parts.scheme), parts.netloc, path, urllib.parse.urlencode(query), ""))
 
 
-def _trigger(url: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _trigger(url: str, fields: dict[str, Any], api_key: str | None = None) -> tuple[str, dict[str, Any]]:
     """POST /api/calls/trigger; returns the absolute WebSocket URL and the response."""
     parts = _split_url(url)
     base = urllib.parse.urlunsplit((_http_scheme(parts.scheme), parts.netloc, "", "", ""))
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(
-        base + "/api/calls/trigger",
-        data=json.dumps(fields).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        base + "/api/calls/trigger", data=json.dumps(fields).encode(), headers=headers, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT_S) as response:
@@ -980,6 +1187,9 @@ async def call(
     listen_s: float = 10.0,
     sample_rate: int = 8000,
     parameters: Mapping[str, str] | None = None,
+    script: CallScript | None = None,
+    record: bool = True,
+    api_key: str | None = None,
 ) -> CallResult:
     """Place a simulated phone call to the gateway and play the caller's part in real time.
 
@@ -1000,6 +1210,10 @@ async def call(
         parameters: More call fields (the agent's template variables, e.g. ``{"driver_name": "John"}``):
             Twilio ``customParameters``, Exotel custom parameters (query string and ``custom_parameters``),
             extra fields of the PCM trigger body.
+        script: Decides during the call what else the caller says (see ``CallScript``).
+        record: Keep what the caller heard and every message received; False for long calls under load
+            (``agent_audio``, ``heard_track`` and ``raw_received`` are then empty).
+        api_key: Sent as ``Authorization: Bearer`` on the PCM trigger request.
 
     Returns:
         The call's result: what the caller heard, the timeline and every message received.
@@ -1023,24 +1237,25 @@ async def call(
     speech_end = max((seg.start_s + seg.samples.size / rate for seg in segments), default=0.0)
     end_s = float(hang_up_after_s) if hang_up_after_s is not None else speech_end + listen_s
     common: tuple[Any, ...] = (rate, segments, end_s, list(dtmf))
+    options: dict[str, Any] = {"script": script, "record": record}
 
     fields = {"agent_id": agent_id, **{key: str(value) for key, value in (parameters or {}).items()}}
     loop = asyncio.get_running_loop()
     pre_events: list[tuple[float, str, dict[str, Any]]] = []
     runner: _Call
     if dialect == "twilio":
-        runner = _TwilioCall(dialect_url("twilio", url), *common, custom_parameters=fields)
+        runner = _TwilioCall(dialect_url("twilio", url), *common, custom_parameters=fields, **options)
     elif dialect == "exotel":
         ws_url = dialect_url("exotel", url, sample_rate=sample_rate, parameters=fields)
         query = urllib.parse.parse_qsl(urllib.parse.urlsplit(ws_url).query)
         custom = {key: value for key, value in query if key not in ("sample-rate", "sample_rate")}
-        runner = _ExotelCall(ws_url, *common, custom_parameters=custom)
+        runner = _ExotelCall(ws_url, *common, custom_parameters=custom, **options)
     else:
         started = loop.time()
-        ws_url, body = await asyncio.to_thread(_trigger, url, fields)
+        ws_url, body = await asyncio.to_thread(_trigger, url, fields, api_key)
         pre_events.append((started, "trigger", {"agent_id": agent_id}))
         pre_events.append(
             (loop.time(), "trigger answered", {"session_id": body.get("session_id"), "status": body.get("status")})
         )
-        runner = _PcmCall(ws_url, *common)
+        runner = _PcmCall(ws_url, *common, **options)
     return await runner.run(pre_events)

@@ -9,10 +9,9 @@ import itertools
 import json
 import wave
 
-import httpx
-
 from tests.gateway.client import BrowserClient
 from tests.services.conftest import presence
+from tests.support.gateway import api_client
 from tests.support.speech import speak, word_error_rate
 from voice.v1 import llm_pb2
 from voice_audio import wav_bytes
@@ -82,7 +81,7 @@ async def test_a_whole_session_audio_then_text_then_end(gateway_url):
         ended = await client.until("session_ended")
         assert ended[-1]["data"] == {"callLogId": call_log_id}
 
-    async with httpx.AsyncClient(base_url=gateway_url) as http:
+    async with api_client(gateway_url) as http:
         log = (await http.get(f"/api/calls/{call_log_id}")).json()
     assert log["callLogId"] == call_log_id and log["agentId"] == "default" and log["status"] == "completed"
     assert log["endedAt"] >= log["startedAt"]
@@ -187,7 +186,7 @@ async def test_a_multi_sentence_answer_speaks_before_the_text_is_complete(gatewa
         "greeting": "",
         "llm": {"temperature": 0.0, "max_tokens": 120},
     }
-    async with httpx.AsyncClient(base_url=gateway_url) as http:
+    async with api_client(gateway_url) as http:
         assert (await http.put("/api/agents/teller", json=agent)).status_code == 200
     async with BrowserClient(gateway_url) as client:
         await client.send("init", agentId="teller")
@@ -200,7 +199,7 @@ async def test_a_multi_sentence_answer_speaks_before_the_text_is_complete(gatewa
 
 
 async def test_agents_and_calls_api(gateway_url):
-    async with httpx.AsyncClient(base_url=gateway_url) as http:
+    async with api_client(gateway_url) as http:
         default = (await http.get("/api/agents/default")).json()
         assert default["id"] == "default" and default["greeting"]
         assert (await http.get("/api/agents/nobody")).status_code == 404

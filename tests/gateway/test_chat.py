@@ -12,7 +12,7 @@ import pytest
 import websockets
 
 from tests.gateway.test_calls import bus_is_idle
-from tests.support.gateway import TOKEN_SECRET
+from tests.support.gateway import TOKEN_SECRET, api_client
 from voice_gateway.auth import sign_token
 
 
@@ -81,9 +81,10 @@ async def test_authorize_then_stream_sentences(gateway_url):
 
 
 async def test_conversations_persist_across_connections(gateway_url):
+    # Two tokens of the same user: a conversation can be continued by the credential (subject) that opened it.
     conversation = f"conv_{uuid.uuid4().hex[:8]}"
     async with ChatClient(gateway_url) as client:
-        await client.send(type="authorize", token="test-key")
+        await client.send(type="authorize", token=sign_token(TOKEN_SECRET, "user_001", ttl_s=600))
         await client.next()
         await client.send(type="chat_message", content="My name is Zorblax.", conversation_id=conversation)
         await client.until("stream_end")
@@ -92,9 +93,8 @@ async def test_conversations_persist_across_connections(gateway_url):
         assert (await client.next())["type"] == "authorize_success"
         await client.send(type="chat_message", content="What is my name?", conversation_id=conversation)
         await client.until("stream_end")
-    import httpx
 
-    async with httpx.AsyncClient(base_url=gateway_url) as http:
+    async with api_client(gateway_url) as http:
         log = (await http.get(f"/api/calls/{conversation}")).json()
     assert [t["user"] for t in log["turns"]] == ["My name is Zorblax.", "What is my name?"]
 

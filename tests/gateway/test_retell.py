@@ -6,11 +6,11 @@ import asyncio
 import json
 import time
 
-import httpx
 import pytest
 import websockets
 
 from tests.gateway.test_calls import bus_is_idle
+from tests.support.gateway import api_client
 
 
 class RetellPeer:
@@ -78,7 +78,7 @@ async def test_happy_path_and_field_types(gateway_url):
         assert isinstance(chunk["content"], str)
     assert [c["content_complete"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert "".join(c["content"] for c in chunks).strip()
-    async with httpx.AsyncClient(base_url=gateway_url) as http:
+    async with api_client(gateway_url) as http:
         log = (await http.get("/api/calls/call_happy1")).json()
     assert log["dialect"] == "retell" and log["turns"][-1]["user"] == "What is two plus two?"
 
@@ -138,7 +138,7 @@ async def test_bad_input_is_ignored_and_a_binary_frame_closes_with_1007(gateway_
 
 
 async def test_begin_message_uses_dynamic_variables(gateway_url):
-    async with httpx.AsyncClient(base_url=gateway_url) as http:
+    async with api_client(gateway_url) as http:
         await http.put(
             "/api/agents/retell-agent", json={"name": "R", "greeting": "Hi {{first_name}}, thanks for calling."}
         )

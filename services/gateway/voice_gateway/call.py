@@ -33,7 +33,15 @@ from voice_audio import Encoding, StreamResampler, alaw_decode, ulaw_decode
 from voice_bus.errors import BusError
 from voice_gateway.session import GatewayContext, Session
 from voice_gateway.tools import CallAction
-from voice_gateway.turns import CallActionRequested, Event, OutputFormat, SpeechAudio, TurnFailed, TurnResult
+from voice_gateway.turns import (
+    CallActionRequested,
+    Event,
+    OutputFormat,
+    SpeechAudio,
+    TurnFailed,
+    TurnResult,
+    describe,
+)
 from voice_gateway.vad import VAD_SAMPLE_RATES, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
 from voice_runtime.tasks import cancel_and_wait, wait_quietly
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
@@ -210,10 +218,16 @@ class CallSession:
             self._turn = asyncio.create_task(self._greet())
 
     async def _greet(self) -> None:
-        with self.session.turn_span("greeting"):
-            result = await self._context.engine.speak(
-                self.session.conversation, self.session.agent.greeting, self._output, self._on_event
-            )
+        with self.session.turn_span("greeting") as span:
+            try:
+                result = await self._context.engine.speak(
+                    self.session.conversation, self.session.agent.greeting, self._output, self._on_event
+                )
+            except BusError as exc:
+                # Nobody awaits the greeting: a failure is logged and recorded here, and the call goes on.
+                logger.warning("greeting failed in call %s: %s", self.session.id, exc)
+                span.set_attribute("voice.error", exc.code_name)
+                result = TurnResult(error=describe(exc, "the greeting"))
         await self.session.record("greeting", result)
 
     def on_audio(self, payload: bytes) -> None:
@@ -330,7 +344,10 @@ class CallSession:
         ):
             await asyncio.sleep(0.05)
         self.action = action
-        logger.info("call %s: %s by the agent %s", self.session.id, action.kind, action.number)
+        if capture_content():
+            logger.info("call %s: %s by the agent %s", self.session.id, action.kind, action.number)
+        else:
+            logger.info("call %s: %s by the agent", self.session.id, action.kind)
         await self._transport.hang_up(action)
 
     async def _play(self) -> None:

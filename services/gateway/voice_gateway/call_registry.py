@@ -11,6 +11,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from voice_gateway.calls import valid_call_log_id
+
 BUCKET = "sessions"
 CONNECT_WITHIN_S = 300
 TRANSFER_PREFIX = "transfer-"
@@ -32,8 +34,12 @@ class CallRegistry:
             )
         return cls(kv)
 
-    async def announce(self, session_id: str, agent_id: str, variables: dict) -> None:
+    async def announce(self, session_id: str, agent_id: str, variables: dict, owner: str | None = None) -> None:
+        """Records a pending call; ``owner`` is the identity of the API key that triggered it (never the key),
+        which the call's session then counts against."""
         record = {"agent_id": agent_id, "variables": variables, "created_at": time.time(), "state": "initialized"}
+        if owner:
+            record["owner"] = owner
         await self._kv.put(session_id, json.dumps(record).encode())
 
     async def note_transfer(self, call_sid: str, number: str) -> None:
@@ -42,7 +48,7 @@ class CallRegistry:
 
     async def transfer_of(self, call_sid: str) -> str | None:
         """The number carrier call ``call_sid`` was transferred to, if the agent transferred it."""
-        if not call_sid or any(c in call_sid for c in ".*> \t/"):
+        if not valid_call_log_id(call_sid):
             return None
         try:
             entry = await self._kv.get(TRANSFER_PREFIX + call_sid)
@@ -52,7 +58,7 @@ class CallRegistry:
 
     async def claim(self, session_id: str) -> dict | None:
         """The pending call, marked connected; ``None`` when unknown, expired or already connected."""
-        if not session_id or any(c in session_id for c in ".*> \t/"):
+        if not valid_call_log_id(session_id):
             return None
         try:
             entry = await self._kv.get(session_id)

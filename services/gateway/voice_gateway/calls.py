@@ -3,6 +3,7 @@ kept in the JetStream stream ``CALLS`` (one subject per session, the latest snap
 
 from __future__ import annotations
 
+import re
 import time
 
 from nats.js.api import StorageType, StreamConfig
@@ -11,7 +12,15 @@ from pydantic import BaseModel, Field
 
 STREAM = "CALLS"
 SUBJECT_PREFIX = "voice.calls."
+# Every call log id the gateway makes fits (hex and UUIDs, carrier stream sids, Retell call ids, chat
+# conversation ids); anything else is refused before it reaches a NATS subject.
+CALL_LOG_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 RETENTION_S = 90 * 24 * 3600
+
+
+def valid_call_log_id(value: object) -> bool:
+    """Whether ``value`` can be a call log id: 1-128 ASCII letters, digits, ``-`` or ``_``."""
+    return isinstance(value, str) and CALL_LOG_ID.fullmatch(value) is not None
 
 
 class TurnRecord(BaseModel):
@@ -40,6 +49,9 @@ class CallLog(BaseModel):
     ended_at: float | None = Field(default=None, serialization_alias="endedAt")
     status: str = "active"
     turns: list[TurnRecord] = Field(default_factory=list)
+    # The identity of the credential that opened it (``voice_gateway.auth``), never the credential itself:
+    # only the same credential may continue the conversation.
+    owner: str | None = None
 
     model_config = {"populate_by_name": True}
 
@@ -70,7 +82,8 @@ class CallLogStore:
         await self._js.publish(SUBJECT_PREFIX + log.call_log_id, log.model_dump_json().encode(), stream=STREAM)
 
     async def get(self, call_log_id: str) -> CallLog | None:
-        if not call_log_id or any(c in call_log_id for c in ".*> \t"):
+        """The call's latest log, or ``None`` when there is none (or the id cannot be one)."""
+        if not valid_call_log_id(call_log_id):
             return None
         try:
             msg = await self._js.get_last_msg(STREAM, SUBJECT_PREFIX + call_log_id)

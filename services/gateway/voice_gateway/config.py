@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from voice_gateway.limits import LimitSettings
 from voice_runtime.config import ConfigError, env_float, env_int, env_str
 
 DEFAULT_AGENT_FILE = Path(__file__).with_name("agents") / "default.json"
+DEFAULT_RETELL_WS_PATH = "ws-default"
+# Real-time carrier media arrives as 50 frames per second (20 ms each); the rate limit must let it through.
+MIN_MESSAGES_PER_SECOND = 50.0
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,12 @@ class Settings:
         chat_ping_interval_s: ``GATEWAY_CHAT_PING_INTERVAL_SECONDS``: how often the chat stream pings.
         chat_pong_timeout_s: ``GATEWAY_CHAT_PONG_TIMEOUT_SECONDS``: how long past a ping without a pong closes it.
         retell_ws_path: ``OBFUSCATED_WS_PATH`` (seed 000's name; ``RETELL_WS_PATH`` is an alias): the
-            path segment of Retell's socket, ``/{path}/{call_id}``.
+            path segment of Retell's socket, ``/{path}/{call_id}``. Retell sends no credentials, so this
+            segment is the secret that guards the socket.
+        limits: ``GATEWAY_MAX_SESSIONS``, ``GATEWAY_MAX_SESSIONS_PER_KEY``, ``GATEWAY_MAX_FRAME_BYTES``,
+            ``GATEWAY_MAX_MESSAGES_PER_SECOND``, ``GATEWAY_MESSAGE_BURST``,
+            ``GATEWAY_HANDSHAKE_TIMEOUT_SECONDS`` and ``GATEWAY_IDLE_TIMEOUT_SECONDS`` (see
+            :class:`voice_gateway.limits.LimitSettings`).
     """
 
     nats_url: str
@@ -42,14 +52,16 @@ class Settings:
     llm_timeout_s: float
     tts_timeout_s: float
     twilio_auth_token: str | None = None
-    retell_ws_path: str = "ws-default"
+    retell_ws_path: str = DEFAULT_RETELL_WS_PATH
     api_keys: tuple[str, ...] = ()
     token_secret: str | None = None
     chat_ping_interval_s: float = 20.0
     chat_pong_timeout_s: float = 10.0
+    limits: LimitSettings = field(default_factory=LimitSettings)
 
     @classmethod
     def from_env(cls) -> Settings:
+        """Reads every setting; raises ConfigError naming the first bad variable."""
         agent_file = Path(env_str("GATEWAY_DEFAULT_AGENT_FILE", str(DEFAULT_AGENT_FILE)))
         if not agent_file.is_file():
             raise ConfigError(f"GATEWAY_DEFAULT_AGENT_FILE={str(agent_file)!r}: no such file")
@@ -59,19 +71,44 @@ class Settings:
             port=env_int("GATEWAY_PORT", 8000, minimum=0, maximum=65535),
             default_agent_file=agent_file,
             max_message_bytes=env_int("GATEWAY_MAX_MESSAGE_BYTES", 6 * 1024 * 1024, minimum=1024),
-            max_utterance_s=env_float("GATEWAY_MAX_UTTERANCE_SECONDS", 60.0, minimum=1.0),
-            stt_timeout_s=env_float("GATEWAY_STT_TIMEOUT_SECONDS", 30.0, minimum=1.0),
-            llm_timeout_s=env_float("GATEWAY_LLM_TIMEOUT_SECONDS", 60.0, minimum=1.0),
-            tts_timeout_s=env_float("GATEWAY_TTS_TIMEOUT_SECONDS", 30.0, minimum=1.0),
+            max_utterance_s=_finite("GATEWAY_MAX_UTTERANCE_SECONDS", 60.0, minimum=1.0),
+            stt_timeout_s=_finite("GATEWAY_STT_TIMEOUT_SECONDS", 30.0, minimum=1.0),
+            llm_timeout_s=_finite("GATEWAY_LLM_TIMEOUT_SECONDS", 60.0, minimum=1.0),
+            tts_timeout_s=_finite("GATEWAY_TTS_TIMEOUT_SECONDS", 30.0, minimum=1.0),
             twilio_auth_token=env_str("TWILIO_AUTH_TOKEN", "") or None,
             api_keys=tuple(key.strip() for key in env_str("GATEWAY_API_KEYS", "").split(",") if key.strip()),
             token_secret=env_str("GATEWAY_TOKEN_SECRET", "") or None,
-            chat_ping_interval_s=env_float("GATEWAY_CHAT_PING_INTERVAL_SECONDS", 20.0, minimum=0.1),
-            chat_pong_timeout_s=env_float("GATEWAY_CHAT_PONG_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            chat_ping_interval_s=_finite("GATEWAY_CHAT_PING_INTERVAL_SECONDS", 20.0, minimum=0.1),
+            chat_pong_timeout_s=_finite("GATEWAY_CHAT_PONG_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             retell_ws_path=_path_segment(
-                "OBFUSCATED_WS_PATH", env_str("OBFUSCATED_WS_PATH", "") or env_str("RETELL_WS_PATH", "ws-default")
+                "OBFUSCATED_WS_PATH",
+                env_str("OBFUSCATED_WS_PATH", "") or env_str("RETELL_WS_PATH", DEFAULT_RETELL_WS_PATH),
             ),
+            limits=_limits_from_env(),
         )
+
+
+def _finite(name: str, default: float, *, minimum: float) -> float:
+    """``env_float``, refusing ``nan`` and ``inf`` too."""
+    value = env_float(name, default, minimum=minimum)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value}: must be a finite number")
+    return value
+
+
+def _limits_from_env() -> LimitSettings:
+    defaults = LimitSettings()
+    return LimitSettings(
+        max_sessions=env_int("GATEWAY_MAX_SESSIONS", defaults.max_sessions, minimum=1),
+        max_sessions_per_key=env_int("GATEWAY_MAX_SESSIONS_PER_KEY", defaults.max_sessions_per_key, minimum=1),
+        max_frame_bytes=env_int("GATEWAY_MAX_FRAME_BYTES", defaults.max_frame_bytes, minimum=1024),
+        max_messages_per_second=_finite(
+            "GATEWAY_MAX_MESSAGES_PER_SECOND", defaults.max_messages_per_second, minimum=MIN_MESSAGES_PER_SECOND
+        ),
+        message_burst=env_int("GATEWAY_MESSAGE_BURST", defaults.message_burst, minimum=1),
+        handshake_timeout_s=_finite("GATEWAY_HANDSHAKE_TIMEOUT_SECONDS", defaults.handshake_timeout_s, minimum=0.1),
+        idle_timeout_s=_finite("GATEWAY_IDLE_TIMEOUT_SECONDS", defaults.idle_timeout_s, minimum=1.0),
+    )
 
 
 def _path_segment(name: str, value: str) -> str:

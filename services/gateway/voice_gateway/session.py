@@ -54,6 +54,11 @@ FIRST_AUDIO = Histogram(
     ["dialect", "kind"],
     buckets=LATENCY_BUCKETS_S,
 )
+ERRORS = Counter(
+    "voice_gateway_errors_total", "Unexpected failures outside the turns' own outcomes", ["dialect", "kind"]
+)
+# Turn timings observed per stage (``voice_gateway_stage_seconds{stage="stt"|"llm_first_token"|…}``).
+OBSERVED_STAGES = frozenset({"endpointing_s", "stt_s", "llm_first_token_s", "llm_s", "tts_first_chunk_s"})
 STAGE = Histogram("voice_gateway_stage_seconds", "Duration of each turn stage", ["stage"], buckets=LATENCY_BUCKETS_S)
 
 
@@ -131,8 +136,13 @@ class Session:
             return
 
         async def turn() -> None:
-            with self.turn_span("greeting"):
-                result = await self._context.engine.speak(self.conversation, self.agent.greeting, output, emit)
+            with self.turn_span("greeting") as span:
+                try:
+                    result = await self._context.engine.speak(self.conversation, self.agent.greeting, output, emit)
+                except BusError as exc:
+                    result = TurnResult(error=describe(exc, "the greeting"))
+                    span.set_attribute("voice.error", exc.code_name)
+                    await emit(TurnFailed(error=result.error, code=exc.code_name))
             await self.record("greeting", result)
 
         self._turns.put_nowait(turn)
@@ -169,7 +179,6 @@ class Session:
                         await emit(StageStarted(kind="stt_start"))
                         user_text = await self._context.engine.transcribe(self.conversation, audio, fmt)
                         result.timings["stt_s"] = time.perf_counter() - stt_started
-                        STAGE.labels("stt").observe(result.timings["stt_s"])
                         await emit(SttCompleted(text=user_text))
                         if not user_text:
                             result.error = "no speech was recognised in the audio"
@@ -219,6 +228,8 @@ class Session:
         span = trace.get_current_span()
         for name, seconds in result.timings.items():
             span.set_attribute(f"voice.timing.{name}", round(seconds, 4))
+            if name in OBSERVED_STAGES:
+                STAGE.labels(name.removesuffix("_s")).observe(seconds)
         span.set_attribute("voice.turn.interrupted", interrupted)
         if result.tools:
             span.set_attribute("voice.turn.tool_calls", len(result.tools))
@@ -249,6 +260,7 @@ class Session:
                 raise
             except Exception:
                 logger.exception("turn failed in session %s", self.id)
+                ERRORS.labels(self.dialect, "turn_crashed").inc()
 
     async def wait_idle(self) -> None:
         """Waits until every queued turn has run."""

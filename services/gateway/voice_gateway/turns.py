@@ -29,6 +29,7 @@ from voice_gateway.sentences import SentenceStream
 from voice_gateway.tools import CallAction, Toolbox
 from voice_runtime.tasks import cancel_and_wait
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
+from voice_telemetry.tracing import set_content_attribute
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("voice_gateway")
@@ -348,7 +349,9 @@ class TurnEngine:
                 span.set_attribute("gen_ai.tool.name", call.name)
                 span.set_attribute("gen_ai.tool.call.id", call.id)
                 tool_started = time.perf_counter()
+                set_content_attribute(span, "gen_ai.tool.call.arguments", call.arguments)
                 outcome = await toolbox.run(call, conversation.session_id)
+                set_content_attribute(span, "gen_ai.tool.call.result", outcome.content)
                 span.set_attribute("voice.tool.successful", outcome.successful)
                 TOOL_CALLS.labels(call.name, "ok" if outcome.successful else "error").inc()
                 TOOL_SECONDS.observe(time.perf_counter() - tool_started)
@@ -496,6 +499,11 @@ class _Speaker:
     async def cancel(self) -> None:
         """Stops synthesis and playback of whatever is unfinished (the bus requests are cancelled)."""
         await cancel_and_wait(*self._pending, self._player)
+        for task in (*self._pending, self._player):
+            if task is not None and task.done() and not task.cancelled():
+                # Marks a failure as seen: the first one already ended the turn through finish(); the
+                # others (every sentence fails alike when TTS is down) would be logged as unretrieved.
+                task.exception()
 
 
 def describe(error: BusError, stage: str) -> str:

@@ -11,7 +11,10 @@ synthesized, so often before ``llm_complete``), ``tts_complete`` (the whole repl
 ``arguments``: JSON text) and ``llm_tool_result`` (``toolCallId``, ``name``, ``result``,
 ``successful``) come between the ``llm_chunk`` events; a built-in ``end_call`` or ``transfer_call``
 ends the session after the answer with ``session_ended`` (``reason``, ``transferNumber``). Any
-invalid message gets an ``error`` event and the session goes on.
+invalid message, and one over ``GATEWAY_MAX_MESSAGE_BYTES``, gets an ``error`` event and the session
+goes on. The gateway's limits (:mod:`voice_gateway.limits`) are answered with an ``error`` event and
+a close: 1013 when the gateway is full, 1008 without a successful ``init`` within the handshake
+timeout, after the idle timeout, or past the message rate.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 from typing import Any
@@ -29,6 +31,15 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from voice.v1 import audio_pb2
 from voice_audio import wav_bytes
+from voice_gateway.limits import (
+    ConnectionGuard,
+    LimitExceeded,
+    Limits,
+    MessageTooLarge,
+    close_socket,
+    refuse,
+)
+from voice_gateway.messages import InvalidJson, parse_json
 from voice_gateway.session import GatewayContext, Session
 from voice_gateway.tools import CallAction
 from voice_gateway.turns import (
@@ -52,6 +63,10 @@ DIALECT = "browser"
 OUTPUT = OutputFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=0)
 RAW_PCM_RATE = 16000
 CONTAINER_MAGIC = (b"RIFF", b"OggS", b"\x1a\x45\xdf\xa3", b"ID3", b"fLaC", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+
+
+def _message(type_: str, data: dict | None) -> str:
+    return json.dumps({"type": type_, "data": data or {}})
 
 
 def _field(message: dict, name: str) -> Any:
@@ -80,16 +95,16 @@ class BrowserConnection:
     Args:
         websocket: The accepted socket.
         context: Shared gateway services.
-        max_message_bytes: Larger messages are refused with an ``error`` event.
+        guard: The connection's limits (its frame limit is the browser's maximum message size).
         max_utterance_s: Longer raw PCM utterances are refused with an ``error`` event.
     """
 
     def __init__(
-        self, websocket: WebSocket, context: GatewayContext, *, max_message_bytes: int, max_utterance_s: float
+        self, websocket: WebSocket, context: GatewayContext, guard: ConnectionGuard, *, max_utterance_s: float
     ) -> None:
         self._ws = websocket
         self._context = context
-        self._max_message_bytes = max_message_bytes
+        self._guard = guard
         self._max_utterance_s = max_utterance_s
         self._send_lock = asyncio.Lock()
         self._session: Session | None = None
@@ -98,16 +113,24 @@ class BrowserConnection:
     async def send(self, type_: str, data: dict | None = None) -> None:
         async with self._send_lock:
             if self._ws.application_state == WebSocketState.CONNECTED:
-                await self._ws.send_text(json.dumps({"type": type_, "data": data or {}}))
+                await self._ws.send_text(_message(type_, data))
 
     async def error(self, message: str) -> None:
         await self.send("error", {"error": message})
 
     async def run(self) -> None:
-        """Serves the socket until the client goes away; then closes any open session."""
+        """Serves the socket until the client goes away or a limit closes it; then closes any open session."""
         try:
             while True:
-                frame = await self._ws.receive()
+                try:
+                    frame = await self._guard.receive()
+                except MessageTooLarge as exc:
+                    await self.error(exc.reason)
+                    continue
+                except LimitExceeded as exc:
+                    async with self._send_lock:
+                        await refuse(self._ws, exc, _message("error", {"error": exc.reason}))
+                    break
                 if frame["type"] == "websocket.disconnect":
                     break
                 if frame.get("bytes") is not None:
@@ -123,19 +146,17 @@ class BrowserConnection:
                 self._session = None
 
     async def _handle(self, text: str) -> None:
-        if len(text) > self._max_message_bytes:
-            await self.error(f"message of {len(text)} bytes exceeds the limit of {self._max_message_bytes}")
-            return
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError as exc:
-            await self.error(f"invalid JSON: {exc.msg} at position {exc.pos}")
+            message = parse_json(text)
+        except InvalidJson as exc:
+            await self.error(f"invalid JSON: {exc}")
             return
         if not isinstance(message, dict):
             await self.error("a message must be a JSON object with a 'type'")
             return
         kind = message.get("type")
-        handler = {"init": self._init, "audio": self._audio, "text": self._text, "end": self._end}.get(kind)
+        handlers = {"init": self._init, "audio": self._audio, "text": self._text, "end": self._end}
+        handler = handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             await self.error(f"unknown message type {kind!r}; expected init, audio, text or end")
             return
@@ -160,12 +181,15 @@ class BrowserConnection:
         call_log = None
         if call_log_id:
             call_log = await self._context.calls.get(call_log_id)
-            if call_log is None:
+            # Only a browser call can be continued here: this socket is unauthenticated, and a phone call's
+            # or another user's chat history must not be readable through it.
+            if call_log is None or call_log.dialect != DIALECT:
                 await self.error(f"init: unknown callLogId {call_log_id!r}")
                 return
         session = Session(self._context, agent, DIALECT, call_log)
         await session.start()
         self._session = session
+        self._guard.handshake_done()
         await self.send(
             "init_success",
             {"callLogId": session.id, "agentName": agent.name, "message": f"Connected to {agent.name}"},
@@ -294,13 +318,15 @@ class _TurnEvents:
 
 
 async def serve(
-    websocket: WebSocket, context: GatewayContext, *, max_message_bytes: int, max_utterance_s: float
+    websocket: WebSocket, context: GatewayContext, limits: Limits, *, max_message_bytes: int, max_utterance_s: float
 ) -> None:
-    """Accepts and serves one seed 001 WebSocket."""
+    """Accepts and serves one seed 001 WebSocket; a full gateway answers ``error`` and closes 1013."""
     await websocket.accept()
-    connection = BrowserConnection(
-        websocket, context, max_message_bytes=max_message_bytes, max_utterance_s=max_utterance_s
-    )
-    await connection.run()
-    with contextlib.suppress(Exception):
-        await websocket.close()
+    try:
+        guard = limits.admit(websocket, DIALECT, max_frame_bytes=max_message_bytes)
+    except LimitExceeded as exc:
+        await refuse(websocket, exc, _message("error", {"error": exc.reason}))
+        return
+    async with guard:
+        await BrowserConnection(websocket, context, guard, max_utterance_s=max_utterance_s).run()
+    await close_socket(websocket, 1000)

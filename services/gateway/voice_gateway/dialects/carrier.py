@@ -1,4 +1,10 @@
-"""What the telephony dialects share: reading JSON frames, counting the bad ones, opening the call."""
+"""What the telephony dialects share: reading JSON frames, counting the bad ones, opening the call.
+
+Bad frames (malformed JSON, binary frames, unknown events, bad payloads) are counted and skipped: the
+call goes on. The gateway's limits close the stream instead, since a carrier has no error event:
+1013 when the gateway is full, 1009 for a frame over ``GATEWAY_MAX_FRAME_BYTES``, 1008 without a
+``start`` within the handshake timeout, after the idle timeout, or past the message rate.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +23,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from voice_audio import Encoding
 from voice_gateway.call import BAD_FRAMES, CallSession, CallTransport, MediaFormat
 from voice_gateway.call_registry import CallRegistry
-from voice_gateway.session import GatewayContext, Session
+from voice_gateway.limits import ConnectionGuard, LimitExceeded, Limits, close_socket
+from voice_gateway.messages import InvalidJson, parse_json
+from voice_gateway.session import ERRORS, GatewayContext, Session
 from voice_gateway.templates import personalise
 from voice_gateway.tools import CallAction
 
 logger = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES = 256 * 1024
 MAX_MEDIA_PAYLOAD_BYTES = 64 * 1024
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -42,11 +49,16 @@ class JsonSocket:
                 pass
 
 
-async def frames(websocket: WebSocket, dialect: str, on_bad) -> Any:
-    """Yields each inbound JSON object; malformed, binary and oversized frames are counted and skipped."""
+async def frames(guard: ConnectionGuard, on_bad: Callable[[str], None]) -> AsyncIterator[dict]:
+    """Yields each inbound JSON object until the peer goes away; malformed and binary frames are counted
+    and skipped.
+
+    Raises:
+        LimitExceeded: From :meth:`ConnectionGuard.receive` (too big, too fast, too slow).
+    """
     while True:
         try:
-            frame = await websocket.receive()
+            frame = await guard.receive()
         except WebSocketDisconnect:
             return
         if frame["type"] == "websocket.disconnect":
@@ -54,13 +66,9 @@ async def frames(websocket: WebSocket, dialect: str, on_bad) -> Any:
         if frame.get("bytes") is not None:
             on_bad("binary_frame")
             continue
-        text = frame.get("text") or ""
-        if len(text) > MAX_FRAME_BYTES:
-            on_bad("oversized_frame")
-            continue
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError:
+            message = parse_json(frame.get("text") or "")
+        except InvalidJson:
             on_bad("invalid_json")
             continue
         if not isinstance(message, dict):
@@ -86,7 +94,7 @@ def decode_payload(payload: Any, on_bad) -> bytes | None:
 
 def safe_id(stream_sid: str) -> str | None:
     """The carrier's stream id as the call's session id (so its call log is found by it), if it is usable."""
-    return stream_sid if stream_sid and _SAFE_ID.match(stream_sid) else None
+    return stream_sid if stream_sid and _SAFE_ID.fullmatch(stream_sid) else None
 
 
 def bad_frame_counter(dialect: str, call_ref: list[CallSession | None]):
@@ -151,7 +159,8 @@ class CarrierTransport:
             try:
                 await self._registry.note_transfer(self.call_sid, action.number)
             except Exception:
-                logger.exception("transfer of call %s to %s could not be noted", self.call_sid, action.number)
+                logger.exception("transfer of call %s could not be noted", self.call_sid)
+                ERRORS.labels("carrier", "transfer_not_noted").inc()
         websocket = self._socket.websocket
         if websocket.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):
@@ -171,6 +180,7 @@ class StreamStart:
 async def serve_media_stream(
     websocket: WebSocket,
     context: GatewayContext,
+    limits: Limits,
     *,
     dialect: str,
     media: MediaFormat,
@@ -178,13 +188,37 @@ async def serve_media_stream(
     parse_start: Callable[[dict, Callable[[str], None]], StreamStart],
 ) -> None:
     """Serves a carrier media stream (Twilio, Exotel): ``connected``, ``start``, ``media``, ``dtmf``,
-    ``mark``, ``stop`` in; ``media``, ``mark``, ``clear`` out. Bad frames are counted, never fatal."""
+    ``mark``, ``stop`` in; ``media``, ``mark``, ``clear`` out. Bad frames are counted, never fatal; a
+    limit closes the stream with its code."""
+    try:
+        guard = limits.admit(websocket, dialect)
+    except LimitExceeded as exc:
+        await close_socket(websocket, exc.close_code, exc.reason)
+        return
+    async with guard:
+        try:
+            await _serve_stream(websocket, context, guard, dialect, media, sid_key, parse_start)
+        except LimitExceeded as exc:
+            logger.warning("%s stream closed: %s", dialect, exc.reason)
+            await close_socket(websocket, exc.close_code, exc.reason)
+    await close_socket(websocket, 1000)
+
+
+async def _serve_stream(
+    websocket: WebSocket,
+    context: GatewayContext,
+    guard: ConnectionGuard,
+    dialect: str,
+    media: MediaFormat,
+    sid_key: str,
+    parse_start: Callable[[dict, Callable[[str], None]], StreamStart],
+) -> None:
     transport = CarrierTransport(JsonSocket(websocket), sid_key, context.registry)
     call_ref: list[CallSession | None] = [None]
     on_bad = bad_frame_counter(dialect, call_ref)
     status = "disconnected"
     try:
-        async for message in frames(websocket, dialect, on_bad):
+        async for message in frames(guard, on_bad):
             event = message.get("event")
             call = call_ref[0]
             if event == "media":
@@ -203,7 +237,7 @@ async def serve_media_stream(
                     on_bad("duplicate_start")
                     continue
                 transport.stream_sid = start.stream_sid
-                transport.call_sid = start.call_sid if _SAFE_ID.match(start.call_sid) else ""
+                transport.call_sid = start.call_sid if _SAFE_ID.fullmatch(start.call_sid) else ""
                 call_ref[0] = await open_call(
                     context,
                     dialect,
@@ -215,8 +249,9 @@ async def serve_media_stream(
                 )
                 if call_ref[0] is None:
                     logger.warning("%s stream %s: unknown agent %r; closing", dialect, start.stream_sid, start.agent_id)
-                    await websocket.close(code=1008, reason=f"unknown agent {start.agent_id!r}")
+                    await close_socket(websocket, 1008, f"unknown agent {start.agent_id!r}")
                     return
+                guard.handshake_done()
             elif event in ("mark", "dtmf"):
                 body = message.get(event)
                 if call is not None and isinstance(body, dict):

@@ -11,9 +11,13 @@ uses tools, ``stream_end`` (``content``: the whole answer; ``interrupted``; ``ac
 built-in tool ended or transferred the conversation). ``interrupt_stream`` cancels the
 answer in flight. The server sends ``ping`` every ``GATEWAY_CHAT_PING_INTERVAL_SECONDS`` and closes
 with **4408** a connection that misses its ``pong`` for ``GATEWAY_CHAT_PONG_TIMEOUT_SECONDS``; a
-connection that does not authorize within 10 s is closed with 4401. Conversations persist by
-``conversation_id`` (their history is the call log of that id). Invalid messages get an ``error``
-event and the connection goes on.
+connection that does not authorize within ``GATEWAY_HANDSHAKE_TIMEOUT_SECONDS`` (30 s) is closed with
+4401. Conversations persist by ``conversation_id`` (their history is the call log of that id); only
+the credential that opened one may continue it, and a connection keeps at most
+:data:`MAX_OPEN_CONVERSATIONS` open (the least recently used is closed; it can be continued later).
+Invalid messages, and messages over ``GATEWAY_MAX_FRAME_BYTES``, get an ``error`` event and the
+connection goes on. The gateway's other limits answer ``error`` and close: 1013 when the gateway or
+the credential is at its maximum of sessions, 1008 past the message rate or the idle timeout.
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ from voice.v1 import audio_pb2
 from voice_audio import wav_bytes
 from voice_gateway.auth import Authenticator
 from voice_gateway.call import BAD_FRAMES
+from voice_gateway.limits import (
+    HANDSHAKE,
+    ConnectionGuard,
+    LimitExceeded,
+    Limits,
+    MessageTooLarge,
+    close_socket,
+    refuse,
+)
+from voice_gateway.messages import InvalidJson, parse_json
 from voice_gateway.sentences import SentenceStream
 from voice_gateway.session import GatewayContext, Session
 from voice_gateway.turns import Event, LlmDelta, OutputFormat, SpeechAudio, ToolCalled, ToolFinished, TurnFailed
@@ -44,9 +58,8 @@ logger = logging.getLogger(__name__)
 DIALECT = "chat"
 UNAUTHORIZED = 4401
 HEARTBEAT_TIMEOUT = 4408
-AUTHORIZE_WITHIN_S = 10.0
-MAX_MESSAGE_BYTES = 256 * 1024
 MAX_CONTENT_CHARS = 8000
+MAX_OPEN_CONVERSATIONS = 16
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -58,6 +71,7 @@ class ChatConnection:
         websocket: WebSocket,
         context: GatewayContext,
         authenticator: Authenticator,
+        guard: ConnectionGuard,
         *,
         ping_interval_s: float,
         pong_timeout_s: float,
@@ -65,6 +79,8 @@ class ChatConnection:
         self._ws = websocket
         self._context = context
         self._auth = authenticator
+        self._guard = guard
+        self._identity = ""
         self._ping_interval_s = ping_interval_s
         self._pong_timeout_s = pong_timeout_s
         self.connection_id = uuid.uuid4().hex
@@ -80,7 +96,7 @@ class ChatConnection:
         async with self._send_lock:
             if self._ws.application_state == WebSocketState.CONNECTED:
                 with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                    await self._ws.send_text(json.dumps({"type": type_, **fields}))
+                    await self._ws.send_text(_message(type_, **fields))
 
     async def error(self, message: str, code: str = "bad_request") -> None:
         await self.send("error", error=message, code=code)
@@ -89,13 +105,20 @@ class ChatConnection:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while self._close is None:
-                timeout = None if self._authorized else AUTHORIZE_WITHIN_S
                 try:
-                    async with asyncio.timeout(timeout):
-                        frame = await self._ws.receive()
-                except TimeoutError:
-                    await self.error("authorize within 10 seconds of connecting", "unauthorized")
-                    self._close = (UNAUTHORIZED, "authorization timeout")
+                    frame = await self._guard.receive()
+                except MessageTooLarge as exc:
+                    BAD_FRAMES.labels(DIALECT, "oversized_frame").inc()
+                    await self.error(exc.reason, "too_large")
+                    continue
+                except LimitExceeded as exc:
+                    if exc.limit == HANDSHAKE:
+                        timeout_s = self._guard.settings.handshake_timeout_s
+                        await self.error(f"authorize within {timeout_s:g} seconds of connecting", "unauthorized")
+                        self._close = (UNAUTHORIZED, "authorization timeout")
+                    else:
+                        await self.error(exc.reason, "limit")
+                        self._close = (exc.close_code, exc.reason)
                     break
                 except WebSocketDisconnect:
                     break
@@ -109,9 +132,8 @@ class ChatConnection:
             await asyncio.gather(heartbeat, *([self._stream] if self._stream else []), return_exceptions=True)
             for session in self._sessions.values():
                 await session.close("completed")
-            if self._close is not None and self._ws.application_state == WebSocketState.CONNECTED:
-                with contextlib.suppress(Exception):
-                    await self._ws.close(code=self._close[0], reason=self._close[1])
+            if self._close is not None:
+                await close_socket(self._ws, *self._close)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -130,16 +152,11 @@ class ChatConnection:
             BAD_FRAMES.labels(DIALECT, "binary_frame").inc()
             await self.error("binary frames are not part of this protocol; send JSON text")
             return
-        text = frame.get("text") or ""
-        if len(text) > MAX_MESSAGE_BYTES:
-            BAD_FRAMES.labels(DIALECT, "oversized_frame").inc()
-            await self.error(f"message of {len(text)} bytes exceeds {MAX_MESSAGE_BYTES}")
-            return
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError as exc:
+            message = parse_json(frame.get("text") or "")
+        except InvalidJson as exc:
             BAD_FRAMES.labels(DIALECT, "invalid_json").inc()
-            await self.error(f"invalid JSON: {exc.msg}")
+            await self.error(f"invalid JSON: {exc}")
             return
         if not isinstance(message, dict):
             await self.error("a message must be a JSON object with a 'type'")
@@ -172,6 +189,14 @@ class ChatConnection:
             await self.error(f"unauthorized: {detail}", "unauthorized")
             self._close = (UNAUTHORIZED, "unauthorized")
             return
+        try:
+            self._guard.bind_key(detail)
+        except LimitExceeded as exc:
+            await self.error(exc.reason, "capacity")
+            self._close = (exc.close_code, exc.reason)
+            return
+        self._guard.handshake_done()
+        self._identity = detail
         self._authorized = True
         self._last_pong = time.monotonic()
         fields: dict = {"connection_id": self.connection_id}
@@ -194,7 +219,7 @@ class ChatConnection:
         if len(content) > MAX_CONTENT_CHARS:
             await self.error(f"chat_message: content longer than {MAX_CONTENT_CHARS} characters")
             return
-        if not isinstance(conversation_id, str) or not CONVERSATION_ID.match(conversation_id):
+        if not isinstance(conversation_id, str) or not CONVERSATION_ID.fullmatch(conversation_id):
             await self.error("chat_message: conversation_id must be 1-128 letters, digits, '-' or '_'")
             return
         if not isinstance(agent_id, str):
@@ -203,7 +228,11 @@ class ChatConnection:
         if self._stream is not None and not self._stream.done():
             await self.error("a response is still streaming; wait for stream_end or send interrupt_stream")
             return
-        session = await self._session(conversation_id, agent_id)
+        try:
+            session = await self._session(conversation_id, agent_id)
+        except PermissionError as exc:
+            await self.error(f"chat_message: {exc}", "forbidden")
+            return
         if session is None:
             await self.error(f"chat_message: unknown agent {agent_id!r}")
             return
@@ -212,17 +241,34 @@ class ChatConnection:
         self._stream = asyncio.create_task(self._answer(session, content.strip(), with_audio))
 
     async def _session(self, conversation_id: str, agent_id: str) -> Session | None:
-        session = self._sessions.get(conversation_id)
-        if session is not None:
-            return session
-        agent = await self._context.agents.get(agent_id)
-        if agent is None:
-            return None
-        previous = await self._context.calls.get(conversation_id)
-        session = Session(self._context, agent, DIALECT, previous, session_id=conversation_id)
-        await session.start()
+        """The conversation's session, opened (or continued from its call log) on first use; ``None`` for an
+        unknown agent.
+
+        Raises:
+            PermissionError: The id belongs to a conversation another credential opened, or to a call.
+        """
+        session = self._sessions.pop(conversation_id, None)
+        if session is None:
+            agent = await self._context.agents.get(agent_id)
+            if agent is None:
+                return None
+            previous = await self._context.calls.get(conversation_id)
+            if previous is not None and (previous.dialect != DIALECT or previous.owner != self._identity):
+                raise PermissionError(f"conversation_id {conversation_id!r} belongs to another conversation")
+            await self._close_least_recently_used()
+            session = Session(self._context, agent, DIALECT, previous, session_id=conversation_id)
+            session.call_log.owner = self._identity
+            await session.start()
         self._sessions[conversation_id] = session
         return session
+
+    async def _close_least_recently_used(self) -> None:
+        """Makes room for one more conversation within MAX_OPEN_CONVERSATIONS by closing the least recently
+        used ones (no answer is streaming: a new message is refused while one is). Their call logs stay,
+        so they can be continued."""
+        while len(self._sessions) >= MAX_OPEN_CONVERSATIONS:
+            oldest = next(iter(self._sessions))
+            await self._sessions.pop(oldest).close("completed")
 
     async def _answer(self, session: Session, content: str, with_audio: bool) -> None:
         message_id = uuid.uuid4().hex
@@ -295,7 +341,19 @@ class ChatConnection:
             await self.send("stream_end", content=full_text.strip(), interrupted=True, **ids)
 
 
-async def serve(websocket: WebSocket, context: GatewayContext, authenticator: Authenticator, **options) -> None:
-    """Accepts and serves one chat stream connection."""
+def _message(type_: str, **fields) -> str:
+    return json.dumps({"type": type_, **fields})
+
+
+async def serve(
+    websocket: WebSocket, context: GatewayContext, authenticator: Authenticator, limits: Limits, **options
+) -> None:
+    """Accepts and serves one chat stream connection; a full gateway answers ``error`` and closes 1013."""
     await websocket.accept()
-    await ChatConnection(websocket, context, authenticator, **options).run()
+    try:
+        guard = limits.admit(websocket, DIALECT)
+    except LimitExceeded as exc:
+        await refuse(websocket, exc, _message("error", error=exc.reason, code="capacity"))
+        return
+    async with guard:
+        await ChatConnection(websocket, context, authenticator, guard, **options).run()

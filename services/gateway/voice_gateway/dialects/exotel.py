@@ -10,13 +10,16 @@ passes custom parameters there) or in ``start.custom_parameters``.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Mapping
 
 from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
 from voice_gateway.call import MediaFormat
 from voice_gateway.dialects.carrier import StreamStart, serve_media_stream
+from voice_gateway.limits import CLOSE_POLICY_VIOLATION, Limits, close_socket
 from voice_gateway.session import GatewayContext
 
 logger = logging.getLogger(__name__)
@@ -48,32 +51,35 @@ def _sid(message: dict, start: dict) -> str:
     return ""
 
 
-async def serve(websocket: WebSocket, context: GatewayContext) -> None:
-    """Serves one Exotel media stream until ``stop`` or disconnect."""
+def parse_start(message: dict, on_bad: Callable[[str], None], query: Mapping[str, str]) -> StreamStart:
+    """Exotel's ``start``: the stream sid (either spelling), the agent and template variables from the
+    URL's query string (custom parameters) and ``start.custom_parameters``."""
+    start = message.get("start") if isinstance(message.get("start"), dict) else {}
+    parameters = start.get("custom_parameters") or start.get("customParameters") or {}
+    parameters = parameters if isinstance(parameters, dict) else {}
+    reserved = ("agent_id", "sample-rate", "sample_rate")
+    return StreamStart(
+        call_sid=str(start.get("call_sid") or start.get("callSid") or ""),
+        stream_sid=_sid(message, start),
+        agent_id=str(query.get("agent_id") or parameters.get("agent_id") or "default"),
+        variables={k: v for k, v in {**parameters, **query}.items() if k not in reserved},
+    )
+
+
+async def serve(websocket: WebSocket, context: GatewayContext, limits: Limits) -> None:
+    """Serves one Exotel media stream until ``stop``, disconnect or a limit."""
     query = websocket.query_params
     raw_rate = query.get("sample-rate") or query.get("sample_rate") or "8000"
     await websocket.accept()
-    if not raw_rate.isdigit() or int(raw_rate) not in SAMPLE_RATES:
-        await websocket.close(code=1008, reason=f"sample-rate must be one of {SAMPLE_RATES}")
+    if raw_rate not in {str(rate) for rate in SAMPLE_RATES}:
+        await close_socket(websocket, CLOSE_POLICY_VIOLATION, f"sample-rate must be one of {SAMPLE_RATES}")
         return
-
-    def parse_start(message: dict, on_bad) -> StreamStart:
-        start = message.get("start") if isinstance(message.get("start"), dict) else {}
-        parameters = start.get("custom_parameters") or start.get("customParameters") or {}
-        parameters = parameters if isinstance(parameters, dict) else {}
-        reserved = ("agent_id", "sample-rate", "sample_rate")
-        return StreamStart(
-            call_sid=str(start.get("call_sid") or start.get("callSid") or ""),
-            stream_sid=_sid(message, start),
-            agent_id=str(query.get("agent_id") or parameters.get("agent_id") or "default"),
-            variables={k: v for k, v in {**parameters, **query}.items() if k not in reserved},
-        )
-
     await serve_media_stream(
         websocket,
         context,
+        limits,
         dialect=DIALECT,
         media=media_format(int(raw_rate)),
         sid_key="stream_sid",
-        parse_start=parse_start,
+        parse_start=functools.partial(parse_start, query=dict(query)),
     )

@@ -3,7 +3,10 @@ ways on ``/ws/pcm/{session_id}`` or the seed's path ``/api/pipecat/websocket/{se
 
 A session id that was never announced, has expired (not connected within 5 minutes) or is already
 connected is closed with code **4404** and the reason ``unknown or expired session``. Text frames
-and odd-length frames are counted and ignored; the call goes on. When the agent's ``end_call`` or
+and odd-length frames are counted and ignored; the call goes on. The gateway's limits close the
+socket: 1013 when the gateway, or the API key that triggered the call, is at its maximum of
+sessions; 1009 for a frame over ``GATEWAY_MAX_FRAME_BYTES``; 1008 past the message rate or the idle
+timeout. There is no handshake to wait for: the trigger request was it. When the agent's ``end_call`` or
 ``transfer_call`` tool runs, the gateway closes the socket with 1000 (reason ``end_call`` or
 ``transfer_call``) after the answer has played; the transfer number is in the call log.
 """
@@ -12,13 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from voice_audio import Encoding
 from voice_gateway.call import CallSession, MediaFormat
 from voice_gateway.call_registry import CallRegistry
-from voice_gateway.dialects.carrier import MAX_FRAME_BYTES, open_call
+from voice_gateway.dialects.carrier import open_call
+from voice_gateway.limits import ConnectionGuard, LimitExceeded, Limits, close_socket
 from voice_gateway.session import GatewayContext
 from voice_gateway.tools import CallAction
 
@@ -56,13 +61,33 @@ class PcmTransport:
                 await self._websocket.close(code=1000, reason=action.kind)
 
 
-async def serve(websocket: WebSocket, context: GatewayContext, registry: CallRegistry, session_id: str) -> None:
-    """Serves one raw PCM call announced by the trigger endpoint."""
+async def serve(
+    websocket: WebSocket, context: GatewayContext, registry: CallRegistry, limits: Limits, session_id: str
+) -> None:
+    """Serves one raw PCM call announced by the trigger endpoint, until disconnect or a limit."""
     await websocket.accept()
-    pending = await registry.claim(session_id)
-    if pending is None:
-        await websocket.close(code=UNKNOWN_SESSION, reason="unknown or expired session")
+    try:
+        guard = limits.admit(websocket, DIALECT, handshake=False)
+    except LimitExceeded as exc:
+        await close_socket(websocket, exc.close_code, exc.reason)
         return
+    async with guard:
+        try:
+            pending = await registry.claim(session_id)
+            if pending is None:
+                await close_socket(websocket, UNKNOWN_SESSION, "unknown or expired session")
+                return
+            if pending.get("owner"):
+                guard.bind_key(pending["owner"])
+            await _serve_call(websocket, context, guard, pending, session_id)
+        except LimitExceeded as exc:
+            logger.warning("pcm call %s closed: %s", session_id, exc.reason)
+            await close_socket(websocket, exc.close_code, exc.reason)
+
+
+async def _serve_call(
+    websocket: WebSocket, context: GatewayContext, guard: ConnectionGuard, pending: dict[str, Any], session_id: str
+) -> None:
     call: CallSession | None = await open_call(
         context,
         DIALECT,
@@ -73,12 +98,12 @@ async def serve(websocket: WebSocket, context: GatewayContext, registry: CallReg
         session_id=session_id,
     )
     if call is None:
-        await websocket.close(code=UNKNOWN_AGENT, reason=f"unknown agent {pending['agent_id']!r}")
+        await close_socket(websocket, UNKNOWN_AGENT, f"unknown agent {pending['agent_id']!r}")
         return
     try:
         while True:
             try:
-                frame = await websocket.receive()
+                frame = await guard.receive()
             except WebSocketDisconnect:
                 break
             if frame["type"] == "websocket.disconnect":
@@ -86,9 +111,6 @@ async def serve(websocket: WebSocket, context: GatewayContext, registry: CallReg
             data = frame.get("bytes")
             if data is None:
                 call.bad_frame("text_frame")
-                continue
-            if len(data) > MAX_FRAME_BYTES:
-                call.bad_frame("oversized_frame")
                 continue
             if len(data) % 2:
                 call.bad_frame("odd_pcm_length")

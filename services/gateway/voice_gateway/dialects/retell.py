@@ -8,7 +8,13 @@ answered by streaming ``response`` events (``content``, ``content_complete``, ``
 the LLM. Retell's transcript is the conversation's history (it knows what was actually heard). A
 newer ``response_id`` cancels the older answer at once, including its LLM request on the bus, and
 nothing more is sent under the old id. Every message is handled in its own task; all of them are
-cancelled on disconnect. A binary frame closes the socket with 1007; a server error with 1011.
+cancelled on disconnect. A binary frame closes the socket with 1007; a server error with 1011; an
+unknown agent (when even ``default`` is gone) with 1008. The gateway's limits close it too: 1013 when
+the gateway is full, 1009 for a frame over ``GATEWAY_MAX_FRAME_BYTES``, 1008 when no message at all
+arrives within the handshake timeout (Retell sends ``call_details`` and pings right away), after the
+idle timeout, or past the message rate.
+
+Retell sends no credentials: the path segment is the socket's only secret (see docs/security.md).
 
 The agent comes from ``?agent_id=`` on the URL, else ``call.metadata.agent_id`` in ``call_details``,
 else ``default``; ``retell_llm_dynamic_variables`` fill the agent's ``{{name}}`` template variables.
@@ -25,7 +31,10 @@ import time
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from voice_gateway.call import BAD_FRAMES
-from voice_gateway.session import GatewayContext, Session
+from voice_gateway.calls import valid_call_log_id
+from voice_gateway.limits import CLOSE_POLICY_VIOLATION, ConnectionGuard, LimitExceeded, Limits, close_socket
+from voice_gateway.messages import InvalidJson, parse_json
+from voice_gateway.session import ERRORS, GatewayContext, Session
 from voice_gateway.templates import personalise
 from voice_gateway.turns import Conversation, Event, LlmDelta, ToolCalled, ToolFinished, TurnFailed
 
@@ -33,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 DIALECT = "retell"
 CALL_DETAILS_WAIT_S = 5.0
-MAX_FRAME_BYTES = 1024 * 1024
+SERVER_ERROR = 1011
 REMINDER_HINT = "(The user has not responded in a while. Gently check whether they are still there.)"
 UNINTELLIGIBLE = "(unintelligible audio)"
 
@@ -79,16 +88,18 @@ def history_from_transcript(transcript: object) -> list[dict]:
 class RetellConnection:
     """One Retell call."""
 
-    def __init__(self, websocket: WebSocket, context: GatewayContext, call_id: str) -> None:
+    def __init__(self, websocket: WebSocket, context: GatewayContext, guard: ConnectionGuard, call_id: str) -> None:
         self._ws = websocket
         self._context = context
+        self._guard = guard
         self._call_id = call_id
         self._session: Session | None = None
         self._tasks: set[asyncio.Task] = set()
         self._current_response_id = -1
         self._answer: asyncio.Task | None = None
         self._send_lock = asyncio.Lock()
-        self._begun = asyncio.Event()
+        self._begin_lock = asyncio.Lock()
+        self._begun = False
         self.transcript: list = []
 
     async def send(self, message: dict) -> None:
@@ -110,11 +121,15 @@ class RetellConnection:
         try:
             while True:
                 try:
-                    frame = await self._ws.receive()
+                    frame = await self._guard.receive()
                 except WebSocketDisconnect:
+                    break
+                except LimitExceeded as exc:
+                    close_code, reason = exc.close_code, exc.reason
                     break
                 if frame["type"] == "websocket.disconnect":
                     break
+                self._guard.handshake_done()
                 if frame.get("bytes") is not None:
                     BAD_FRAMES.labels(DIALECT, "binary_frame").inc()
                     close_code, reason = 1007, "binary frames are not part of this protocol"
@@ -122,26 +137,22 @@ class RetellConnection:
                 self._dispatch(frame.get("text") or "")
         except Exception as exc:
             logger.exception("retell call %s failed", self._call_id)
-            close_code, reason = 1011, f"server error: {type(exc).__name__}"
+            ERRORS.labels(DIALECT, "connection_crashed").inc()
+            close_code, reason = SERVER_ERROR, f"server error: {type(exc).__name__}"
         finally:
             fallback.cancel()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, fallback, return_exceptions=True)
             if self._session is not None:
-                await self._session.close("completed" if close_code in (1000, 1007) else "error")
-            if close_code != 1000 and self._ws.application_state == WebSocketState.CONNECTED:
-                with contextlib.suppress(Exception):
-                    await self._ws.close(code=close_code, reason=reason)
+                await self._session.close("error" if close_code == SERVER_ERROR else "completed")
+            if close_code != 1000:
+                await close_socket(self._ws, close_code, reason)
 
     def _dispatch(self, text: str) -> None:
-        if len(text) > MAX_FRAME_BYTES:
-            BAD_FRAMES.labels(DIALECT, "oversized_frame").inc()
-            logger.warning("retell %s: oversized frame (%d bytes) ignored", self._call_id, len(text))
-            return
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError:
+            message = parse_json(text)
+        except InvalidJson:
             BAD_FRAMES.labels(DIALECT, "invalid_json").inc()
             logger.warning("retell %s: invalid JSON ignored", self._call_id)
             return
@@ -180,6 +191,7 @@ class RetellConnection:
         return task
 
     async def _open_session(self, call: dict) -> Session | None:
+        """The call's session with its agent, or ``None`` when neither that agent nor ``default`` exists."""
         query = self._ws.query_params
         metadata = call.get("metadata") if isinstance(call.get("metadata"), dict) else {}
         agent_id = str(query.get("agent_id") or metadata.get("agent_id") or "default")
@@ -187,6 +199,8 @@ class RetellConnection:
         if agent is None:
             logger.warning("retell %s: unknown agent %r, using the default agent", self._call_id, agent_id)
             agent = await self._context.agents.get("default")
+        if agent is None:
+            return None
         variables = call.get("retell_llm_dynamic_variables")
         variables = (
             {k: v for k, v in variables.items() if isinstance(v, (str, int, float, bool))}
@@ -198,10 +212,15 @@ class RetellConnection:
         return session
 
     async def _begin(self, call: dict) -> None:
-        if self._begun.is_set():
+        """Opens the session and sends the begin message, once; a concurrent caller waits for it."""
+        async with self._begin_lock:
+            if self._begun:
+                return
+            self._begun = True
+            self._session = await self._open_session(call)
+        if self._session is None:
+            await close_socket(self._ws, CLOSE_POLICY_VIOLATION, "unknown agent and no default agent")
             return
-        self._begun.set()
-        self._session = await self._open_session(call)
         greeting = self._session.agent.greeting
         await self.send({"response_type": "response", "response_id": 0, "content": greeting, "content_complete": True})
 
@@ -210,9 +229,10 @@ class RetellConnection:
         await self._begin({})
 
     async def _respond(self, response_id: int, transcript: list, *, reminder: bool) -> None:
-        if self._session is None:
-            await self._begin({})
+        await self._begin({})
         session = self._session
+        if session is None:
+            return
         history = history_from_transcript(transcript)
         if reminder or not history or history[-1]["role"] != "user":
             user_text = REMINDER_HINT
@@ -289,10 +309,16 @@ class RetellConnection:
 
 
 def _safe(call_id: str) -> str | None:
-    return call_id if call_id and all(c.isalnum() or c in "-_" for c in call_id) and len(call_id) <= 128 else None
+    return call_id if valid_call_log_id(call_id) else None
 
 
-async def serve(websocket: WebSocket, context: GatewayContext, call_id: str) -> None:
+async def serve(websocket: WebSocket, context: GatewayContext, limits: Limits, call_id: str) -> None:
     """Serves one Retell custom-LLM socket."""
     await websocket.accept()
-    await RetellConnection(websocket, context, call_id).run()
+    try:
+        guard = limits.admit(websocket, DIALECT)
+    except LimitExceeded as exc:
+        await close_socket(websocket, exc.close_code, exc.reason)
+        return
+    async with guard:
+        await RetellConnection(websocket, context, guard, call_id).run()

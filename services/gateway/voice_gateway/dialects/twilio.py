@@ -27,6 +27,7 @@ from voice_audio import Encoding
 from voice_gateway.call import MediaFormat
 from voice_gateway.call_registry import CallRegistry
 from voice_gateway.dialects.carrier import StreamStart, serve_media_stream
+from voice_gateway.limits import Limits
 from voice_gateway.session import GatewayContext
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,9 @@ def parse_start(message: dict, on_bad) -> StreamStart:
     )
 
 
-async def serve(websocket: WebSocket, context: GatewayContext) -> None:
-    """Serves one Twilio media stream until ``stop`` or disconnect."""
+async def serve(websocket: WebSocket, context: GatewayContext, limits: Limits) -> None:
+    """Serves one Twilio media stream until ``stop``, disconnect or a limit."""
     await websocket.accept()
     await serve_media_stream(
-        websocket, context, dialect=DIALECT, media=MEDIA, sid_key="streamSid", parse_start=parse_start
+        websocket, context, limits, dialect=DIALECT, media=MEDIA, sid_key="streamSid", parse_start=parse_start
     )

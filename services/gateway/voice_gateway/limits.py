@@ -1,0 +1,406 @@
+"""Limits every dialect shares: concurrent sessions per gateway and per credential, frame size, message
+rate, handshake and idle timeouts.
+
+A dialect asks :meth:`Limits.admit` for a :class:`ConnectionGuard` right after accepting its socket and
+reads every frame through :meth:`ConnectionGuard.receive`. A limit that is hit raises
+:class:`LimitExceeded`, which carries the limit's name, the close code and a reason; the dialect
+answers it in its own protocol (an ``error`` event where it has one) and closes the socket with that
+code. :class:`MessageTooLarge` is the one refusal that dialects with an error event may survive: the
+message is refused and the connection goes on. Every refusal is counted in
+``voice_gateway_limit_refusals_total{dialect, limit}``.
+
+Close codes: 1013 (try again later) for capacity, 1009 for a frame that is too big, 1008 (policy
+violation) for the rest, unless the dialect's protocol defines its own (the chat stream's 4401 for a
+missing ``authorize``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter as Tally
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
+# A close frame's payload is at most 125 bytes: the 2-byte code and the reason.
+MAX_CLOSE_REASON_BYTES = 123
+
+SESSIONS = "sessions"
+SESSIONS_PER_KEY = "sessions_per_key"
+FRAME_SIZE = "frame_size"
+MESSAGE_RATE = "message_rate"
+HANDSHAKE = "handshake"
+IDLE = "idle"
+
+REFUSALS = Counter(
+    "voice_gateway_limit_refusals_total",
+    "Connections closed or messages refused by a limit, by dialect and limit",
+    ["dialect", "limit"],
+)
+CONNECTIONS = Gauge("voice_gateway_connections", "WebSocket connections open, by dialect", ["dialect"])
+
+
+class LimitExceeded(Exception):
+    """A connection went past a limit.
+
+    Attributes:
+        limit: Which one: ``sessions``, ``sessions_per_key``, ``frame_size``, ``message_rate``,
+            ``handshake`` or ``idle``.
+        close_code: The WebSocket close code that answers it.
+        reason: What happened, for the client (error event and close reason).
+    """
+
+    def __init__(self, limit: str, close_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.limit = limit
+        self.close_code = close_code
+        self.reason = reason
+
+
+class MessageTooLarge(LimitExceeded):
+    """One message was over the frame size limit; dialects with an error event refuse it and go on."""
+
+    def __init__(self, size: int, limit_bytes: int) -> None:
+        super().__init__(FRAME_SIZE, CLOSE_TOO_BIG, f"message of {size} bytes exceeds the limit of {limit_bytes}")
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` cut to what a close frame can carry (123 bytes of UTF-8), never splitting a character."""
+    encoded = reason.encode("utf-8", "replace")
+    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
+        return reason
+    return encoded[: MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+async def close_socket(websocket: WebSocket, code: int, reason: str = "") -> None:
+    """Closes ``websocket`` with ``code`` and ``reason`` (shortened to fit) unless it is already closed."""
+    if websocket.application_state != WebSocketState.CONNECTED:
+        return
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+        await websocket.close(code=code, reason=close_reason(reason))
+
+
+def frame_size(frame: dict, limit: int) -> int:
+    """Size of a received frame's payload in bytes, exact where it matters for ``limit``.
+
+    A text frame's UTF-8 length is computed only when its character count cannot decide alone (a
+    character is 1 to 4 bytes), so large ASCII messages are not encoded again just to be measured.
+    """
+    data = frame.get("bytes")
+    if data is not None:
+        return len(data)
+    text = frame.get("text") or ""
+    if len(text) > limit or len(text) * 4 <= limit:
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+async def refuse(websocket: WebSocket, error: LimitExceeded, notice: str | None = None) -> None:
+    """Answers a refusal in the dialect's terms: its error message ``notice`` first (for dialects that have
+    one), then the close with the refusal's code and reason."""
+    if notice is not None and websocket.application_state == WebSocketState.CONNECTED:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+            await websocket.send_text(notice)
+    await close_socket(websocket, error.close_code, error.reason)
+
+
+class TokenBucket:
+    """Allows ``rate`` events per second on average and bursts of up to ``burst`` at once.
+
+    Args:
+        rate: Tokens added per second.
+        burst: Capacity of the bucket (it starts full).
+        clock: Monotonic time source, in seconds.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs a positive rate and a burst of at least 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+
+    def take(self) -> bool:
+        """Takes one token; False (and nothing taken) when the bucket is empty."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """The limits' values (``GATEWAY_*`` variables, see :class:`voice_gateway.config.Settings`).
+
+    Attributes:
+        max_sessions: Concurrent WebSocket connections of any dialect on this gateway process.
+        max_sessions_per_key: Concurrent connections per credential (API key or signed-token subject).
+        max_frame_bytes: Largest frame of every dialect but the browser's (which has its own).
+        max_messages_per_second: Sustained inbound messages per second on one connection.
+        message_burst: Messages one connection may send at once above the sustained rate.
+        handshake_timeout_s: Time from connect to the dialect's opening message.
+        idle_timeout_s: Longest silence (no inbound frame) once the handshake is done.
+    """
+
+    max_sessions: int = 500
+    max_sessions_per_key: int = 100
+    max_frame_bytes: int = 1024 * 1024
+    max_messages_per_second: float = 200.0
+    message_burst: int = 400
+    handshake_timeout_s: float = 30.0
+    idle_timeout_s: float = 300.0
+
+
+class Limits:
+    """This gateway's sessions, counted in total and per credential.
+
+    Args:
+        settings: The limits' values.
+        clock: Monotonic time source (message rate, handshake deadline).
+    """
+
+    def __init__(self, settings: LimitSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._active = 0
+        self._per_key: Tally[str] = Tally()
+
+    @property
+    def active(self) -> int:
+        """Connections open now."""
+        return self._active
+
+    def active_for(self, key: str) -> int:
+        """Connections open now under credential ``key``."""
+        return self._per_key[key]
+
+    def check_key_capacity(self, dialect: str, key: str) -> None:
+        """Raises :class:`LimitExceeded` (counted) when ``key`` already has its maximum of sessions."""
+        if self._per_key[key] >= self.settings.max_sessions_per_key:
+            REFUSALS.labels(dialect, SESSIONS_PER_KEY).inc()
+            raise LimitExceeded(
+                SESSIONS_PER_KEY,
+                CLOSE_TRY_AGAIN_LATER,
+                f"this credential already has {self.settings.max_sessions_per_key} sessions open; try again later",
+            )
+
+    def admit(
+        self, websocket: WebSocket, dialect: str, *, max_frame_bytes: int | None = None, handshake: bool = True
+    ) -> ConnectionGuard:
+        """A guard holding one of this gateway's session slots for an accepted socket.
+
+        Args:
+            websocket: The accepted socket.
+            dialect: For metrics and messages.
+            max_frame_bytes: The dialect's own frame limit; the gateway's ``max_frame_bytes`` if ``None``.
+            handshake: Whether the dialect has an opening message to wait for (else only the idle
+                timeout applies from the start).
+
+        Raises:
+            LimitExceeded: ``sessions`` (1013) when the gateway is full.
+        """
+        if self._active >= self.settings.max_sessions:
+            REFUSALS.labels(dialect, SESSIONS).inc()
+            raise LimitExceeded(
+                SESSIONS, CLOSE_TRY_AGAIN_LATER, f"the gateway is at its limit of {self.settings.max_sessions} sessions"
+            )
+        self._active += 1
+        CONNECTIONS.labels(dialect).inc()
+        return ConnectionGuard(
+            self,
+            websocket,
+            dialect,
+            max_frame_bytes=max_frame_bytes or self.settings.max_frame_bytes,
+            handshake=handshake,
+        )
+
+    def _bind(self, dialect: str, key: str) -> None:
+        self.check_key_capacity(dialect, key)
+        self._per_key[key] += 1
+
+    def _release(self, key: str | None) -> None:
+        self._active -= 1
+        if key is not None:
+            self._per_key[key] -= 1
+            if self._per_key[key] <= 0:
+                del self._per_key[key]
+
+
+class ConnectionGuard:
+    """One connection's session slot and its per-message limits; made by :meth:`Limits.admit`.
+
+    Use it as an async context manager (or call :meth:`release`) so the slot is given back.
+
+    Attributes:
+        dialect: For metrics and messages.
+        max_frame_bytes: This connection's frame limit.
+        listening: Set by a dialect while the connection only listens (channel subscriptions): the
+            idle timeout does not apply then.
+    """
+
+    def __init__(
+        self, limits: Limits, websocket: WebSocket, dialect: str, *, max_frame_bytes: int, handshake: bool
+    ) -> None:
+        self._limits = limits
+        self._ws = websocket
+        self.dialect = dialect
+        self.max_frame_bytes = max_frame_bytes
+        settings = limits.settings
+        self._bucket = TokenBucket(settings.max_messages_per_second, settings.message_burst, limits.clock)
+        self._awaiting_handshake = handshake
+        self._handshake_deadline = limits.clock() + settings.handshake_timeout_s
+        self._key: str | None = None
+        self._released = False
+        self.listening = False
+
+    @property
+    def settings(self) -> LimitSettings:
+        """The limits' values."""
+        return self._limits.settings
+
+    @property
+    def key(self) -> str | None:
+        """The credential this connection counts against, once bound."""
+        return self._key
+
+    def bind_key(self, key: str) -> None:
+        """Counts this connection against credential ``key`` (once; later calls are ignored).
+
+        Raises:
+            LimitExceeded: ``sessions_per_key`` (1013) when ``key`` already has its maximum.
+        """
+        if self._key is not None or self._released:
+            return
+        self._limits._bind(self.dialect, key)
+        self._key = key
+
+    def handshake_done(self) -> None:
+        """The dialect's opening message has arrived: from now on only the idle timeout applies."""
+        self._awaiting_handshake = False
+
+    def _refuse(self, error: LimitExceeded) -> LimitExceeded:
+        REFUSALS.labels(self.dialect, error.limit).inc()
+        return error
+
+    def _timeout(self) -> tuple[float | None, LimitExceeded | None]:
+        settings = self._limits.settings
+        if self._awaiting_handshake:
+            reason = f"no opening message within {settings.handshake_timeout_s:g} s of connecting"
+            remaining = max(0.0, self._handshake_deadline - self._limits.clock())
+            return remaining, LimitExceeded(HANDSHAKE, CLOSE_POLICY_VIOLATION, reason)
+        if self.listening:
+            return None, None
+        reason = f"idle: no message for {settings.idle_timeout_s:g} s"
+        return settings.idle_timeout_s, LimitExceeded(IDLE, CLOSE_POLICY_VIOLATION, reason)
+
+    async def receive(self) -> dict:
+        """The next ASGI frame of the socket, after the limits' checks.
+
+        Returns:
+            The frame (``websocket.receive`` with ``text`` or ``bytes``, or ``websocket.disconnect``).
+
+        Raises:
+            MessageTooLarge: The frame is over the frame size limit.
+            LimitExceeded: The handshake or idle timeout passed, or the message rate was exceeded.
+            WebSocketDisconnect: As ``WebSocket.receive``.
+        """
+        timeout, on_timeout = self._timeout()
+        try:
+            async with asyncio.timeout(timeout):
+                frame = await self._ws.receive()
+        except TimeoutError:
+            raise self._refuse(on_timeout) from None
+        if frame["type"] != "websocket.receive":
+            return frame
+        if not self._bucket.take():
+            settings = self._limits.settings
+            raise self._refuse(
+                LimitExceeded(
+                    MESSAGE_RATE,
+                    CLOSE_POLICY_VIOLATION,
+                    f"more than {settings.max_messages_per_second:g} messages per second "
+                    f"(bursts of {settings.message_burst})",
+                )
+            )
+        size = frame_size(frame, self.max_frame_bytes)
+        if size > self.max_frame_bytes:
+            raise self._refuse(MessageTooLarge(size, self.max_frame_bytes))
+        return frame
+
+    def release(self) -> None:
+        """Gives the session slot (and the credential's) back; idempotent."""
+        if not self._released:
+            self._released = True
+            self._limits._release(self._key)
+            CONNECTIONS.labels(self.dialect).dec()
+
+    async def __aenter__(self) -> ConnectionGuard:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()
+
+
+class RequestBodyLimit:
+    """ASGI middleware: an HTTP request whose body is over ``max_bytes`` is answered 413 before any
+    endpoint reads it (the REST API and the Twilio webhooks read whole bodies into memory).
+
+    Args:
+        app: The application.
+        max_bytes: Largest body accepted.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            if not message.get("more_body"):
+                break
+        buffered = iter(messages)
+
+        async def replay() -> dict:
+            return next(buffered, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        REFUSALS.labels("http", FRAME_SIZE).inc()
+        body = f'{{"detail": "request body over {self.max_bytes} bytes"}}'.encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
