@@ -17,7 +17,7 @@ MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/runtime libs/chan
 PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
 PROTOS := $(wildcard protos/voice/v1/*.proto)
 
-.PHONY: help install install-test system-deps system-deps-test run test protos protos-check bench clean helm-lint k8s-validate
+.PHONY: help install install-test system-deps system-deps-test run cluster soak test protos protos-check bench clean helm-lint k8s-validate
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ install-test: system-deps-test $(VENV)/.installed-test ## install what `make tes
 run: install ## start nats-server, the llama.cpp server, the workers and the gateway on :8000 (Ctrl-C stops)
 	$(VENV)/bin/voicectl up
 
+cluster: install ## loopback cluster: 3 NATS nodes (JetStream R3), 2 gateways behind a balancer on :8000, 2 of each worker (Ctrl-C stops)
+	$(VENV)/bin/voicectl cluster
+
 test: install-test protos-check helm-lint k8s-validate ## run the test suite (real nats-server, real models)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -77,6 +80,10 @@ k8s-validate: $(VENV)/.installed-test ## render the chart, validate every object
 
 bench: install-test ## run the benchmarks; figures go to bench/results.json and a table
 	$(PY) -m bench
+
+SOAK_ARGS ?= --calls 4 --duration 600 --fault-every 30
+soak: install-test ## calls on the loopback cluster for 10 minutes while workers and NATS nodes fail; bench/soak.json
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean: ## remove the virtualenv and local state
 	rm -rf $(VENV) .run

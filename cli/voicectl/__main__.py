@@ -2,6 +2,8 @@
 
     voicectl up                              start everything locally (what `make run` does)
     voicectl nats                            run only nats-server, configured as the stack needs it
+    voicectl cluster                         3 NATS nodes, 2 gateways behind a balancer, 2 of each worker
+    voicectl balance --backend H:P ...       round-robin TCP balancer over ready gateways
     voicectl stt FILE                        transcribe an audio file (WAV, WebM, Ogg, MP3, ...)
     voicectl llm "prompt"                    stream a reply token by token
     voicectl tts "text" -o out.wav           synthesize speech
@@ -51,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     nats = sub.add_parser("nats", help="run only nats-server (JetStream, 8 MB payloads) in the foreground")
     nats.add_argument("--state-dir", default=".run")
 
+    cluster = sub.add_parser("cluster", help="run the loopback cluster (what `make cluster` does) until Ctrl-C")
+    cluster.add_argument("--state-dir", default=".run/cluster")
+
+    balance = sub.add_parser("balance", help="round-robin TCP balancer over gateways whose /readyz answers 200")
+    balance.add_argument("--listen", type=int, default=8000)
+    balance.add_argument("--backend", action="append", required=True, help="a gateway's host:port (repeat)")
+
     stt = sub.add_parser("stt", help="transcribe an audio file")
     stt.add_argument("file")
     stt.add_argument("--language", default="")
@@ -93,6 +102,14 @@ def main(argv: list[str] | None = None) -> None:
         from voicectl.stack import run_nats
 
         sys.exit(run_nats(args.state_dir))
+    if args.command == "cluster":
+        from voicectl.cluster import run_cluster
+
+        sys.exit(run_cluster(args.state_dir))
+    if args.command == "balance":
+        from voicectl.balancer import main as balance
+
+        sys.exit(balance(["--listen", str(args.listen), *(f"--backend={b}" for b in args.backend)]))
     if args.command == "trace":
         sys.exit(traces.run(args))
     if args.command == "call":

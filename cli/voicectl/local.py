@@ -27,6 +27,16 @@ jetstream {{
   store_dir: "{store_dir}"
 }}
 """
+# A node of a loopback cluster: JetStream clustering needs a server name and a named cluster.
+NATS_CLUSTER_CONFIG = """\
+server_name: {server_name}
+cluster {{
+  name: {cluster_name}
+  host: 127.0.0.1
+  port: {cluster_port}
+  routes: [{routes}]
+}}
+"""
 
 
 def free_port() -> int:
@@ -59,13 +69,28 @@ class NatsServer:
         port: Client port; a free one when 0.
         monitor_port: HTTP monitoring port; a free one when 0.
         store_dir: JetStream store; a temporary directory removed on stop when ``None``.
+        server_name: The node's name when it is part of a cluster.
+        cluster_port: Route port when it is part of a cluster (0: standalone).
+        routes: The other nodes' route ports.
     """
 
-    def __init__(self, port: int = 0, monitor_port: int = 0, store_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        monitor_port: int = 0,
+        store_dir: str | None = None,
+        *,
+        server_name: str = "",
+        cluster_port: int = 0,
+        routes: tuple[int, ...] = (),
+    ) -> None:
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
         self._own_store = store_dir is None
         self.store_dir = store_dir or tempfile.mkdtemp(prefix="voice-nats-")
+        self.server_name = server_name
+        self.cluster_port = cluster_port
+        self.routes = routes
         self.process: subprocess.Popen | None = None
 
     @property
@@ -73,23 +98,49 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, stdout=subprocess.DEVNULL) -> NatsServer:
+        self.launch(stdout)
+        wait_for_port(self.port, 15, process=self.process)
+        self.wait_healthy(15)
+        return self
+
+    def launch(self, stdout=subprocess.DEVNULL) -> NatsServer:
+        """Starts the process without waiting for it (a cluster's nodes must start together)."""
         binary = shutil.which("nats-server")
         if binary is None:
             raise RuntimeError(
                 "nats-server is not installed (Debian: apt-get install nats-server; `make install` does it)"
             )
+        Path(self.store_dir).mkdir(parents=True, exist_ok=True)
         config = Path(self.store_dir) / "nats.conf"
-        config.write_text(NATS_CONFIG.format(port=self.port, monitor_port=self.monitor_port, store_dir=self.store_dir))
+        text = NATS_CONFIG.format(port=self.port, monitor_port=self.monitor_port, store_dir=self.store_dir)
+        if self.cluster_port:
+            text += NATS_CLUSTER_CONFIG.format(
+                server_name=self.server_name,
+                cluster_name="voice",
+                cluster_port=self.cluster_port,
+                routes=", ".join(f"nats-route://127.0.0.1:{port}" for port in self.routes),
+            )
+        config.write_text(text)
         self.process = subprocess.Popen(
             [binary, "-c", str(config)], stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
         )
-        wait_for_port(self.port, 15, process=self.process)
-        self._wait_healthy(15)
         return self
 
-    def _wait_healthy(self, timeout_s: float) -> None:
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the node dies as a crashed pod would, its store left as it was."""
+        if self.running():
+            self.process.kill()
+            self.process.wait()
+
+    def wait_healthy(self, timeout_s: float, *, js_current: bool = False) -> None:
+        """Waits for the monitoring endpoint's health; with ``js_current`` JetStream must also be in
+        sync with its cluster (a meta leader elected, its streams current)."""
         give_up = time.monotonic() + timeout_s
-        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        query = "" if js_current else "?js-enabled-only=true"
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz{query}"
         while True:
             try:
                 with urllib.request.urlopen(url, timeout=1) as response:
@@ -100,7 +151,8 @@ class NatsServer:
                     raise
             time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, *, keep_store: bool = False) -> None:
+        """Stops the server (SIGTERM, then SIGKILL); a temporary store is removed unless ``keep_store``."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -108,10 +160,73 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._own_store:
+        if self._own_store and not keep_store:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class NatsCluster:
+    """Three (or more) nats-server nodes routed together on loopback, with clustered JetStream.
+
+    Args:
+        size: Number of nodes (JetStream needs a majority up: 3 tolerate one node down).
+        base_dir: Where each node's store goes (``<base_dir>/n<i>``); a temporary directory if ``None``.
+        ports: Client ports of the nodes; free ones when empty.
+    """
+
+    def __init__(self, size: int = 3, base_dir: str | None = None, ports: tuple[int, ...] = ()) -> None:
+        self._own_dir = base_dir is None
+        self.base_dir = base_dir or tempfile.mkdtemp(prefix="voice-nats-cluster-")
+        cluster_ports = [free_port() for _ in range(size)]
+        client_ports = list(ports) or [free_port() for _ in range(size)]
+        self.nodes = [
+            NatsServer(
+                client_ports[i],
+                store_dir=str(Path(self.base_dir, f"n{i + 1}")),
+                server_name=f"n{i + 1}",
+                cluster_port=cluster_ports[i],
+                routes=tuple(port for j, port in enumerate(cluster_ports) if j != i),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated: clients fail over between them."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout_s: float = 30.0) -> NatsCluster:
+        for node in self.nodes:
+            node.launch()
+        for node in self.nodes:
+            wait_for_port(node.port, timeout_s, process=node.process)
+        for node in self.nodes:
+            node.wait_healthy(timeout_s, js_current=True)
+        return self
+
+    def stop_node(self, index: int) -> None:
+        """Stops one node cleanly (SIGTERM), keeping its store for a restart."""
+        self.nodes[index].stop(keep_store=True)
+
+    def start_node(self, index: int, timeout_s: float = 30.0) -> None:
+        """Starts a stopped node again on its ports and store; returns once it has caught up."""
+        node = self.nodes[index]
+        node.launch()
+        wait_for_port(node.port, timeout_s, process=node.process)
+        node.wait_healthy(timeout_s, js_current=True)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(keep_store=True)
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> NatsCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -53,8 +53,8 @@ def test_default_is_the_embedded_cpu_stack(check: ModuleType) -> None:
 
     gateway = deployments["voice-platform-gateway"]
     container = gateway["spec"]["template"]["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert container["lifecycle"]["preStop"]["exec"]["command"][:2] == ["voice-probe", "drain"]
     env = env_of(gateway)
     assert env["GATEWAY_DEFAULT_AGENT_FILE"] == "/etc/voice/agents/default.json"
@@ -72,6 +72,7 @@ def test_default_is_the_embedded_cpu_stack(check: ModuleType) -> None:
         assert env[f"{service.upper()}_CONCURRENCY"]
         assert int(env["DRAIN_GRACE_SECONDS"]) < worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert env["NATS_URL"] == "nats://nats.nats.svc.cluster.local:4222"
+        assert (env["NATS_STREAM_REPLICAS"], env["NATS_WORK_STORAGE"]) == ("1", "memory")
     assert env_of(deployments["voice-platform-llm"])["LLM_BASE_URL"] == "http://voice-platform-llm-backend:8080/v1"
 
 
@@ -92,6 +93,8 @@ def test_production_runs_on_gpus_with_keda_and_three_replicas(check: ModuleType)
         assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
         assert pod["nodeSelector"] and pod["tolerations"]
         assert any(v.get("persistentVolumeClaim", {}).get("readOnly") for v in pod["volumes"])
+    for name in ("voice-platform-gateway", "voice-platform-stt", "voice-platform-llm", "voice-platform-tts"):
+        assert env_of(deployments[name])["NATS_STREAM_REPLICAS"] == "3", name
     for name, obj in scaled.items():
         assert obj["spec"]["minReplicaCount"] == 3, name
         assert "replicas" not in deployments[name]["spec"]
@@ -161,6 +164,7 @@ def test_keda_triggers_name_the_bus_streams_and_consumers(check: ModuleType) -> 
             "needs a metrics adapter",
         ),
         ({"nats": {"monitoringEndpoint": "http://nats:8222"}}, "at '/nats/monitoringEndpoint'"),
+        ({"nats": {"streamReplicas": 7}}, "at '/nats/streamReplicas'"),
         ({"services": {"stt": {"models": {"enabled": True}}}}, "models.enabled needs models.claimName"),
     ],
     ids=[
@@ -175,6 +179,7 @@ def test_keda_triggers_name_the_bus_streams_and_consumers(check: ModuleType) -> 
         "keda-on-gateway",
         "sessions-without-adapter",
         "monitoring-url-with-scheme",
+        "stream-replicas-above-5",
         "models-without-source",
     ],
 )

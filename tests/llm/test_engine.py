@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import pytest
 from tests.support.llama import LlamaServer, free_port
 from voice_llm.embedded import MODEL_ALIAS
 from voice_llm.engine import (
+    DEFAULT_CONNECT_TIMEOUT_S,
     BackendUnavailable,
     ChatEngine,
     Completion,
@@ -130,6 +132,26 @@ async def test_unreachable_backend_raises_backend_unavailable_quickly() -> None:
         await engine.close()
 
 
+async def test_a_backend_that_never_accepts_fails_after_the_connect_timeout() -> None:
+    """A host that drops connection attempts (here a listener whose accept queue is full) is given up on
+    after the connect timeout, not after the whole request timeout."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    queued = [socket.create_connection(("127.0.0.1", port), timeout=1.0)]
+    engine = OpenAIChatEngine(f"http://127.0.0.1:{port}/v1", "any", timeout_s=30.0)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(BackendUnavailable):
+            await collect(engine.stream(HELLO))
+        elapsed = time.perf_counter() - started
+        assert DEFAULT_CONNECT_TIMEOUT_S - 0.1 < elapsed < DEFAULT_CONNECT_TIMEOUT_S + 1.0
+    finally:
+        await engine.close()
+        for connection in queued:
+            connection.close()
+        listener.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # A scripted OpenAI-compatible backend, for the responses llama.cpp never gives.
 
@@ -142,6 +164,7 @@ class Reply:
     json_body: Any = None
     chunks: list[dict] = field(default_factory=list)
     done: bool = True
+    delay_s: float = 0.0
 
 
 class StubBackend:
@@ -173,6 +196,7 @@ class StubBackend:
         body = json.loads(await reader.readexactly(length)) if length else {}
         self.requests.append(body)
         reply = self._respond(body)
+        await asyncio.sleep(reply.delay_s)
         if reply.json_body is not None:
             payload = json.dumps(reply.json_body).encode()
             writer.write(
@@ -238,6 +262,17 @@ async def test_recorded_text_stream_and_tool_choice_by_name() -> None:
         "type": "function",
         "function": {"name": "get_weather"},
     }
+
+
+async def test_a_slow_backend_is_not_cut_short_by_the_connect_timeout() -> None:
+    chunks = recorded("text_stream.json")
+    async with StubBackend(lambda body: Reply(chunks=chunks, delay_s=1.5)) as stub:
+        engine = OpenAIChatEngine(stub.base_url, "m", timeout_s=10.0, connect_timeout_s=0.5)
+        try:
+            _, completion = split(await collect(engine.stream(HELLO)))
+        finally:
+            await engine.close()
+    assert completion.text and completion.time_to_first_token_s >= 1.5
 
 
 async def test_backend_rejecting_stream_options_is_asked_again_without_them() -> None:

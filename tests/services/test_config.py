@@ -11,6 +11,7 @@ CASES = [
     ("voice_stt", {"STT_DEVICE": "banana"}, "STT_DEVICE='banana'"),
     ("voice_stt", {"STT_CONCURRENCY": "zero"}, "STT_CONCURRENCY='zero': expected an integer"),
     ("voice_llm", {"LLM_BASE_URL": "not a url"}, "LLM_BASE_URL='not a url'"),
+    ("voice_llm", {"LLM_CONNECT_TIMEOUT_SECONDS": "0"}, "LLM_CONNECT_TIMEOUT_SECONDS=0.0: must be at least 0.1"),
     ("voice_tts", {"TTS_ENGINE": "espeak"}, "TTS_ENGINE='espeak'"),
     ("voice_tts", {"GRPC_PORT": "70000"}, "GRPC_PORT=70000: must be at most 65535"),
     ("voice_tts", {"TTS_ENGINE": "coqui"}, "TTS_VOICE is required with TTS_ENGINE=coqui"),

@@ -4,6 +4,14 @@
 service's JetStream work queue and yields the events a worker streams back to a private inbox, in
 order, until the final one. Failures arrive as :class:`BusError` with a code.
 
+If the worker running a request dies, JetStream hands the request to another worker (after the
+consumer's AckWait); the client keeps waiting, drops the events the new delivery repeats (as many as
+it had already yielded) and goes on from there, so the caller sees every event once. If replies are
+lost instead (this client moved to another NATS node, a gap in their numbering shows it) or the
+worker goes silent, the client publishes the request again, up to ``MAX_PUBLICATIONS`` times, and
+skips in the same way. Workers make a request's output reproducible for that (the LLM worker seeds
+sampling from the request id).
+
 Every process that sends requests (the gateway, ``voicectl``) exposes ``voice_bus_client_*``
 metrics: requests in flight and finished by service and outcome, and the time to the first event.
 """
@@ -20,8 +28,9 @@ from collections.abc import AsyncIterator
 from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import ServiceUnavailableError
 from prometheus_client import Counter, Gauge, Histogram
 
 from voice.v1 import events_pb2
@@ -33,7 +42,7 @@ from voice_bus.catalog import (
     cancel_subject,
     service_spec,
 )
-from voice_bus.connection import MAX_REQUEST_BYTES
+from voice_bus.connection import MAX_REQUEST_BYTES, publish_work
 from voice_bus.errors import DEADLINE_EXCEEDED, INVALID_ARGUMENT, UNAVAILABLE, BusError
 from voice_telemetry.metrics import LATENCY_BUCKETS_S
 from voice_telemetry.tracing import inject_context
@@ -46,11 +55,19 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_STALL_TIMEOUT_S = 15.0
 # A positive answer to the presence probe is trusted this long.
 PRESENCE_TTL_S = 2.0
+# Times one request may be published: again after its replies were lost (NATS failover) or its
+# worker went silent.
+MAX_PUBLICATIONS = 3
 
 CLIENT_REQUESTS = Counter(
     "voice_bus_client_requests_total",
     "Requests this process sent on the bus, by service and outcome (ok, abandoned, or an error code)",
     ["service", "outcome"],
+)
+CLIENT_RESENT = Counter(
+    "voice_bus_client_resent_total",
+    "Requests sent again because their replies were lost (NATS failover) or their worker went silent",
+    ["service"],
 )
 CLIENT_IN_FLIGHT = Gauge("voice_bus_client_in_flight", "Requests this process waits on, by service", ["service"])
 CLIENT_FIRST_EVENT = Histogram(
@@ -162,79 +179,145 @@ class BusClient:
 
         deadline = time.monotonic() + timeout
         deadline_epoch_ms = int((time.time() + timeout) * 1000)
-        replies: asyncio.Queue[Msg] = asyncio.Queue()
-        inbox = self._nc.new_inbox()
-
-        async def on_reply(msg: Msg) -> None:
-            replies.put_nowait(msg)
-
-        subscription = await self._nc.subscribe(inbox, cb=on_reply)
-        headers = {
-            HEADER_REPLY: inbox,
-            HEADER_REQUEST_ID: request_id,
-            HEADER_DEADLINE: str(deadline_epoch_ms),
-        }
-        if session_id:
-            headers[HEADER_SESSION_ID] = session_id
-        inject_context(headers)
+        yielded = 0
         finished = False
         published = None
+        subscription = None
         try:
-            published = await self._js.publish(spec.subject, payload, headers=headers, stream=spec.stream)
-            attempt = 0
-            next_seq = 0
-            yielded = False
-            started = False
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BusError(DEADLINE_EXCEEDED, f"{service} request {request_id} exceeded {timeout:.1f}s")
-                wait = min(remaining, stall_timeout) if started else remaining
+            for publication in range(1, MAX_PUBLICATIONS + 1):
+                replies: asyncio.Queue[Msg] = asyncio.Queue()
+                inbox = self._nc.new_inbox()
+                subscription = await self._nc.subscribe(inbox, cb=_enqueue(replies))
+                headers = {
+                    HEADER_REPLY: inbox,
+                    HEADER_REQUEST_ID: request_id,
+                    HEADER_DEADLINE: str(deadline_epoch_ms),
+                }
+                if session_id:
+                    headers[HEADER_SESSION_ID] = session_id
+                inject_context(headers)
+                published = await self._publish(service, payload, headers, deadline)
                 try:
-                    async with asyncio.timeout(wait):
-                        msg = await replies.get()
-                except TimeoutError:
-                    if time.monotonic() >= deadline:
-                        continue
-                    raise BusError(
-                        UNAVAILABLE, f"{service} worker went silent for {stall_timeout:.0f}s on {request_id}"
-                    ) from None
-                try:
-                    reply = events_pb2.Reply.FromString(msg.data)
-                except DecodeError:
-                    logger.warning("undecodable reply on %s dropped", inbox)
-                    continue
-                if reply.attempt < attempt:
-                    continue
-                if reply.attempt > attempt:
-                    if yielded:
-                        raise BusError(
-                            UNAVAILABLE,
-                            f"{service} worker died after streaming part of {request_id}; "
-                            f"delivery {reply.attempt} would repeat it",
-                        )
-                    attempt, next_seq = reply.attempt, 0
-                started = True
-                if reply.seq != next_seq:
-                    raise BusError(UNAVAILABLE, f"reply stream of {request_id} lost events ({next_seq} → {reply.seq})")
-                next_seq += 1
-                body = reply.WhichOneof("body")
-                if body == "error":
-                    finished = True
-                    raise BusError.from_proto(reply.error)
-                if body == "heartbeat":
-                    continue
-                event = getattr(reply, spec.reply_field)
-                if reply.final:
-                    finished = True
-                yielded = True
-                yield event
-                if finished:
-                    return
+                    async for event, final in self._replies(
+                        spec, replies, request_id, deadline, timeout, stall_timeout, skip=yielded
+                    ):
+                        if final:
+                            finished = True
+                        yielded += 1
+                        yield event
+                        if finished:
+                            return
+                except _RepliesLost as lost:
+                    if publication == MAX_PUBLICATIONS or time.monotonic() >= deadline:
+                        raise BusError(UNAVAILABLE, f"{service} request {request_id}: {lost}") from None
+                    logger.warning(
+                        "%s request %s: %s; sending it again (%d event(s) received so far)",
+                        service,
+                        request_id,
+                        lost,
+                        yielded,
+                    )
+                    CLIENT_RESENT.labels(service).inc()
+                    await subscription.unsubscribe()
+                    subscription = None
+                    with contextlib.suppress(Exception):
+                        await self._js.delete_msg(spec.stream, published.seq)
         finally:
-            await subscription.unsubscribe()
+            if subscription is not None:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
             if not finished:
                 await _shielded(self._abandon(request_id, spec.stream, published.seq if published else None))
+
+    async def _publish(self, service: str, payload: bytes, headers: dict[str, str], deadline: float):
+        """Publishes to the work stream, retrying what a NATS failover makes transient (no responders
+        while a stream elects its leader, a timeout while the connection moves to another node)."""
+        delay = 0.1
+        while True:
+            try:
+                return await publish_work(self._nc, service, payload, headers=headers)
+            except (
+                NoRespondersError,
+                NatsTimeoutError,
+                TimeoutError,
+                ConnectionClosedError,
+                ServiceUnavailableError,
+            ) as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise BusError(UNAVAILABLE, f"cannot queue the {service} request: {type(exc).__name__}") from exc
+                logger.info("queueing a %s request failed (%s); retrying", service, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _replies(
+        self,
+        spec,
+        replies: asyncio.Queue[Msg],
+        request_id: str,
+        deadline: float,
+        timeout: float,
+        stall_timeout: float,
+        *,
+        skip: int,
+    ) -> AsyncIterator[tuple[Message, bool]]:
+        """One publication's events, in order, as ``(event, final)``, less the first ``skip`` non-final
+        ones (what an earlier publication already yielded).
+
+        JetStream redeliveries of the message (its worker died) restart the numbering: the events
+        they repeat are skipped too. A gap in the numbering (replies lost while this client
+        reconnected to another NATS node) or a worker silent past its heartbeats raises
+        :class:`_RepliesLost`.
+        """
+        attempt = 0
+        next_seq = 0
+        delivered = 0
+        to_skip = skip
+        started = False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BusError(DEADLINE_EXCEEDED, f"{spec.name} request {request_id} exceeded {timeout:.1f}s")
+            wait = min(remaining, stall_timeout) if started else remaining
+            try:
+                async with asyncio.timeout(wait):
+                    msg = await replies.get()
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    continue
+                raise _RepliesLost(f"the worker went silent for {stall_timeout:.0f}s") from None
+            try:
+                reply = events_pb2.Reply.FromString(msg.data)
+            except DecodeError:
+                logger.warning("undecodable reply to %s dropped", request_id)
+                continue
+            if reply.attempt < attempt:
+                continue
+            if reply.attempt > attempt:
+                if delivered:
+                    logger.warning(
+                        "%s worker died after %d event(s) of %s; delivery %d takes over from there",
+                        spec.name,
+                        delivered,
+                        request_id,
+                        reply.attempt,
+                    )
+                attempt, next_seq, to_skip = reply.attempt, 0, skip + delivered
+            started = True
+            if reply.seq != next_seq:
+                raise _RepliesLost(f"replies lost ({next_seq} → {reply.seq})")
+            next_seq += 1
+            body = reply.WhichOneof("body")
+            if body == "error":
+                raise BusError.from_proto(reply.error)
+            if body == "heartbeat":
+                continue
+            if not reply.final and to_skip:
+                to_skip -= 1
+                continue
+            delivered += 1
+            yield getattr(reply, spec.reply_field), reply.final
+            if reply.final:
+                return
 
     async def _abandon(self, request_id: str, stream: str, seq: int | None) -> None:
         """Stops a request the caller no longer waits for: the running worker is told to cancel, and
@@ -260,6 +343,17 @@ async def _shielded(coro) -> None:
     task.add_done_callback(_cleanup_done)
     with contextlib.suppress(Exception):
         await asyncio.shield(task)
+
+
+class _RepliesLost(Exception):
+    """A publication's reply stream broke in a way that sending the request again repairs."""
+
+
+def _enqueue(queue: asyncio.Queue[Msg]):
+    async def on_reply(msg: Msg) -> None:
+        queue.put_nowait(msg)
+
+    return on_reply
 
 
 def _cleanup_done(task: asyncio.Task) -> None:

@@ -6,6 +6,10 @@ more than N unacknowledged messages and the consumer's backlog is the true queue
 runs, the worker marks the message in progress and sends heartbeats to the client; it acks the
 message once the final event is out. A message whose ``Voice-Deadline`` has passed is answered
 DEADLINE_EXCEEDED without running the handler; ``voice.cancel.<request_id>`` stops a request.
+
+A worker outlives NATS restarts: every ``LAG_INTERVAL_S``, and at once after a reconnection, it
+looks at its consumer; when the stream or consumer is gone (a restart with an empty store) it
+declares them again and binds a fresh pull subscription, without a restart of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import StorageType
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -35,7 +40,7 @@ from voice_bus.catalog import (
     ServiceSpec,
     service_spec,
 )
-from voice_bus.connection import ACK_WAIT_S, ensure_streams
+from voice_bus.connection import ACK_WAIT_S, add_reconnect_listener, ensure_streams, is_missing
 from voice_bus.errors import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -187,11 +192,29 @@ class Worker:
             :class:`BusError` (or ``ValueError`` for bad input) to answer an error.
         concurrency: Slots: how many requests run at once.
         name: Worker name for logs and the presence answer.
+        storage: Storage of the work stream when this worker creates it.
+        replicas: Replicas of the work stream (more than 1 needs a NATS cluster).
+
+    Attributes:
+        max_unacked_seen: Most messages this worker held unacknowledged at once.
+        recoveries: How many times it declared its stream and consumer again after NATS lost them.
     """
 
-    def __init__(self, nc: NatsClient, service: str, handler: Handler, *, concurrency: int = 1, name: str = "") -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        service: str,
+        handler: Handler,
+        *,
+        concurrency: int = 1,
+        name: str = "",
+        storage: StorageType = StorageType.MEMORY,
+        replicas: int = 1,
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        self._storage = storage
+        self._replicas = replicas
         self._nc = nc
         self._js = nc.jetstream()
         self._spec = service_spec(service)
@@ -207,7 +230,11 @@ class Worker:
         self._lag_task: asyncio.Task | None = None
         self._subscriptions: list = []
         self._pull = None
+        self._rebind = False
+        self._check_now = asyncio.Event()
+        self._remove_reconnect_listener: Callable[[], None] | None = None
         self.max_unacked_seen = 0
+        self.recoveries = 0
 
     @property
     def in_flight(self) -> int:
@@ -216,8 +243,9 @@ class Worker:
 
     async def start(self) -> None:
         """Declares the stream and consumer, subscribes to cancels and presence, and starts fetching."""
-        await ensure_streams(self._nc, [self._spec.name])
+        await self._declare()
         self._pull = await self._js.pull_subscribe_bind(durable=self._spec.durable, stream=self._spec.stream)
+        self._remove_reconnect_listener = add_reconnect_listener(self._nc, self._check_now.set)
         self._subscriptions.append(await self._nc.subscribe(CANCEL_PREFIX + "*", cb=self._on_cancel))
         self._subscriptions.append(await self._nc.subscribe(self._spec.presence_subject, cb=self._on_presence))
         WORK_SLOTS.labels(self._spec.name).set(self._concurrency)
@@ -234,6 +262,8 @@ class Worker:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self._remove_reconnect_listener:
+            self._remove_reconnect_listener()
         WORK_SLOTS.labels(self._spec.name).set(0)
         if self._lag_task:
             self._lag_task.cancel()
@@ -262,6 +292,8 @@ class Worker:
             if self._stopping.is_set():
                 self._slots.release()
                 break
+            if self._rebind:
+                await self._bind_again()
             try:
                 messages = await self._pull.fetch(1, timeout=FETCH_TIMEOUT_S)
             except (TimeoutError, NatsTimeoutError):
@@ -271,6 +303,7 @@ class Worker:
                 self._slots.release()
                 WORK_ERRORS.labels(self._spec.name, "bus", "fetch").inc()
                 logger.warning("%s fetch failed: %s", self._name, exc)
+                self._check_now.set()
                 await asyncio.sleep(0.5)
                 continue
             for msg in messages:
@@ -283,18 +316,58 @@ class Worker:
         self._tasks.discard(task)
         self._slots.release()
 
+    async def _declare(self) -> None:
+        await ensure_streams(self._nc, [self._spec.name], storage=self._storage, replicas=self._replicas)
+
+    async def _bind_again(self) -> None:
+        """Swaps the pull subscription for a fresh one (the fetch loop calls it between fetches)."""
+        try:
+            pull = await self._js.pull_subscribe_bind(durable=self._spec.durable, stream=self._spec.stream)
+        except Exception as exc:
+            logger.warning("%s could not bind its consumer again: %s", self._name, exc)
+            return
+        old, self._pull, self._rebind = self._pull, pull, False
+        with contextlib.suppress(Exception):
+            await old.unsubscribe()
+
     async def _lag_loop(self) -> None:
-        """Publishes the consumer's backlog every ``LAG_INTERVAL_S``, busy or idle."""
+        """Publishes the consumer's backlog every ``LAG_INTERVAL_S``, busy or idle, and at once after a
+        reconnection; the same look at the consumer notices when NATS lost it."""
         while True:
+            self._check_now.clear()
             await self._record_lag()
-            await asyncio.sleep(LAG_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LAG_INTERVAL_S):
+                    await self._check_now.wait()
 
     async def _record_lag(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             info = await self._js.consumer_info(self._spec.stream, self._spec.durable, timeout=LAG_INTERVAL_S)
-            CONSUMER_PENDING.labels(self._spec.name).set(info.num_pending or 0)
-            CONSUMER_ACK_PENDING.labels(self._spec.name).set(info.num_ack_pending or 0)
-            CONSUMER_REDELIVERED.labels(self._spec.name).set(info.num_redelivered or 0)
+        except Exception as exc:
+            if is_missing(exc) and not self._stopping.is_set():
+                await self._recover(exc)
+            return
+        CONSUMER_PENDING.labels(self._spec.name).set(info.num_pending or 0)
+        CONSUMER_ACK_PENDING.labels(self._spec.name).set(info.num_ack_pending or 0)
+        CONSUMER_REDELIVERED.labels(self._spec.name).set(info.num_redelivered or 0)
+
+    async def _recover(self, cause: Exception) -> None:
+        """Declares the stream and consumer again after NATS lost them, and has the fetch loop bind anew."""
+        logger.warning(
+            "%s: consumer %s of stream %s is gone (%s); declaring them again",
+            self._name,
+            self._spec.durable,
+            self._spec.stream,
+            getattr(cause, "description", None) or type(cause).__name__,
+        )
+        try:
+            await self._declare()
+        except Exception as exc:
+            logger.warning("%s could not declare %s again (%s); will retry", self._name, self._spec.stream, exc)
+            return
+        self.recoveries += 1
+        self._rebind = True
+        logger.info("%s consuming %s again", self._name, self._spec.subject)
 
     async def _on_presence(self, msg: Msg) -> None:
         if msg.reply:

@@ -107,6 +107,8 @@ class WorkerApp:
             self.handler,
             concurrency=self.settings.concurrency,
             name=f"{self.service}@{socket.gethostname()}:{self.grpc_port}",
+            storage=self.settings.streams.work_storage,
+            replicas=self.settings.streams.replicas,
         )
         await worker.start()
         for name in ("", *self.grpc_service_names):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from nats.js.api import StorageType
+
+from voice_bus.connection import MAX_REPLICAS
 
 
 class ConfigError(ValueError):
@@ -51,6 +55,30 @@ def env_float(name: str, default: float, *, minimum: float | None = None) -> flo
 
 
 @dataclass(frozen=True)
+class StreamSettings:
+    """How a process declares the JetStream streams and KV buckets it uses.
+
+    Attributes:
+        replicas: ``NATS_STREAM_REPLICAS``: replicas of every stream and KV bucket, 1 to 5 (default 1;
+            more needs a NATS cluster of at least that many servers). An existing stream with another
+            count is changed in place.
+        work_storage: ``NATS_WORK_STORAGE``: ``memory`` (default) or ``file``, the storage of the work
+            streams when they are created; an existing stream keeps its own.
+    """
+
+    replicas: int = 1
+    work_storage: StorageType = StorageType.MEMORY
+
+    @classmethod
+    def from_env(cls) -> StreamSettings:
+        """Reads ``NATS_STREAM_REPLICAS`` and ``NATS_WORK_STORAGE``; raises ConfigError when malformed."""
+        return cls(
+            replicas=env_int("NATS_STREAM_REPLICAS", 1, minimum=1, maximum=MAX_REPLICAS),
+            work_storage=StorageType(env_str("NATS_WORK_STORAGE", "memory", choices=("memory", "file"))),
+        )
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """Settings every worker process shares.
 
@@ -60,6 +88,7 @@ class WorkerSettings:
         metrics_port: ``METRICS_PORT``; 0 disables the metrics endpoint.
         concurrency: ``<SERVICE>_CONCURRENCY``: requests run at once (bus slots).
         drain_grace_s: ``DRAIN_GRACE_SECONDS``: how long SIGTERM waits for in-flight work.
+        streams: ``NATS_STREAM_REPLICAS`` and ``NATS_WORK_STORAGE`` (see :class:`StreamSettings`).
     """
 
     nats_url: str
@@ -67,6 +96,7 @@ class WorkerSettings:
     metrics_port: int
     concurrency: int
     drain_grace_s: float
+    streams: StreamSettings = field(default_factory=StreamSettings)
 
     @classmethod
     def from_env(cls, service: str, *, grpc_port: int, metrics_port: int, concurrency: int = 1) -> WorkerSettings:
@@ -77,4 +107,5 @@ class WorkerSettings:
             metrics_port=env_int("METRICS_PORT", metrics_port, minimum=0, maximum=65535),
             concurrency=env_int(f"{service.upper()}_CONCURRENCY", concurrency, minimum=1, maximum=256),
             drain_grace_s=env_float("DRAIN_GRACE_SECONDS", 60.0, minimum=0.0),
+            streams=StreamSettings.from_env(),
         )

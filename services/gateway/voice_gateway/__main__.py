@@ -1,9 +1,17 @@
-"""Entry point of the gateway: ``python -m voice_gateway``."""
+"""Entry point of the gateway: ``python -m voice_gateway``.
+
+SIGTERM drains before uvicorn shuts down: ``/readyz`` turns 503 and new sockets are refused, the
+turns in flight finish (up to ``GATEWAY_DRAIN_TIMEOUT_SECONDS``), then every socket is closed with
+1012 (service restart) and its session saved as ``handed_off`` for another gateway to resume. A
+second signal skips what is left of the drain.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -15,6 +23,37 @@ from voice_telemetry.logs import setup_logging
 logger = logging.getLogger("voice_gateway")
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with the application's drain run between the first signal and the shutdown."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        drain = getattr(self.config.app.state, "drain", None)
+        if self._drain is not None or self._loop is None or drain is None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self._loop.call_soon_threadsafe(self._start_drain, drain, sig, frame)
+
+    def _start_drain(self, drain, sig: int, frame: FrameType | None) -> None:
+        async def drain_then_exit() -> None:
+            try:
+                await drain()
+            except Exception:
+                logger.exception("drain failed; shutting down now")
+            super(DrainingServer, self).handle_exit(sig, frame)
+
+        if self._drain is None:
+            self._drain = self._loop.create_task(drain_then_exit())
+
+
 def main() -> None:
     setup_logging()
     try:
@@ -22,7 +61,7 @@ def main() -> None:
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         sys.exit(2)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -32,6 +71,7 @@ def main() -> None:
         log_config=None,
         timeout_graceful_shutdown=30,
     )
+    DrainingServer(config).run()
 
 
 if __name__ == "__main__":

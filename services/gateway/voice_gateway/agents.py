@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from voice_gateway.buckets import Bucket
 
 logger = logging.getLogger(__name__)
 
 BUCKET = "agents"
 AGENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEFAULT_FALLBACK_MESSAGE = "Sorry, I'm having trouble answering right now. Please try again in a moment."
 
 
 class _Strict(BaseModel):
@@ -116,12 +118,22 @@ class PipelineOptions(_Strict):
 
 
 class Agent(_Strict):
-    """One agent configuration."""
+    """One agent configuration.
+
+    ``fallback_message`` is what the caller hears (or reads) when the LLM fails before answering (its
+    backend is down, no LLM worker runs, the deadline passes); the call goes on. Empty turns the
+    fallback off: the turn then fails with the dialect's error event, as a TTS failure does.
+    """
 
     id: str = Field(pattern=AGENT_ID.pattern)
     name: str = Field(default="Assistant", min_length=1, max_length=100)
     system_prompt: str = Field(default="You are a helpful voice assistant.", max_length=20_000)
     greeting: str = Field(default="", max_length=2000)
+    fallback_message: str = Field(
+        default=DEFAULT_FALLBACK_MESSAGE,
+        max_length=500,
+        description="Said instead of an answer when the LLM fails before answering; empty: no fallback",
+    )
     voice: str = ""
     avatar_url: str = ""
     background_url: str = ""
@@ -161,6 +173,14 @@ class Agent(_Strict):
         data.pop("voice_system", None)
         return data
 
+    @field_validator("fallback_message")
+    @classmethod
+    def _fallback_is_text_or_empty(cls, message: str) -> str:
+        """Surrounding whitespace goes; a message of only whitespace is refused rather than read as "off"."""
+        if message and not message.strip():
+            raise ValueError('fallback_message must contain text, or be "" to turn the fallback off')
+        return message.strip()
+
     @field_validator("tools")
     @classmethod
     def _unique_tool_names(cls, tools: list[Tool]) -> list[Tool]:
@@ -178,28 +198,33 @@ class Agent(_Strict):
 
 
 class AgentStore:
-    """Agents in the KV bucket ``agents`` (file storage), one JSON document per agent id."""
+    """Agents in the KV bucket ``agents`` (file storage), one JSON document per agent id.
 
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
+    When NATS lost the bucket (a restart with an empty store), the store creates it again and puts
+    back the default agent (:meth:`load_default`); other agents are gone with the store.
+    """
+
+    def __init__(self, bucket: Bucket) -> None:
+        self._kv = bucket
+        self._default: Agent | None = None
+        bucket.on_recreate = self._restore_default
 
     @classmethod
-    async def open(cls, js) -> AgentStore:
-        """Opens the bucket, creating it the first time."""
-        try:
-            kv = await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, storage=StorageType.FILE, history=5))
-        return cls(kv)
+    async def open(cls, js, *, replicas: int = 1) -> AgentStore:
+        """Opens the bucket, creating it the first time.
+
+        Args:
+            js: A JetStream context.
+            replicas: Replicas of the bucket (``NATS_STREAM_REPLICAS``).
+        """
+        config = KeyValueConfig(bucket=BUCKET, storage=StorageType.FILE, history=5, replicas=replicas)
+        return cls(await Bucket.open(js, config))
 
     async def get(self, agent_id: str) -> Agent | None:
         if not AGENT_ID.fullmatch(agent_id):
             return None
-        try:
-            entry = await self._kv.get(agent_id)
-        except KeyNotFoundError:
-            return None
-        if entry.value is None:
+        entry = await self._kv.get(agent_id)
+        if entry is None or entry.value is None:
             return None
         return Agent.model_validate_json(entry.value)
 
@@ -219,5 +244,11 @@ class AgentStore:
         except (OSError, json.JSONDecodeError, ValidationError) as exc:
             raise ValueError(f"default agent file {path}: {exc}") from exc
         await self.put(agent)
+        self._default = agent
         logger.info("default agent %r loaded from %s", agent.id, path)
         return agent
+
+    async def _restore_default(self, kv: KeyValue) -> None:
+        if self._default is not None:
+            await kv.put(self._default.id, self._default.model_dump_json().encode())
+            logger.info("default agent %r stored again", self._default.id)

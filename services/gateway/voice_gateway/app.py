@@ -36,7 +36,7 @@ from voice_gateway.dialects import browser, channels, chat, exotel, pcm, retell,
 from voice_gateway.limits import LimitExceeded, Limits, RequestBodyLimit
 from voice_gateway.messages import InvalidJson, parse_json
 from voice_gateway.redaction import install_log_redaction
-from voice_gateway.session import GatewayContext
+from voice_gateway.session import TURNS_IN_FLIGHT, GatewayContext
 from voice_gateway.turns import TurnEngine
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
 
@@ -109,9 +109,23 @@ def warn_about_unsafe_settings(settings: Settings) -> None:
         logger.warning("TWILIO_AUTH_TOKEN is not set: Twilio webhooks are accepted without checking their signature")
 
 
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/metrics/"})
+
+
+class QuietProbes(logging.Filter):
+    """Drops access-log lines of successful probes and scrapes (balancers and kubelets probe every second)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 5 and isinstance(args[4], int):
+            return not (str(args[2]).split("?")[0] in PROBE_PATHS and args[4] < 400)
+        return True
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Builds the gateway; NATS is connected and the stores opened when the app starts."""
     install_log_redaction([settings.retell_ws_path])
+    logging.getLogger("uvicorn.access").addFilter(QuietProbes())
     warn_about_unsafe_settings(settings)
     limits = Limits(settings.limits)
 
@@ -119,16 +133,17 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         setup_tracing("voice-gateway")
         nc = await connect(settings.nats_url, name="voice-gateway")
-        await ensure_streams(nc)
+        streams = settings.streams
+        await ensure_streams(nc, storage=streams.work_storage, replicas=streams.replicas)
         js = nc.jetstream()
-        agents = await AgentStore.open(js)
+        agents = await AgentStore.open(js, replicas=streams.replicas)
         await agents.load_default(settings.default_agent_file)
         bus = BusClient(nc)
         http = httpx.AsyncClient(follow_redirects=False)
         app.state.context = GatewayContext(
             bus=bus,
             agents=agents,
-            calls=await CallLogStore.open(js),
+            calls=await CallLogStore.open(js, replicas=streams.replicas),
             engine=TurnEngine(
                 bus,
                 stt_timeout_s=settings.stt_timeout_s,
@@ -136,7 +151,7 @@ def create_app(settings: Settings) -> FastAPI:
                 tts_timeout_s=settings.tts_timeout_s,
                 http=http,
             ),
-            registry=await CallRegistry.open(js),
+            registry=await CallRegistry.open(js, replicas=streams.replicas),
         )
         app.state.nc = nc
         app.state.registry = app.state.context.registry
@@ -171,6 +186,33 @@ def create_app(settings: Settings) -> FastAPI:
     async def healthz():
         connected = bool(getattr(app.state, "nc", None) and app.state.nc.is_connected)
         return JSONResponse({"status": "ok" if connected else "degraded", "nats": connected}, 200 if connected else 503)
+
+    @app.get("/readyz")
+    async def readyz():
+        """Whether to route new sessions here: NATS connected and not draining."""
+        connected = bool(getattr(app.state, "nc", None) and app.state.nc.is_connected)
+        ready = connected and not limits.draining
+        status = "ok" if ready else ("draining" if limits.draining else "degraded")
+        return JSONResponse(
+            {"status": status, "nats": connected, "sessions": limits.active, "by_dialect": limits.by_dialect()},
+            200 if ready else 503,
+        )
+
+    async def drain() -> None:
+        """Stops taking sessions, lets the turns in flight finish, then hands the sessions off (1012)."""
+        limits.draining = True
+        logger.info("draining: %d session(s), %d turn(s) in flight", limits.active, TURNS_IN_FLIGHT.count)
+        if not await TURNS_IN_FLIGHT.wait_idle(settings.drain_timeout_s):
+            logger.warning(
+                "draining: %d turn(s) still running after %.0f s", TURNS_IN_FLIGHT.count, settings.drain_timeout_s
+            )
+        context = getattr(app.state, "context", None)
+        if context is not None:
+            context.draining = True
+        closed = await limits.close_all()
+        logger.info("drained: %d socket(s) closed with 1012 for their clients to reconnect", closed)
+
+    app.state.drain = drain
 
     @app.get("/api/agents/{agent_id}")
     async def get_agent(agent_id: str, _: str = api_key) -> dict:

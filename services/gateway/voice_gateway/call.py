@@ -31,7 +31,7 @@ from prometheus_client import Counter, Histogram
 from voice.v1 import audio_pb2
 from voice_audio import Encoding, StreamResampler, alaw_decode, ulaw_decode
 from voice_bus.errors import BusError
-from voice_gateway.session import GatewayContext, Session
+from voice_gateway.session import FIRST_AUDIO, TURNS, GatewayContext, Session
 from voice_gateway.tools import CallAction
 from voice_gateway.turns import (
     CallActionRequested,
@@ -291,12 +291,14 @@ class CallSession:
                 span.add_event("endpointing", {"voice.endpointing.wait_s": round(wait_s, 4)})
             timings: dict[str, float] = {"endpointing_s": wait_s}
             user_text = text or ""
+            outcome = "ok"
             try:
                 if audio is not None:
                     fmt = audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
                     user_text = await self._context.engine.transcribe(session.conversation, audio, fmt)
                     timings["stt_s"] = time.perf_counter() - started
                     if not user_text:
+                        outcome = "no_speech"
                         return
                 self._first_audio_pending = audio is not None
                 result = await self._context.engine.respond(
@@ -304,8 +306,11 @@ class CallSession:
                 )
                 result.timings.update(timings)
                 span.set_attribute("voice.time_to_first_audio_s", result.timings.get("first_audio_s", -1.0))
+                if "first_audio_s" in result.timings:
+                    FIRST_AUDIO.labels(self.dialect, kind).observe(result.timings["first_audio_s"])
                 await session.record(kind, result)
             except asyncio.CancelledError:
+                outcome = "cancelled"
                 reason = "barge_in" if self._heard_at_barge_in is not None else "call_ended"
                 span.add_event("cancelled", {"voice.cancel.reason": reason})
                 if self._heard_at_barge_in is not None:
@@ -316,9 +321,12 @@ class CallSession:
                     await session.record(kind, result, interrupted=True)
                 raise
             except BusError as exc:
+                outcome = exc.code_name.lower()
                 logger.warning("turn failed in call %s: %s", session.id, exc)
                 span.set_attribute("voice.error", exc.code_name)
                 await session.record(kind, TurnResult(user_text=user_text, timings=timings, error=str(exc)))
+            finally:
+                TURNS.labels(self.dialect, kind, outcome).inc()
 
     async def _on_event(self, event: Event) -> None:
         if isinstance(event, SpeechAudio) and event.audio:

@@ -8,9 +8,8 @@ import json
 import time
 
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
-from nats.js.kv import KeyValue
 
+from voice_gateway.buckets import Bucket
 from voice_gateway.calls import valid_call_log_id
 
 BUCKET = "sessions"
@@ -19,20 +18,24 @@ TRANSFER_PREFIX = "transfer-"
 
 
 class CallRegistry:
-    """Pending call sessions: agent id and template variables, kept until connected or expired."""
+    """Pending call sessions: agent id and template variables, kept until connected or expired.
 
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
+    The bucket is created again when NATS lost it (a restart with an empty store).
+    """
+
+    def __init__(self, bucket: Bucket) -> None:
+        self._kv = bucket
 
     @classmethod
-    async def open(cls, js) -> CallRegistry:
-        try:
-            kv = await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(
-                KeyValueConfig(bucket=BUCKET, storage=StorageType.FILE, ttl=CONNECT_WITHIN_S * 4)
-            )
-        return cls(kv)
+    async def open(cls, js, *, replicas: int = 1) -> CallRegistry:
+        """Opens the bucket ``sessions``, creating it the first time.
+
+        Args:
+            js: A JetStream context.
+            replicas: Replicas of the bucket (``NATS_STREAM_REPLICAS``).
+        """
+        config = KeyValueConfig(bucket=BUCKET, storage=StorageType.FILE, ttl=CONNECT_WITHIN_S * 4, replicas=replicas)
+        return cls(await Bucket.open(js, config))
 
     async def announce(self, session_id: str, agent_id: str, variables: dict, owner: str | None = None) -> None:
         """Records a pending call; ``owner`` is the identity of the API key that triggered it (never the key),
@@ -50,21 +53,15 @@ class CallRegistry:
         """The number carrier call ``call_sid`` was transferred to, if the agent transferred it."""
         if not valid_call_log_id(call_sid):
             return None
-        try:
-            entry = await self._kv.get(TRANSFER_PREFIX + call_sid)
-        except KeyNotFoundError:
-            return None
-        return json.loads(entry.value)["number"] if entry.value else None
+        entry = await self._kv.get(TRANSFER_PREFIX + call_sid)
+        return json.loads(entry.value)["number"] if entry is not None and entry.value else None
 
     async def claim(self, session_id: str) -> dict | None:
         """The pending call, marked connected; ``None`` when unknown, expired or already connected."""
         if not valid_call_log_id(session_id):
             return None
-        try:
-            entry = await self._kv.get(session_id)
-        except KeyNotFoundError:
-            return None
-        if entry.value is None:
+        entry = await self._kv.get(session_id)
+        if entry is None or entry.value is None:
             return None
         record = json.loads(entry.value)
         if record.get("state") != "initialized" or time.time() - record["created_at"] > CONNECT_WITHIN_S:

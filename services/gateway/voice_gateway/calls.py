@@ -1,14 +1,23 @@
 """Call logs: each session's agent, start and end, and turns with their texts and stage timings,
-kept in the JetStream stream ``CALLS`` (one subject per session, the latest snapshot wins)."""
+kept in the JetStream stream ``CALLS`` (one subject per session, the latest snapshot wins).
+
+When NATS lost the stream (a restart with an empty store), the store creates it again on its next use.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, Field
+
+from voice_bus.connection import ensure_stream, is_missing
+
+logger = logging.getLogger(__name__)
 
 STREAM = "CALLS"
 SUBJECT_PREFIX = "voice.calls."
@@ -24,7 +33,11 @@ def valid_call_log_id(value: object) -> bool:
 
 
 class TurnRecord(BaseModel):
-    """One exchange: what the user said or typed, what the agent answered, and how long each stage took."""
+    """One exchange: what the user said or typed, what the agent answered, and how long each stage took.
+
+    ``error`` says why the turn failed; with ``fallback`` true, the LLM failed and ``assistant`` is the
+    agent's fallback message, which the caller got instead of an answer.
+    """
 
     index: int
     kind: str
@@ -34,6 +47,7 @@ class TurnRecord(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     interrupted: bool = False
     error: str = ""
+    fallback: bool = False
     tools: list[dict] = Field(default_factory=list)
     action: dict | None = None
 
@@ -59,27 +73,40 @@ class CallLog(BaseModel):
 class CallLogStore:
     """Reads and writes call-log snapshots on ``voice.calls.<call_log_id>``."""
 
-    def __init__(self, js) -> None:
+    def __init__(self, js, config: StreamConfig) -> None:
         self._js = js
+        self._config = config
+        self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, js) -> CallLogStore:
-        """Creates the ``CALLS`` stream (file storage) if it is missing."""
+    async def open(cls, js, *, replicas: int = 1) -> CallLogStore:
+        """Creates the ``CALLS`` stream (file storage) if it is missing, or brings it up to date.
+
+        Args:
+            js: A JetStream context.
+            replicas: Replicas of the stream (``NATS_STREAM_REPLICAS``).
+        """
         config = StreamConfig(
             name=STREAM,
             subjects=[SUBJECT_PREFIX + "*"],
             storage=StorageType.FILE,
             max_msgs_per_subject=20,
             max_age=RETENTION_S,
+            num_replicas=replicas,
         )
-        try:
-            await js.stream_info(STREAM)
-        except NotFoundError:
-            await js.add_stream(config)
-        return cls(js)
+        await ensure_stream(js, config)
+        return cls(js, config)
 
     async def save(self, log: CallLog) -> None:
-        await self._js.publish(SUBJECT_PREFIX + log.call_log_id, log.model_dump_json().encode(), stream=STREAM)
+        subject, data = SUBJECT_PREFIX + log.call_log_id, log.model_dump_json().encode()
+        try:
+            await self._js.publish(subject, data, stream=STREAM)
+            return
+        except Exception as exc:
+            if not is_missing(exc):
+                raise
+        await self._recreate()
+        await self._js.publish(subject, data, stream=STREAM)
 
     async def get(self, call_log_id: str) -> CallLog | None:
         """The call's latest log, or ``None`` when there is none (or the id cannot be one)."""
@@ -87,6 +114,16 @@ class CallLogStore:
             return None
         try:
             msg = await self._js.get_last_msg(STREAM, SUBJECT_PREFIX + call_log_id)
-        except NotFoundError:
+        except NotFoundError as exc:
+            if is_missing(exc):
+                await self._recreate()
             return None
         return CallLog.model_validate_json(msg.data)
+
+    async def _recreate(self) -> None:
+        async with self._lock:
+            try:
+                await self._js.stream_info(STREAM)
+            except NotFoundError:
+                logger.warning("stream %s is gone (NATS lost its store?); creating it again", STREAM)
+                await ensure_stream(self._js, self._config)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from voice_gateway.limits import LimitSettings
-from voice_runtime.config import ConfigError, env_float, env_int, env_str
+from voice_runtime.config import ConfigError, StreamSettings, env_float, env_int, env_str
 
 DEFAULT_AGENT_FILE = Path(__file__).with_name("agents") / "default.json"
 DEFAULT_RETELL_WS_PATH = "ws-default"
@@ -40,6 +40,10 @@ class Settings:
             ``GATEWAY_MAX_MESSAGES_PER_SECOND``, ``GATEWAY_MESSAGE_BURST``,
             ``GATEWAY_HANDSHAKE_TIMEOUT_SECONDS`` and ``GATEWAY_IDLE_TIMEOUT_SECONDS`` (see
             :class:`voice_gateway.limits.LimitSettings`).
+        streams: ``NATS_STREAM_REPLICAS`` and ``NATS_WORK_STORAGE``: how the work streams, KV ``agents``,
+            KV ``sessions`` and stream ``CALLS`` are declared (see :class:`voice_runtime.config.StreamSettings`).
+        drain_timeout_s: ``GATEWAY_DRAIN_TIMEOUT_SECONDS``: after SIGTERM, how long the turns in flight
+            may run on before the sockets are closed with 1012 for their clients to reconnect elsewhere.
     """
 
     nats_url: str
@@ -58,6 +62,8 @@ class Settings:
     chat_ping_interval_s: float = 20.0
     chat_pong_timeout_s: float = 10.0
     limits: LimitSettings = field(default_factory=LimitSettings)
+    streams: StreamSettings = field(default_factory=StreamSettings)
+    drain_timeout_s: float = 20.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -85,6 +91,8 @@ class Settings:
                 env_str("OBFUSCATED_WS_PATH", "") or env_str("RETELL_WS_PATH", DEFAULT_RETELL_WS_PATH),
             ),
             limits=_limits_from_env(),
+            streams=StreamSettings.from_env(),
+            drain_timeout_s=_finite("GATEWAY_DRAIN_TIMEOUT_SECONDS", 20.0, minimum=0.0),
         )
 
 

@@ -11,7 +11,8 @@ message is refused and the connection goes on. Every refusal is counted in
 
 Close codes: 1013 (try again later) for capacity, 1009 for a frame that is too big, 1008 (policy
 violation) for the rest, unless the dialect's protocol defines its own (the chat stream's 4401 for a
-missing ``authorize``).
+missing ``authorize``). A gateway that drains before it exits (:meth:`Limits.close_all`) closes its
+sockets with 1012 (service restart), and refuses new ones with it, so clients reconnect elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
 # A close frame's payload is at most 125 bytes: the 2-byte code and the reason.
 MAX_CLOSE_REASON_BYTES = 123
@@ -38,6 +40,8 @@ FRAME_SIZE = "frame_size"
 MESSAGE_RATE = "message_rate"
 HANDSHAKE = "handshake"
 IDLE = "idle"
+RESTARTING = "restarting"
+RESTART_REASON = "the gateway is restarting; connect again to continue"
 
 REFUSALS = Counter(
     "voice_gateway_limit_refusals_total",
@@ -52,7 +56,7 @@ class LimitExceeded(Exception):
 
     Attributes:
         limit: Which one: ``sessions``, ``sessions_per_key``, ``frame_size``, ``message_rate``,
-            ``handshake`` or ``idle``.
+            ``handshake``, ``idle`` or ``restarting``.
         close_code: The WebSocket close code that answers it.
         reason: What happened, for the client (error event and close reason).
     """
@@ -176,11 +180,17 @@ class Limits:
         self.clock = clock
         self._active = 0
         self._per_key: Tally[str] = Tally()
+        self._guards: set[ConnectionGuard] = set()
+        self.draining = False
 
     @property
     def active(self) -> int:
         """Connections open now."""
         return self._active
+
+    def by_dialect(self) -> dict[str, int]:
+        """Connections open now, per dialect."""
+        return dict(Tally(guard.dialect for guard in self._guards))
 
     def active_for(self, key: str) -> int:
         """Connections open now under credential ``key``."""
@@ -209,8 +219,11 @@ class Limits:
                 timeout applies from the start).
 
         Raises:
-            LimitExceeded: ``sessions`` (1013) when the gateway is full.
+            LimitExceeded: ``sessions`` (1013) when the gateway is full, ``restarting`` (1012) while it drains.
         """
+        if self.draining:
+            REFUSALS.labels(dialect, RESTARTING).inc()
+            raise LimitExceeded(RESTARTING, CLOSE_SERVICE_RESTART, RESTART_REASON)
         if self._active >= self.settings.max_sessions:
             REFUSALS.labels(dialect, SESSIONS).inc()
             raise LimitExceeded(
@@ -218,19 +231,39 @@ class Limits:
             )
         self._active += 1
         CONNECTIONS.labels(dialect).inc()
-        return ConnectionGuard(
+        guard = ConnectionGuard(
             self,
             websocket,
             dialect,
             max_frame_bytes=max_frame_bytes or self.settings.max_frame_bytes,
             handshake=handshake,
         )
+        self._guards.add(guard)
+        return guard
+
+    async def close_all(self, timeout_s: float = 5.0) -> int:
+        """Closes every open socket with 1012 (service restart) and waits up to ``timeout_s`` for the
+        dialects to finish with them; new sockets are refused from now on.
+
+        Returns:
+            How many sockets were closed.
+        """
+        self.draining = True
+        guards = list(self._guards)
+        for guard in guards:
+            REFUSALS.labels(guard.dialect, RESTARTING).inc()
+            await close_socket(guard._ws, CLOSE_SERVICE_RESTART, RESTART_REASON)
+        give_up = self.clock() + timeout_s
+        while self._guards and self.clock() < give_up:
+            await asyncio.sleep(0.05)
+        return len(guards)
 
     def _bind(self, dialect: str, key: str) -> None:
         self.check_key_capacity(dialect, key)
         self._per_key[key] += 1
 
-    def _release(self, key: str | None) -> None:
+    def _release(self, guard: ConnectionGuard, key: str | None) -> None:
+        self._guards.discard(guard)
         self._active -= 1
         if key is not None:
             self._per_key[key] -= 1
@@ -343,7 +376,7 @@ class ConnectionGuard:
         """Gives the session slot (and the credential's) back; idempotent."""
         if not self._released:
             self._released = True
-            self._limits._release(self._key)
+            self._limits._release(self, self._key)
             CONNECTIONS.labels(self.dialect).dec()
 
     async def __aenter__(self) -> ConnectionGuard:

@@ -44,6 +44,8 @@ from voice_telemetry.tracing import set_content_attribute
 logger = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 10.0
+# The status of a call whose gateway shut down under it: another gateway may resume it.
+HANDED_OFF = "handed_off"
 tracer = trace.get_tracer("voice_gateway")
 
 ACTIVE_SESSIONS = Gauge("voice_gateway_active_sessions", "Sessions open on this gateway", ["dialect"])
@@ -71,6 +73,37 @@ class GatewayContext:
     calls: CallLogStore
     engine: TurnEngine
     registry: CallRegistry | None = None
+    draining: bool = False
+
+
+class _TurnsInFlight:
+    """Counts the turns running on this gateway, so a draining gateway can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Waits until no turn runs; returns whether that happened within ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+TURNS_IN_FLIGHT = _TurnsInFlight()
 
 
 class Session:
@@ -192,6 +225,9 @@ class Session:
                     )
                     answer.timings.update(result.timings)
                     result = answer
+                    if result.error_code:
+                        # Answered with the agent's fallback message: still counted as the LLM's failure.
+                        outcome = result.error_code.lower()
                     if "first_audio_s" in result.timings:
                         FIRST_AUDIO.labels(self.dialect, kind).observe(result.timings["first_audio_s"])
                         span.set_attribute("voice.time_to_first_audio_s", result.timings["first_audio_s"])
@@ -245,6 +281,7 @@ class Session:
                 timings={k: round(v, 4) for k, v in result.timings.items()},
                 interrupted=interrupted,
                 error=result.error,
+                fallback=result.fallback,
                 tools=result.tools,
                 action=dataclasses.asdict(result.action) if result.action else None,
             )
@@ -254,6 +291,7 @@ class Session:
 
     async def _run_turns(self) -> None:
         while (turn := await self._turns.get()) is not None:
+            TURNS_IN_FLIGHT.begin()
             try:
                 await turn()
             except asyncio.CancelledError:
@@ -261,6 +299,8 @@ class Session:
             except Exception:
                 logger.exception("turn failed in session %s", self.id)
                 ERRORS.labels(self.dialect, "turn_crashed").inc()
+            finally:
+                TURNS_IN_FLIGHT.end()
 
     async def wait_idle(self) -> None:
         """Waits until every queued turn has run."""
@@ -273,10 +313,16 @@ class Session:
         await done.wait()
 
     async def close(self, status: str = "completed") -> None:
-        """Cancels the running turn (and its bus requests), saves the call log and ends the trace."""
+        """Cancels the running turn (and its bus requests), saves the call log and ends the trace.
+
+        A session closed because its gateway drains is saved as ``handed_off`` instead of
+        ``completed``: its client may reconnect to another gateway and continue it.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._context.draining and status == "completed":
+            status = HANDED_OFF
         while not self._turns.empty():
             self._turns.get_nowait()
         # The sentinel ends the runner even if a library swallowed the cancellation (Python 3.11's

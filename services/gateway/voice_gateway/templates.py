@@ -1,4 +1,5 @@
-"""Template variables in agents' prompts and greetings: ``{{driver_name}}`` becomes the call's value."""
+"""Template variables in agents' prompts, greetings and fallback messages: ``{{driver_name}}`` becomes the
+call's value."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ def render(text: str, variables: dict[str, object]) -> str:
 
 
 def personalise(agent: Agent, variables: dict[str, object]) -> Agent:
-    """The agent with its system prompt and greeting rendered for one call."""
+    """The agent with its system prompt, greeting and fallback message rendered for one call."""
     if not variables:
         return agent
     return agent.model_copy(
-        update={"system_prompt": render(agent.system_prompt, variables), "greeting": render(agent.greeting, variables)}
+        update={
+            "system_prompt": render(agent.system_prompt, variables),
+            "greeting": render(agent.greeting, variables),
+            "fallback_message": render(agent.fallback_message, variables),
+        }
     )

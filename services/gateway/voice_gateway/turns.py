@@ -4,6 +4,13 @@ and a stream of neutral events out that each dialect translates to its own wire 
 Speech starts before the reply is finished: the LLM's tokens are cut into sentences as they
 arrive, each sentence goes to TTS at once (requests run in parallel), and the audio is handed to
 the dialect strictly in sentence order.
+
+When the LLM stage fails before it produced any answer text (its backend is down, no LLM worker
+runs, the deadline passed), the turn is answered with the agent's ``fallback_message`` instead:
+it goes out through the same events as an answer (``LlmDelta``, ``LlmCompleted``, ``SpeechAudio``,
+``SpeechCompleted``), so every dialect delivers it without code of its own, and the call goes on.
+The turn's result keeps the error for the call log. A failure after some answer text was streamed
+is not papered over (the caller already heard part of an answer): the turn fails as before.
 """
 
 from __future__ import annotations
@@ -38,6 +45,11 @@ TOOL_CALLS = Counter(
     "voice_gateway_tool_calls_total", "Tool calls run for the model, by tool and outcome", ["tool", "outcome"]
 )
 TOOL_SECONDS = Histogram("voice_gateway_tool_seconds", "Duration of one tool call", buckets=LATENCY_BUCKETS_S)
+FALLBACKS = Counter(
+    "voice_gateway_fallbacks_total",
+    "Turns answered with the agent's fallback message because the LLM failed, by the failure's code",
+    ["reason"],
+)
 
 
 @dataclass(frozen=True)
@@ -130,12 +142,20 @@ Emit = Callable[[Event], Awaitable[None]]
 
 @dataclass
 class TurnResult:
-    """What a finished turn leaves behind for the history and the call log."""
+    """What a finished turn leaves behind for the history and the call log.
+
+    Attributes:
+        error: Why the turn (or its LLM stage) failed, for the call log; empty when it did not.
+        error_code: The bus error code behind ``error`` (``UNAVAILABLE``, ...), for metrics.
+        fallback: The answer is the agent's fallback message, given because the LLM failed.
+    """
 
     user_text: str = ""
     assistant_text: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    error_code: str = ""
+    fallback: bool = False
     tools: list[dict] = field(default_factory=list)
     action: CallAction | None = None
 
@@ -246,47 +266,62 @@ class TurnEngine:
         round_text = ""
         unanswered: list[llm_pb2.ToolCall] = []
         llm_started = time.perf_counter()
+        failure: BusError | None = None
         try:
-            for round_index in range(agent.llm.max_tool_rounds + 1):
-                tool_choice = ""
-                if toolbox:
-                    last_round = round_index == agent.llm.max_tool_rounds or result.action is not None
-                    tool_choice = "none" if last_round else agent.llm.tool_choice if round_index == 0 else "auto"
-                request = self._llm_request(conversation, toolbox, tool_choice)
-                round_text = ""
-                calls: list[llm_pb2.ToolCall] = []
-                with tracer.start_as_current_span("llm") as span:
-                    span.set_attribute("voice.llm.round", round_index)
-                    async for event in self._bus.stream(
-                        "llm", request, timeout=self._llm_timeout_s, session_id=conversation.session_id
-                    ):
-                        if event.HasField("delta") and event.delta.text:
-                            if not full_text:
-                                result.timings["llm_first_token_s"] = time.perf_counter() - llm_started
-                                await status.publish("Assistant is responding...", "responding", "status")
-                            full_text += event.delta.text
-                            round_text += event.delta.text
-                            await status.publish(full_text, "in_progress", "response")
-                            await emit(LlmDelta(chunk=event.delta.text, full_text=full_text))
-                            if speaker:
-                                for sentence in sentences.feed(event.delta.text):
-                                    result.timings.setdefault("llm_first_sentence_s", time.perf_counter() - llm_started)
-                                    speaker.say(sentence)
-                        elif event.HasField("completion") and tool_choice not in ("", "none"):
-                            calls = [_with_id(call) for call in event.completion.tool_calls]
-                if not calls:
-                    break
-                conversation.history.append(
-                    {
-                        "role": "assistant",
-                        "content": round_text.strip(),
-                        "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls],
-                    }
-                )
-                round_text = ""
-                unanswered = list(calls)
-                await self._run_tools(conversation, toolbox, calls, emit, status, result, unanswered)
-            result.timings["llm_s"] = time.perf_counter() - llm_started
+            try:
+                for round_index in range(agent.llm.max_tool_rounds + 1):
+                    tool_choice = ""
+                    if toolbox:
+                        last_round = round_index == agent.llm.max_tool_rounds or result.action is not None
+                        tool_choice = "none" if last_round else agent.llm.tool_choice if round_index == 0 else "auto"
+                    request = self._llm_request(conversation, toolbox, tool_choice)
+                    round_text = ""
+                    calls: list[llm_pb2.ToolCall] = []
+                    with tracer.start_as_current_span("llm") as span:
+                        span.set_attribute("voice.llm.round", round_index)
+                        async for event in self._bus.stream(
+                            "llm", request, timeout=self._llm_timeout_s, session_id=conversation.session_id
+                        ):
+                            if event.HasField("delta") and event.delta.text:
+                                if not full_text:
+                                    result.timings["llm_first_token_s"] = time.perf_counter() - llm_started
+                                    await status.publish("Assistant is responding...", "responding", "status")
+                                full_text += event.delta.text
+                                round_text += event.delta.text
+                                await status.publish(full_text, "in_progress", "response")
+                                await emit(LlmDelta(chunk=event.delta.text, full_text=full_text))
+                                if speaker:
+                                    for sentence in sentences.feed(event.delta.text):
+                                        result.timings.setdefault(
+                                            "llm_first_sentence_s", time.perf_counter() - llm_started
+                                        )
+                                        speaker.say(sentence)
+                            elif event.HasField("completion") and tool_choice not in ("", "none"):
+                                calls = [_with_id(call) for call in event.completion.tool_calls]
+                    if not calls:
+                        break
+                    conversation.history.append(
+                        {
+                            "role": "assistant",
+                            "content": round_text.strip(),
+                            "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls],
+                        }
+                    )
+                    round_text = ""
+                    unanswered = list(calls)
+                    await self._run_tools(conversation, toolbox, calls, emit, status, result, unanswered)
+            except BusError as exc:
+                if full_text.strip() or not agent.fallback_message:
+                    raise
+                failure = exc
+                round_text = await self._fall_back(conversation, exc, result, status)
+                full_text += round_text
+                await emit(LlmDelta(chunk=round_text, full_text=full_text))
+                if speaker:
+                    for sentence in [*sentences.feed(round_text), *sentences.flush()]:
+                        speaker.say(sentence)
+            else:
+                result.timings["llm_s"] = time.perf_counter() - llm_started
             if speaker:
                 for sentence in sentences.flush():
                     result.timings.setdefault("llm_first_sentence_s", time.perf_counter() - llm_started)
@@ -297,10 +332,15 @@ class TurnEngine:
             if speaker:
                 await speaker.finish()
                 result.timings.update(speaker.timings)
+            if failure is not None:
+                FALLBACKS.labels(failure.code_name.lower()).inc()
             if result.action is not None:
                 await emit(CallActionRequested(action=result.action))
         except BusError as exc:
             await status.publish(describe(exc, "the assistant"), "error", "error", error_details=str(exc))
+            if failure is not None:
+                # The fallback could not be spoken either (TTS failed): the turn fails with the LLM's error.
+                raise failure from exc
             raise
         finally:
             if speaker:
@@ -312,6 +352,28 @@ class TurnEngine:
                 )
             conversation.history.append({"role": "assistant", "content": round_text.strip()})
         return result
+
+    async def _fall_back(
+        self, conversation: Conversation, error: BusError, result: TurnResult, status: SessionEvents
+    ) -> str:
+        """Notes an LLM failure that the agent's fallback message will answer, and returns the message.
+
+        The error goes into ``result`` (for the call log and the turn metrics), onto the turn's span,
+        into the log and, as an ``error`` status, onto the session's channel; the caller gets the
+        message as the answer.
+        """
+        fallback = conversation.agent.fallback_message
+        result.error = describe(error, "the assistant")
+        result.error_code = error.code_name
+        result.fallback = True
+        span = trace.get_current_span()
+        span.set_attribute("voice.error", error.code_name)
+        span.add_event("fallback", {"voice.fallback.reason": error.code_name})
+        logger.warning(
+            "session %s: the LLM failed, answering with the fallback message: %s", conversation.session_id, error
+        )
+        await status.publish(result.error, "error", "error", error_details=str(error))
+        return fallback
 
     def _llm_request(self, conversation: Conversation, toolbox: Toolbox, tool_choice: str) -> llm_pb2.GenerateRequest:
         agent = conversation.agent

@@ -26,6 +26,7 @@ def build_app(settings: Settings) -> WorkerApp:
         model=settings.model,
         api_key=settings.api_key,
         timeout_s=settings.request_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
     )
     handler = GenerateHandler(engine, default_max_tokens=settings.max_tokens)
 

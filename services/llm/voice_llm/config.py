@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from voice_llm.engine import DEFAULT_CONNECT_TIMEOUT_S
 from voice_runtime.config import ConfigError, WorkerSettings, env_float, env_int, env_str
 
 
@@ -18,7 +19,10 @@ class Settings:
         model: ``LLM_MODEL``: default model when a request names none.
         api_key: ``LLM_API_KEY``: bearer token (local servers accept anything).
         max_tokens: ``LLM_MAX_TOKENS``: cap applied when a request asks for none.
-        request_timeout_s: ``LLM_TIMEOUT_SECONDS``: one upstream request's timeout.
+        request_timeout_s: ``LLM_TIMEOUT_SECONDS``: longest wait for the backend's answer to start, and
+            between its streamed chunks.
+        connect_timeout_s: ``LLM_CONNECT_TIMEOUT_SECONDS``: longest wait to connect to the backend, so a
+            backend that is gone answers UNAVAILABLE quickly.
         startup_timeout_s: ``LLM_STARTUP_TIMEOUT_SECONDS``: how long start-up waits for the backend.
     """
 
@@ -29,6 +33,7 @@ class Settings:
     max_tokens: int
     request_timeout_s: float
     startup_timeout_s: float
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -44,4 +49,5 @@ class Settings:
             max_tokens=env_int("LLM_MAX_TOKENS", 256, minimum=1),
             request_timeout_s=env_float("LLM_TIMEOUT_SECONDS", 60.0, minimum=1.0),
             startup_timeout_s=env_float("LLM_STARTUP_TIMEOUT_SECONDS", 300.0, minimum=0.0),
+            connect_timeout_s=env_float("LLM_CONNECT_TIMEOUT_SECONDS", DEFAULT_CONNECT_TIMEOUT_S, minimum=0.1),
         )

@@ -31,7 +31,9 @@ TOOL_CHOICE_MODES = frozenset({"auto", "none", "required"})
 MAX_STOP_SEQUENCES = 4
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _READY_TIMEOUT_S = 2.0
-_CONNECT_TIMEOUT_S = 5.0
+# Opening a TCP (and TLS) connection to a live backend takes milliseconds even when it is busy
+# generating; waiting longer only delays the UNAVAILABLE of a backend that is gone.
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
 # Statuses that say "try again later" rather than "this request is wrong".
 _TRANSIENT_4XX = frozenset({408, 409, 429})
 
@@ -170,6 +172,7 @@ class ChatEngine(abc.ABC):
         temperature: float | None = None,
         top_p: float | None = None,
         stop: list[str] | None = None,
+        seed: int | None = None,
     ) -> AsyncIterator[TokenDelta | Completion]:
         """Streams one chat completion.
 
@@ -183,6 +186,8 @@ class ChatEngine(abc.ABC):
             temperature: Sampling temperature in [0, 2].
             top_p: Nucleus sampling mass in [0, 1].
             stop: Up to four stop sequences.
+            seed: Sampling seed: the same request with the same seed streams the same answer
+                (where the backend honours it: llama.cpp, vLLM; OpenAI on a best-effort basis).
 
         Yields:
             A :class:`TokenDelta` per content delta as it arrives, then exactly one
@@ -351,21 +356,30 @@ class OpenAIChatEngine(ChatEngine):
         api_key: str = "sk-no-key",
         timeout_s: float = 60.0,
         max_retries: int = 0,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
         """Configures the engine; no connection is made until the first request.
+
+        A backend that is down fails fast: a refused connection is retried once at once (a pooled
+        keep-alive connection may have gone stale), an unanswered connect gives up after
+        ``connect_timeout_s``, and the ``openai`` client's own retries (with back-off) are off by
+        default, since the caller is waiting on a live call. A backend that is up but slow is only
+        bound by ``timeout_s``, the longest wait for the next byte of its answer.
 
         Args:
             base_url: The API root, e.g. ``http://127.0.0.1:8080/v1``.
             model: The default model name sent with each request.
             api_key: Bearer token; local servers accept anything.
-            timeout_s: Overall per-request timeout (connecting is capped at 5 s).
+            timeout_s: Longest wait for the backend's answer to start, and between its streamed chunks.
             max_retries: Retries of failed requests done by the ``openai`` client.
+            connect_timeout_s: Longest wait to open a connection to the backend (at most ``timeout_s``).
         """
         self.base_url = base_url
         self.model = model
         self._api_key = api_key
         self._timeout_s = timeout_s
         self._max_retries = max_retries
+        self._connect_timeout_s = min(timeout_s, connect_timeout_s)
         self._client: openai.AsyncOpenAI | None = None
         self._stream_options_supported = True
 
@@ -375,7 +389,7 @@ class OpenAIChatEngine(ChatEngine):
             self._client = openai.AsyncOpenAI(
                 base_url=self.base_url,
                 api_key=self._api_key,
-                timeout=openai.Timeout(self._timeout_s, connect=min(self._timeout_s, _CONNECT_TIMEOUT_S)),
+                timeout=openai.Timeout(self._timeout_s, connect=self._connect_timeout_s),
                 max_retries=self._max_retries,
             )
 
@@ -408,6 +422,7 @@ class OpenAIChatEngine(ChatEngine):
         temperature: float | None = None,
         top_p: float | None = None,
         stop: list[str] | None = None,
+        seed: int | None = None,
     ) -> AsyncIterator[TokenDelta | Completion]:
         """Streams one chat completion; see :meth:`ChatEngine.stream`."""
         wire_tool_choice = validate_request(
@@ -428,6 +443,7 @@ class OpenAIChatEngine(ChatEngine):
             "temperature": temperature,
             "top_p": top_p,
             "stop": stop or None,
+            "seed": seed,
         }
         request.update({key: value for key, value in optional.items() if value is not None})
         await self.start()

@@ -7,6 +7,7 @@ Spans follow the OpenTelemetry GenAI conventions. The chat messages and the answ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -72,6 +73,7 @@ class GenerateHandler:
                 temperature=request.temperature if request.HasField("temperature") else None,
                 top_p=request.top_p if request.HasField("top_p") else None,
                 stop=list(request.stop) or None,
+                seed=request_seed(context.request_id),
             )
             chunks = 0
             try:
@@ -95,6 +97,14 @@ class GenerateHandler:
                 raise BusError(UNAVAILABLE, f"LLM backend unavailable: {exc}") from None
             finally:
                 await stream.aclose()
+
+
+def request_seed(request_id: str) -> int | None:
+    """The sampling seed of a request: fixed by its id, so that a redelivery (its worker died) or a
+    re-send streams the same answer and the bus client can skip what the caller already has."""
+    if not request_id:
+        return None
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=4).digest(), "big") & 0x7FFFFFFF
 
 
 def record(span: trace.Span, completion: Completion) -> None:

@@ -149,6 +149,10 @@ httpGet:
 {{- if ne $svc.role "backend" }}
 - name: NATS_URL
   value: {{ $root.Values.nats.url | quote }}
+- name: NATS_STREAM_REPLICAS
+  value: {{ $root.Values.nats.streamReplicas | default 1 | quote }}
+- name: NATS_WORK_STORAGE
+  value: {{ $root.Values.nats.workStorage | default "memory" | quote }}
 {{- if $root.Values.otel.endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ $root.Values.otel.endpoint | quote }}

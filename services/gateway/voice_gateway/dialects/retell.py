@@ -16,6 +16,10 @@ idle timeout, or past the message rate.
 
 Retell sends no credentials: the path segment is the socket's only secret (see docs/security.md).
 
+When Retell reconnects (``auto_reconnect``) with a call id whose call log is still open (``active``,
+or ``handed_off`` by a gateway that drained with 1012), the session resumes from that log on
+whichever gateway it reaches: the same call log id, its turns kept, no second greeting.
+
 The agent comes from ``?agent_id=`` on the URL, else ``call.metadata.agent_id`` in ``call_details``,
 else ``default``; ``retell_llm_dynamic_variables`` fill the agent's ``{{name}}`` template variables.
 """
@@ -31,10 +35,10 @@ import time
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from voice_gateway.call import BAD_FRAMES
-from voice_gateway.calls import valid_call_log_id
+from voice_gateway.calls import CallLog, valid_call_log_id
 from voice_gateway.limits import CLOSE_POLICY_VIOLATION, ConnectionGuard, LimitExceeded, Limits, close_socket
 from voice_gateway.messages import InvalidJson, parse_json
-from voice_gateway.session import ERRORS, GatewayContext, Session
+from voice_gateway.session import ERRORS, HANDED_OFF, GatewayContext, Session
 from voice_gateway.templates import personalise
 from voice_gateway.turns import Conversation, Event, LlmDelta, ToolCalled, ToolFinished, TurnFailed
 
@@ -42,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 DIALECT = "retell"
 CALL_DETAILS_WAIT_S = 5.0
+# Call-log statuses a reconnecting Retell call continues ("active": its gateway died without closing it).
+RESUMABLE = frozenset({"active", HANDED_OFF})
 SERVER_ERROR = 1011
 REMINDER_HINT = "(The user has not responded in a while. Gently check whether they are still there.)"
 UNINTELLIGIBLE = "(unintelligible audio)"
@@ -100,6 +106,7 @@ class RetellConnection:
         self._send_lock = asyncio.Lock()
         self._begin_lock = asyncio.Lock()
         self._begun = False
+        self.resumed = False
         self.transcript: list = []
 
     async def send(self, message: dict) -> None:
@@ -207,9 +214,26 @@ class RetellConnection:
             if isinstance(variables, dict)
             else {}
         )
-        session = Session(self._context, personalise(agent, variables), DIALECT, session_id=_safe(self._call_id))
+        previous = await self._resumable(_safe(self._call_id))
+        session = Session(
+            self._context, personalise(agent, variables), DIALECT, call_log=previous, session_id=_safe(self._call_id)
+        )
+        self.resumed = previous is not None
+        if self.resumed:
+            logger.info("retell call %s resumed after %d turn(s)", session.id, len(previous.turns))
         await session.start()
         return session
+
+    async def _resumable(self, call_log_id: str | None) -> CallLog | None:
+        """The call's log when Retell reconnects (``auto_reconnect``) to continue a call that another
+        gateway, or this one, held and did not end; ``None`` for a new call."""
+        if call_log_id is None:
+            return None
+        with contextlib.suppress(Exception):
+            previous = await self._context.calls.get(call_log_id)
+            if previous is not None and previous.dialect == DIALECT and previous.status in RESUMABLE:
+                return previous
+        return None
 
     async def _begin(self, call: dict) -> None:
         """Opens the session and sends the begin message, once; a concurrent caller waits for it."""
@@ -220,6 +244,8 @@ class RetellConnection:
             self._session = await self._open_session(call)
         if self._session is None:
             await close_socket(self._ws, CLOSE_POLICY_VIOLATION, "unknown agent and no default agent")
+            return
+        if self.resumed:
             return
         greeting = self._session.agent.greeting
         await self.send({"response_type": "response", "response_id": 0, "content": greeting, "content_complete": True})
