@@ -10,9 +10,12 @@ figure is an unloaded, single-request latency), then reports:
 - the gateway (seed 001 at /ws): time from the ``audio`` message to the first ``audio_response``
   over 20 spoken turns, with the breakdown by stage;
 - real-time calls: voice-to-voice latency per dialect (Twilio, Exotel, raw PCM) with its breakdown,
-  barge-in latency, and how many concurrent Twilio calls one gateway process holds.
+  barge-in latency, and how many concurrent Twilio calls one gateway process holds;
+- tracing: the gateway's spoken-turn latency (as above) on a stack whose every process exports its
+  spans to a local OTLP receiver, against the same turns, interleaved, on a stack started with
+  ``OTEL_SDK_DISABLED=true`` (``bench/tracing.py``).
 
-``--only`` picks sections: bus, workers, gateway, calls, density.
+``--only`` picks sections: bus, workers, gateway, calls, density, tracing.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import websockets
 
 from bench import calls as call_bench
+from bench import tracing as tracing_bench
 from voice.v1 import audio_pb2, llm_pb2, stt_pb2, tts_pb2
 from voice_audio import wav_bytes
 from voice_bus.client import BusClient
@@ -182,32 +185,22 @@ async def spoken(bus: BusClient, text: str) -> np.ndarray:
     return np.frombuffer(b"".join(e.chunk.audio for e in events if e.HasField("chunk")), dtype="<i2")
 
 
-async def bench_gateway(bus: BusClient, url: str, turns: int) -> dict:
+async def spoken_clips(bus: BusClient) -> list[str]:
+    """The gateway questions spoken by the TTS worker, as base64 WAV files for the browser dialect."""
+    return [base64.b64encode(wav_bytes(await spoken(bus, q), 16000)).decode() for q in GATEWAY_QUESTIONS]
+
+
+async def bench_gateway(url: str, clips: list[str], turns: int) -> dict:
     """Spoken turns through the browser dialect: the user's complete audio → the first agent audio."""
-    clips = [base64.b64encode(wav_bytes(await spoken(bus, q), 16000)).decode() for q in GATEWAY_QUESTIONS]
     first_audio, stt, first_token, llm_to_audio = [], [], [], []
-    async with websockets.connect(url.replace("http://", "ws://") + "/ws", max_size=None) as ws:
-
-        async def until(kind: str) -> dict[str, float]:
-            seen: dict[str, float] = {}
-            while True:
-                message = json.loads(await asyncio.wait_for(ws.recv(), 120))
-                seen.setdefault(message["type"], time.perf_counter())
-                if message["type"] == kind:
-                    return seen
-
-        await ws.send(json.dumps({"type": "init", "data": {"agentId": "default"}}))
-        await until("audio_response")
-        for index in range(turns + 1):
-            sent = time.perf_counter()
-            await ws.send(json.dumps({"type": "audio", "data": {"audio": clips[index % len(clips)]}}))
-            seen = await until("processing_complete")
-            if index == 0 or "audio_response" not in seen:
-                continue
-            first_audio.append(seen["audio_response"] - sent)
-            stt.append(seen["stt_complete"] - sent)
-            first_token.append(seen.get("llm_chunk", seen["llm_complete"]) - seen["stt_complete"])
-            llm_to_audio.append(seen["audio_response"] - seen.get("llm_chunk", seen["llm_complete"]))
+    for seen in await call_bench.browser_turns(url, clips, turns):
+        if "audio_response" not in seen:
+            continue
+        first_text = seen.get("llm_chunk", seen["llm_complete"])
+        first_audio.append(seen["audio_response"])
+        stt.append(seen["stt_complete"])
+        first_token.append(first_text - seen["stt_complete"])
+        llm_to_audio.append(seen["audio_response"] - first_text)
     return {
         "audio_to_first_audio_response_s": summary(first_audio),
         "breakdown_s": {
@@ -230,7 +223,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-SECTIONS = ("bus", "workers", "gateway", "calls", "density")
+SECTIONS = ("bus", "workers", "gateway", "calls", "density", "tracing")
 DIALECTS = ("twilio", "exotel", "pcm")
 
 
@@ -258,6 +251,20 @@ def table(results: dict) -> str:
             )
         )
         lines += [_row("  " + stage, figure) for stage, figure in results["gateway"]["breakdown_s"].items()]
+    if "tracing" in results:
+        figures = results["tracing"]["time_to_first_audio_s"]
+        lines.append(_row("gateway turn, tracing off (OTEL_SDK_DISABLED=true) (s)", figures["tracing_off"]))
+        lines.append(_row("gateway turn, tracing on, spans to a local receiver (s)", figures["tracing_on"]))
+        difference = results["tracing"]["difference_s"]
+        label = "  tracing on − off (ms): median / p95 / median of pairs"
+        lines.append(
+            f"{label:<60} {difference['median'] * 1000:>9.1f} {difference['p95'] * 1000:>9.1f}"
+            f" {difference['median_of_paired'] * 1000:>6.1f}"
+        )
+        cpu = results["tracing"].get("cpu_s_per_turn")
+        if cpu:
+            label = "  CPU s per turn, 4 processes: off / on"
+            lines.append(f"{label:<60} {cpu['tracing_off']:>9.3f} {cpu['tracing_on']:>9.3f}")
     for dialect, figures in results.get("calls", {}).get("voice_to_voice", {}).items():
         lines.append(_row(f"{dialect}: voice-to-voice (s)", figures["voice_to_voice_s"]))
         lines += [_row("  " + stage, figure) for stage, figure in figures["breakdown_s"].items()]
@@ -285,7 +292,7 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
     results: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
     if "bus" in sections:
         results["bus"] = await bench_bus(args.bus_runs)
-    if not sections & {"workers", "gateway", "calls", "density"}:
+    if not sections & {"workers", "gateway", "calls", "density", "tracing"}:
         return results
     with NatsServer() as nats:
         port = free_port()
@@ -317,8 +324,10 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
                 results["stt"] = await bench_stt(bus, args.runs)
                 results["llm"] = await bench_llm(bus, args.runs)
                 results["tts"] = await bench_tts(bus, args.runs)
+            if sections & {"gateway", "tracing"}:
+                clips = await spoken_clips(bus)
             if "gateway" in sections:
-                results["gateway"] = await bench_gateway(bus, gateway.url, args.gateway_turns)
+                results["gateway"] = await bench_gateway(gateway.url, clips, args.gateway_turns)
             utterances = [(await spoken(bus, question), 16000) for question in GATEWAY_QUESTIONS]
             if "calls" in sections:
                 results["calls"] = {
@@ -332,6 +341,8 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
                 }
             if "density" in sections:
                 results["density"] = await call_bench.density(gateway.url, utterances[0], args.density_steps)
+            if "tracing" in sections:
+                results["tracing"] = await tracing_bench.on_vs_off(base_url, clips, args.tracing_turns)
             await nc.close()
         finally:
             gateway.stop()
@@ -351,6 +362,9 @@ def main() -> None:
     parser.add_argument("--gateway-turns", type=int, default=20, help="measured spoken turns through the gateway")
     parser.add_argument("--call-turns", type=int, default=20, help="spoken turns per dialect in the call figures")
     parser.add_argument("--barge-ins", type=int, default=10, help="measured barge-ins")
+    parser.add_argument(
+        "--tracing-turns", type=int, default=20, help="spoken turns per setting in the tracing on/off figure"
+    )
     parser.add_argument(
         "--density-steps",
         type=lambda v: [int(x) for x in v.split(",")],

@@ -1,5 +1,6 @@
 """Real-time call figures: voice-to-voice latency per dialect with its breakdown, barge-in latency,
-and how many concurrent Twilio calls one gateway process holds.
+and how many concurrent Twilio calls one gateway process holds; and spoken turns through the browser
+dialect, timed by the events the gateway sends back.
 
 The callers, the per-turn voice-to-voice measurement and the REST helpers are ``voicectl``'s (the same
 ones ``voicectl load`` drives). The density figure keeps a lighter Twilio streamer of its own: hundreds of
@@ -93,6 +94,71 @@ async def voice_to_voice(base_url: str, dialect: str, utterances: list[tuple[np.
         "turns_answered": len(valid),
         "turns": turns,
     }
+
+
+class BrowserSession:
+    """One browser-dialect session (seed 001 at ``/ws``) that plays spoken turns one at a time.
+
+    Use it as an async context manager: entering opens the session and waits for the greeting.
+
+    Args:
+        base_url: The gateway's HTTP base URL.
+        agent_id: The agent to talk to.
+    """
+
+    def __init__(self, base_url: str, agent_id: str = "default") -> None:
+        self.url = base_url.replace("http://", "ws://") + "/ws"
+        self.agent_id = agent_id
+        self._ws = None
+
+    async def __aenter__(self) -> BrowserSession:
+        self._ws = await websockets.connect(self.url, max_size=None)
+        await self._ws.send(json.dumps({"type": "init", "data": {"agentId": self.agent_id}}))
+        await self._until("audio_response")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._ws.close()
+
+    async def _until(self, kind: str) -> dict[str, float]:
+        seen: dict[str, float] = {}
+        while True:
+            message = json.loads(await asyncio.wait_for(self._ws.recv(), 120))
+            seen.setdefault(message["type"], time.perf_counter())
+            if message["type"] == kind:
+                return seen
+
+    async def turn(self, clip: str) -> dict[str, float]:
+        """Sends the user's ``audio`` message and waits until the turn's ``processing_complete``.
+
+        Args:
+            clip: A WAV file, base64-encoded.
+
+        Returns:
+            When each kind of event first arrived, in seconds after the audio was sent, by event type
+            (``stt_complete``, ``llm_chunk``, ``audio_response``, …).
+        """
+        sent = time.perf_counter()
+        await self._ws.send(json.dumps({"type": "audio", "data": {"audio": clip}}))
+        return {kind: at - sent for kind, at in (await self._until("processing_complete")).items()}
+
+
+async def browser_turns(base_url: str, clips: list[str], turns: int, agent_id: str = "default") -> list[dict]:
+    """Spoken turns through the browser dialect, one after the other in one session, after one warm-up
+    turn that is not reported.
+
+    Args:
+        base_url: The gateway's HTTP base URL.
+        clips: WAV files, base64-encoded, sent in turn as the user's ``audio`` message.
+        turns: How many turns to report.
+        agent_id: The agent to talk to.
+
+    Returns:
+        Each turn's event times (see :meth:`BrowserSession.turn`).
+    """
+    async with BrowserSession(base_url, agent_id) as session:
+        measured = [await session.turn(clips[index % len(clips)]) for index in range(turns + 1)]
+    return measured[1:]
 
 
 async def barge_in(base_url: str, interruption: tuple[np.ndarray, int], runs: int) -> dict:

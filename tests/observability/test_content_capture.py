@@ -2,12 +2,17 @@
 with ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``.
 
 Real STT and TTS workers export to an OTLP receiver, once with the default and once opted in; the
-LLM handler is checked in-process with a scripted engine.
+LLM handler is checked in-process with a scripted engine; and two real gateways, one of each kind,
+in front of the session's real workers take a spoken turn whose ``turn`` span they export.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import io
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -16,12 +21,18 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.gateway.client import BrowserClient
 from tests.observability.conftest import traced_call, traced_stack
+from tests.support.otlp import OtlpReceiver
+from tests.support.speech import speak
+from tests.support.workers import _Tee
 from voice.v1 import llm_pb2
+from voice_audio import wav_bytes
 from voice_bus.worker import RequestContext
 from voice_llm import handler as llm_handler
 from voice_llm.engine import Completion, TokenDelta, Usage
 from voice_telemetry.tracing import CAPTURE_CONTENT_ENV, capture_content
+from voicectl.local import GatewayProcess
 
 TEXT = "Please call me back at the office tomorrow morning."
 WORDS = ("office", "tomorrow")
@@ -131,3 +142,77 @@ async def test_llm_prompt_and_answer_only_with_the_opt_in(llm_spans, caplog, val
                 "finish_reason": "stop",
             }
         ]
+
+
+@pytest.fixture(scope="module")
+def gateways(nats_url, stt_worker, llm_worker, tts_worker):
+    """Two gateways on the session's workers, one with the default and one opted in (keyed by whether
+    they capture), exporting their spans to one receiver; each keeps its log in ``log``."""
+    with OtlpReceiver() as receiver:
+        started: dict[bool, GatewayProcess] = {}
+        try:
+            for capture in (False, True):
+                log = io.StringIO()
+                env = {**receiver.env(), CAPTURE_CONTENT_ENV: "true" if capture else "false"}
+                started[capture] = GatewayProcess(nats_url, env, sink=_Tee(log)).start()
+                started[capture].log = log
+            yield receiver, started
+        finally:
+            for gateway in started.values():
+                gateway.stop()
+
+
+async def spoken_turn(gateway: GatewayProcess, receiver: OtlpReceiver) -> tuple[str, str, list[dict]]:
+    """One browser call with one spoken turn saying ``TEXT``.
+
+    Returns:
+        The transcript and the answer the caller was sent, and the gateway's spans of the call once its
+        audio ``turn`` span has arrived.
+    """
+    samples, rate = speak(TEXT)
+    async with BrowserClient(gateway.url) as client:
+        await client.send("init", agentId="default")
+        session_id = (await client.next())["data"]["callLogId"]
+        await client.until("audio_response")
+        await client.send("audio", audio=base64.b64encode(wav_bytes(samples, rate)).decode())
+        events = await client.until("processing_complete")
+        await client.send("end")
+        await client.until("session_ended")
+    transcript = next(e["data"]["text"] for e in events if e["type"] == "stt_complete")
+    answer = next(e["data"]["text"] for e in events if e["type"] == "llm_complete")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        spans = [s for s in receiver.spans if s["attributes"].get("voice.session_id") == session_id]
+        kinds = {s["attributes"].get("voice.turn.kind") for s in spans if s["name"] == "turn"}
+        if {"greeting", "audio"} <= kinds and any(s["name"] == "session" for s in spans):
+            return transcript, answer, spans
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the turn spans of {session_id} never arrived")
+
+
+def audio_turn(spans: list[dict]) -> dict:
+    return next(s for s in spans if s["name"] == "turn" and s["attributes"]["voice.turn.kind"] == "audio")
+
+
+async def test_by_default_the_gateway_keeps_the_transcript_out_of_its_spans_and_log(gateways):
+    receiver, started = gateways
+    transcript, answer, spans = await spoken_turn(started[False], receiver)
+    assert all(word in transcript.lower() for word in WORDS), transcript
+    assert answer
+    attributes = audio_turn(spans)["attributes"]
+    assert "voice.user_text" not in attributes and "voice.assistant_text" not in attributes
+    assert attributes["voice.timing.stt_s"] > 0  # the turn span is there, with its timings
+    recorded = texts_in(spans)
+    assert not any(word in recorded for word in WORDS), recorded
+    assert answer.lower() not in recorded
+    log = started[False].log.getvalue().lower()
+    assert not any(word in log for word in WORDS)
+
+
+async def test_with_the_opt_in_the_gateway_turn_span_holds_the_transcript_and_answer(gateways):
+    receiver, started = gateways
+    transcript, answer, spans = await spoken_turn(started[True], receiver)
+    assert all(word in transcript.lower() for word in WORDS), transcript
+    attributes = audio_turn(spans)["attributes"]
+    assert attributes["voice.user_text"] == transcript
+    assert attributes["voice.assistant_text"] == answer

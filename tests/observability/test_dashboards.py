@@ -61,6 +61,9 @@ REQUIRED_ON_DASHBOARD = {
     "voice_worker_in_flight",
     "voice_worker_consumer_pending",
     "voice_worker_errors_total",
+    "voice_gateway_limit_refusals_total",
+    "voice_gateway_tool_calls_total",
+    "voice_gateway_tool_seconds_bucket",
 }
 DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
@@ -226,6 +229,8 @@ def test_rules_structure_and_expressions(exposed):
         "voice_worker_consumer_pending",  # consumer lag
         "absent(voice_worker_slots",  # no workers of a service
         "voice_worker_in_flight",  # in-flight saturation
+        "voice_gateway_limit_refusals_total",  # callers refused by a full gateway, clients over limits
+        "voice_gateway_tool_calls_total",  # failing tools
     ):
         assert needed in referenced, needed
 

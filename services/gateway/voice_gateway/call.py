@@ -305,6 +305,9 @@ class CallSession:
                     session.conversation, user_text, self._output, self._on_event, started
                 )
                 result.timings.update(timings)
+                if result.error_code:
+                    # Answered with the agent's fallback message: still counted as the LLM's failure.
+                    outcome = result.error_code.lower()
                 span.set_attribute("voice.time_to_first_audio_s", result.timings.get("first_audio_s", -1.0))
                 if "first_audio_s" in result.timings:
                     FIRST_AUDIO.labels(self.dialect, kind).observe(result.timings["first_audio_s"])
