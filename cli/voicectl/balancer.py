@@ -91,9 +91,7 @@ class Balancer:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(backend.host, backend.port)
                 try:
-                    writer.write(
-                        f"GET /readyz HTTP/1.1\r\nHost: {backend.name}\r\nConnection: close\r\n\r\n".encode()
-                    )
+                    writer.write(f"GET /readyz HTTP/1.1\r\nHost: {backend.name}\r\nConnection: close\r\n\r\n".encode())
                     await writer.drain()
                     status_line = await reader.readline()
                     ready = status_line.split(b" ")[1:2] == [b"200"]

@@ -263,6 +263,7 @@ async def test_sigterm_of_a_gateway_hands_its_sessions_to_the_other_one(cluster)
     assert [turn["kind"] for turn in log["turns"]] == ["response", "response"]
     assert log["status"] == "completed"
     assert_turns(log, user)
+
     def answered(text: str) -> int:
         return sum(e.get("final_message") is True and e.get("message") == text for e in events)
 
