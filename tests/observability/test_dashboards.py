@@ -64,6 +64,8 @@ REQUIRED_ON_DASHBOARD = {
     "voice_gateway_limit_refusals_total",
     "voice_gateway_tool_calls_total",
     "voice_gateway_tool_seconds_bucket",
+    "voice_gateway_fallbacks_total",
+    "voice_bus_client_resent_total",
 }
 DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
