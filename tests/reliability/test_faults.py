@@ -5,6 +5,7 @@ repeated turns, nothing left on the bus) and leaves the cluster whole for the ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -17,6 +18,7 @@ import websockets
 
 from tests.gateway.test_calls import bus_is_idle
 from voice_channels.client import WebSocketService
+from voice_gateway.agents import DEFAULT_FALLBACK_MESSAGE
 from voicectl.cluster import LoopbackCluster
 from voicectl.local import WorkerProcess
 
@@ -278,6 +280,79 @@ async def test_sigterm_of_a_gateway_hands_its_sessions_to_the_other_one(cluster)
     assert await bus_is_idle(cluster.nats.url, timeout_s=15)
     cluster.gateways.remove(draining)
     cluster.add_gateway(draining.port)
+
+
+class Forwarder:
+    """A TCP forwarder to the LLM backend that the test can cut: the backend "goes down" for the workers
+    behind it (new connections refused, open ones dropped) and comes back on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def up(self) -> None:
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self._writers |= {writer, upstream_writer}
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+            self._writers -= {writer, upstream_writer}
+
+        self._server = await asyncio.start_server(accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+
+async def test_the_llm_backend_down_gives_the_fallback_message_and_the_call_goes_on(cluster, llama_server):
+    forwarder = Forwarder(int(llama_server.rsplit(":", 1)[1].split("/")[0]))
+    await forwarder.up()
+    loop = asyncio.get_running_loop()
+    fragile = await loop.run_in_executor(
+        None, lambda: cluster.add_worker("llm", env={"LLM_BASE_URL": f"http://127.0.0.1:{forwarder.port}/v1"})
+    )
+    healthy = [worker for worker in cluster.live_workers("llm") if worker is not fragile]
+    for worker in healthy:
+        worker.child.signal(signal.SIGTERM)
+    for worker in healthy:
+        assert await loop.run_in_executor(None, worker.child.wait, 60) == 0
+        cluster.workers["llm"].remove(worker)
+
+    conversation = f"down-{uuid.uuid4().hex[:8]}"
+    questions = ["What time do you open?", "Are you there?", "What time do you close?"]
+    async with Chat(cluster, conversation) as chat:
+        await forwarder.down()
+        first = await chat.ask(questions[0])
+        second = await chat.ask(questions[1])
+        await forwarder.up()
+        third = await chat.ask(questions[2])
+    assert first["content"] == second["content"] == DEFAULT_FALLBACK_MESSAGE
+    assert third["content"].strip()
+    log = await call_log(cluster, conversation)
+    turns = log["turns"]
+    assert [turn["user"] for turn in turns] == questions
+    assert [turn["assistant"] for turn in turns[:2]] == [DEFAULT_FALLBACK_MESSAGE] * 2
+    assert all(turn["error"] and turn.get("fallback") for turn in turns[:2])
+    assert not turns[2]["error"] and not turns[2].get("fallback"), "the backend is back: a real answer"
+    assert await bus_is_idle(cluster.nats.url, timeout_s=15)
+
+    for _ in healthy:
+        await loop.run_in_executor(None, cluster.add_worker, "llm")
+    fragile.child.stop(timeout_s=30)
+    cluster.workers["llm"].remove(fragile)
+    await forwarder.down()
 
 
 async def test_a_restarted_nats_recovers_without_a_manual_step(cluster):
