@@ -107,6 +107,14 @@ class BusClient:
         self._presence_seen[service] = time.monotonic()
         return True
 
+    async def _still_served(self, service: str) -> bool:
+        """Whether sending a request again can help: some worker answers presence, or NATS is in the
+        middle of a failover and cannot say (then it is worth the try)."""
+        try:
+            return await self.workers_present(service)
+        except Exception:
+            return True
+
     async def cancel(self, request_id: str) -> None:
         """Asks whichever worker runs ``request_id`` to stop it (fire and forget)."""
         await self._nc.publish(cancel_subject(request_id), b"")
@@ -208,7 +216,11 @@ class BusClient:
                         if finished:
                             return
                 except _RepliesLost as lost:
-                    if publication == MAX_PUBLICATIONS or time.monotonic() >= deadline:
+                    if (
+                        publication == MAX_PUBLICATIONS
+                        or time.monotonic() >= deadline
+                        or not await self._still_served(service)
+                    ):
                         raise BusError(UNAVAILABLE, f"{service} request {request_id}: {lost}") from None
                     logger.warning(
                         "%s request %s: %s; sending it again (%d event(s) received so far)",

@@ -33,7 +33,7 @@ from voice_gateway.call_registry import CallRegistry
 from voice_gateway.calls import CallLogStore
 from voice_gateway.config import DEFAULT_RETELL_WS_PATH, Settings
 from voice_gateway.dialects import browser, channels, chat, exotel, pcm, retell, twilio
-from voice_gateway.limits import LimitExceeded, Limits, RequestBodyLimit
+from voice_gateway.limits import LimitExceeded, Limits, RefuseWhileDraining, RequestBodyLimit
 from voice_gateway.messages import InvalidJson, parse_json
 from voice_gateway.redaction import install_log_redaction
 from voice_gateway.session import TURNS_IN_FLIGHT, GatewayContext
@@ -168,6 +168,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Voice platform gateway", version="0.1.0", lifespan=lifespan)
     app.add_middleware(RequestBodyLimit, max_bytes=settings.limits.max_frame_bytes)
+    app.add_middleware(RefuseWhileDraining, limits=limits)
     app.state.limits = limits
     app.mount("/metrics", http_only(make_asgi_app()))
     if STATIC.is_dir():

@@ -12,7 +12,8 @@ message is refused and the connection goes on. Every refusal is counted in
 Close codes: 1013 (try again later) for capacity, 1009 for a frame that is too big, 1008 (policy
 violation) for the rest, unless the dialect's protocol defines its own (the chat stream's 4401 for a
 missing ``authorize``). A gateway that drains before it exits (:meth:`Limits.close_all`) closes its
-sockets with 1012 (service restart), and refuses new ones with it, so clients reconnect elsewhere.
+sockets with 1012 (service restart) and refuses new handshakes (:class:`RefuseWhileDraining`), so
+clients reconnect elsewhere.
 """
 
 from __future__ import annotations
@@ -384,6 +385,28 @@ class ConnectionGuard:
 
     async def __aexit__(self, *exc) -> None:
         self.release()
+
+
+class RefuseWhileDraining:
+    """ASGI middleware: while the gateway drains, a WebSocket handshake is refused before it completes
+    (HTTP 403), so a reconnecting client sees a failed attempt and retries, elsewhere, instead of a
+    connection that opens and closes at once.
+
+    Args:
+        app: The application.
+        limits: The gateway's limits, whose ``draining`` flag it reads.
+    """
+
+    def __init__(self, app, limits: Limits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "websocket" and self.limits.draining:
+            REFUSALS.labels("websocket", RESTARTING).inc()
+            await send({"type": "websocket.close", "code": CLOSE_SERVICE_RESTART, "reason": RESTART_REASON})
+            return
+        await self.app(scope, receive, send)
 
 
 class RequestBodyLimit:
