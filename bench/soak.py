@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import signal
@@ -34,7 +35,7 @@ async def chaos(cluster: LoopbackCluster, every_s: float, stop: asyncio.Event, t
     rng = random.Random(7)
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    for round_ in range(10_000):
+    for round_ in itertools.count():
         try:
             async with asyncio.timeout(every_s):
                 await stop.wait()

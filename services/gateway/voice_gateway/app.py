@@ -183,15 +183,18 @@ def create_app(settings: Settings) -> FastAPI:
             return FileResponse(page)
         return JSONResponse({"service": "voice-gateway", "websocket": "/ws"})
 
+    def nats_connected() -> bool:
+        return bool(getattr(app.state, "nc", None) and app.state.nc.is_connected)
+
     @app.get("/healthz")
     async def healthz():
-        connected = bool(getattr(app.state, "nc", None) and app.state.nc.is_connected)
+        connected = nats_connected()
         return JSONResponse({"status": "ok" if connected else "degraded", "nats": connected}, 200 if connected else 503)
 
     @app.get("/readyz")
     async def readyz():
         """Whether to route new sessions here: NATS connected and not draining."""
-        connected = bool(getattr(app.state, "nc", None) and app.state.nc.is_connected)
+        connected = nats_connected()
         ready = connected and not limits.draining
         status = "ok" if ready else ("draining" if limits.draining else "degraded")
         return JSONResponse(

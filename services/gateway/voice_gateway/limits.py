@@ -253,7 +253,7 @@ class Limits:
         guards = list(self._guards)
         for guard in guards:
             REFUSALS.labels(guard.dialect, RESTARTING).inc()
-            await close_socket(guard._ws, CLOSE_SERVICE_RESTART, RESTART_REASON)
+            await close_socket(guard.websocket, CLOSE_SERVICE_RESTART, RESTART_REASON)
         give_up = self.clock() + timeout_s
         while self._guards and self.clock() < give_up:
             await asyncio.sleep(0.05)
@@ -303,6 +303,11 @@ class ConnectionGuard:
     def settings(self) -> LimitSettings:
         """The limits' values."""
         return self._limits.settings
+
+    @property
+    def websocket(self) -> WebSocket:
+        """The connection's socket."""
+        return self._ws
 
     @property
     def key(self) -> str | None:
