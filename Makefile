@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # llama.cpp without -march=native: native builds use AMX instructions that crash on some CPUs.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/runtime libs/channels services/stt services/llm services/tts services/gateway cli
+MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/text libs/runtime libs/channels services/stt services/llm services/tts services/gateway cli
 PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
 PROTOS := $(wildcard protos/voice/v1/*.proto)
 

@@ -2,9 +2,10 @@
 and how many concurrent Twilio calls one gateway process holds; and spoken turns through the browser
 dialect, timed by the events the gateway sends back.
 
-The callers, the per-turn voice-to-voice measurement and the REST helpers are ``voicectl``'s (the same
-ones ``voicectl load`` drives). The density figure keeps a lighter Twilio streamer of its own: hundreds of
-calls that only stream μ-law frames, so that the load generator's own work on the same cores stays small.
+The callers, the browser client, the per-turn voice-to-voice measurement and the REST helpers are
+``voicectl``'s (the same ones ``voicectl load`` drives). The density figure keeps a lighter Twilio
+streamer of its own: hundreds of calls that only stream μ-law frames, so that the load generator's own
+work on the same cores stays small.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import json
 import statistics
 import time
 import urllib.request
+from typing import Any
 
 import numpy as np
 import websockets
 
 from voice_audio import resample, ulaw_encode
 from voicectl import gateway_api
-from voicectl.callers import call
+from voicectl.callers import BrowserClient, call
 
 BENCH_AGENT = {
     "name": "Bench",
@@ -35,6 +37,8 @@ LONG_GREETING = (
     "Our kitchen is open until eleven and the terrace is heated."
 )
 TURN_SPACING_S = 12.0
+# How long the browser session waits for the greeting, and for each turn to complete.
+BROWSER_TIMEOUT_S = 120.0
 # Calls are connected (handshake, session, call log) before the steady-state window is measured.
 WARM_UP_S = 4.0
 
@@ -107,26 +111,17 @@ class BrowserSession:
     """
 
     def __init__(self, base_url: str, agent_id: str = "default") -> None:
-        self.url = base_url.replace("http://", "ws://") + "/ws"
+        self.client = BrowserClient(base_url)
         self.agent_id = agent_id
-        self._ws = None
 
     async def __aenter__(self) -> BrowserSession:
-        self._ws = await websockets.connect(self.url, max_size=None)
-        await self._ws.send(json.dumps({"type": "init", "data": {"agentId": self.agent_id}}))
-        await self._until("audio_response")
+        await self.client.open()
+        await self.client.send("init", agentId=self.agent_id)
+        await self.client.until("audio_response", timeout=BROWSER_TIMEOUT_S)
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        await self._ws.close()
-
-    async def _until(self, kind: str) -> dict[str, float]:
-        seen: dict[str, float] = {}
-        while True:
-            message = json.loads(await asyncio.wait_for(self._ws.recv(), 120))
-            seen.setdefault(message["type"], time.perf_counter())
-            if message["type"] == kind:
-                return seen
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.client.close()
 
     async def turn(self, clip: str) -> dict[str, float]:
         """Sends the user's ``audio`` message and waits until the turn's ``processing_complete``.
@@ -138,9 +133,12 @@ class BrowserSession:
             When each kind of event first arrived, in seconds after the audio was sent, by event type
             (``stt_complete``, ``llm_chunk``, ``audio_response``, …).
         """
-        sent = time.perf_counter()
-        await self._ws.send(json.dumps({"type": "audio", "data": {"audio": clip}}))
-        return {kind: at - sent for kind, at in (await self._until("processing_complete")).items()}
+        sent = self.client.clock()
+        await self.client.send("audio", audio=clip)
+        seen: dict[str, float] = {}
+        for at, event in await self.client.timed_until("processing_complete", timeout=BROWSER_TIMEOUT_S):
+            seen.setdefault(event["type"], at - sent)
+        return seen
 
 
 async def browser_turns(base_url: str, clips: list[str], turns: int, agent_id: str = "default") -> list[dict]:

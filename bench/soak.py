@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 from voicectl.cluster import SERVICES, LoopbackCluster
-from voicectl.load import INTERRUPTION, QUESTIONS, LoadOptions, render_utterances, run_load
-from voicectl.load_report import table
+from voicectl.load import INTERRUPTION, QUESTIONS, LoadOptions, render_utterances, run_load, table
 
 RESULTS = Path(__file__).with_name("soak.json")
 API_KEY = "soak-key"

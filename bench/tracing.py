@@ -11,7 +11,7 @@ first ``audio_response``. Since the turns are the same on both stacks (same clip
 the CPU time the four processes of each stack use over the turns is compared too: it is much less
 sensitive than wall-clock latency to what else the machine runs.
 
-"On" is what ``make run`` does: OTLP over HTTP to an :class:`~voice_telemetry.collector.OtlpReceiver`
+"On" is what ``make run`` does: OTLP over HTTP to an :class:`~voicectl.otlp_receiver.OtlpReceiver`
 in this process, which appends every span to a JSON-lines file, batched every 500 ms.
 """
 
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.calls import BENCH_AGENT, BrowserSession
-from voice_telemetry.collector import OtlpReceiver, read_spans
 from voicectl import gateway_api
 from voicectl.local import GatewayProcess, NatsServer, WorkerProcess
+from voicectl.otlp_receiver import OtlpReceiver, read_spans
 from voicectl.stack import LOCAL_TRACES_DELAY_MS
 
 AGENT_ID = "bench-tracing"

@@ -112,18 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(balance(["--listen", str(args.listen), *(f"--backend={b}" for b in args.backend)]))
     if args.command == "trace":
         sys.exit(traces.run(args))
-    if args.command == "call":
-        try:
-            sys.exit(asyncio.run(call_command.run_call(args)))
-        except KeyboardInterrupt:
-            sys.exit(130)
-    if args.command == "load":
-        try:
-            sys.exit(asyncio.run(load.run(args)))
-        except KeyboardInterrupt:
-            sys.exit(130)
+    command = {"call": call_command.run_call, "load": load.run}.get(args.command, calls.run)
     try:
-        sys.exit(asyncio.run(calls.run(args)))
+        sys.exit(asyncio.run(command(args)))
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from websockets.exceptions import WebSocketException
 
 from voice_audio import AudioFormatError, read_wav, wav_bytes
-
-if TYPE_CHECKING:
-    from voicectl.callers import CallResult
-
-DIALECTS = ("twilio", "exotel", "pcm")
-EXOTEL_RATES = (8000, 16000, 24000)
+from voicectl.callers import DIALECTS, EXOTEL_RATES, CallError, CallResult, call
+from voicectl.gateway_api import default_api_key
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -95,11 +93,6 @@ async def run_call(args: argparse.Namespace) -> int:
     Returns:
         The process exit code: 0 on a completed call, 1 if it could not be placed or the WAV is unreadable.
     """
-    from websockets.exceptions import WebSocketException
-
-    from voicectl.callers import CallError, call
-    from voicectl.gateway_api import default_api_key
-
     parameters = dict(item.partition("=")[::2] for item in args.param)
     if any(not key for key in parameters):
         print("voicectl call: --param needs KEY=VALUE", file=sys.stderr)

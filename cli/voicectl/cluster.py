@@ -181,7 +181,7 @@ class LoopbackCluster:
 
 def run_cluster(state_dir: str = ".run/cluster") -> int:
     """Runs the loopback cluster in the foreground until Ctrl-C; returns the exit code."""
-    from voicectl.stack import _port_free, local_trace_receiver
+    from voicectl.stack import LOCAL_TRACES_DELAY_MS, _port_free, local_trace_receiver
 
     busy = [port for port in (FRONT_PORT, *GATEWAY_PORTS, *NATS_PORTS, LLAMA_PORT) if not _port_free(port)]
     if busy:
@@ -192,7 +192,7 @@ def run_cluster(state_dir: str = ".run/cluster") -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     receiver = local_trace_receiver(state_dir)
-    env = receiver.env(500) if receiver else {}
+    env = receiver.env(LOCAL_TRACES_DELAY_MS) if receiver else {}
     store = Path(state_dir, "nats").resolve()
     cluster = LoopbackCluster(
         front_port=FRONT_PORT, gateway_ports=GATEWAY_PORTS, nats_ports=NATS_PORTS, env=env, state_dir=str(store)

@@ -19,9 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from voice_telemetry.collector import OtlpReceiver
 from voicectl.health import wait_serving
 from voicectl.local import ChildProcess, GatewayProcess, NatsServer, wait_for_port
+from voicectl.otlp_receiver import OtlpReceiver
 from voicectl.traces import TRACE_FILE_NAME
 
 NATS_PORT = 4222

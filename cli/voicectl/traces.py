@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from voice_telemetry.collector import read_spans
+from voicectl.otlp_receiver import read_spans
 
 DEFAULT_FILE = os.path.join(".run", "traces.jsonl")
 TRACE_FILE_NAME = "traces.jsonl"

@@ -19,9 +19,9 @@ from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
 from voice_bus.worker import Worker
 from voice_gateway.agents import AgentStore
-from voice_gateway.call_registry import CallRegistry
-from voice_gateway.calls import CallLogStore
 from voice_gateway.config import Settings
+from voice_gateway.storage.call_log import CallLogStore
+from voice_gateway.storage.registry import CallRegistry
 from voice_runtime.config import ConfigError, StreamSettings, WorkerSettings
 from voicectl.local import NatsCluster
 

@@ -28,9 +28,9 @@ from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams, ensure_streams_once, publish_work
 from voice_bus.worker import Worker
 from voice_gateway.agents import Agent, AgentStore
-from voice_gateway.call_registry import CallRegistry
-from voice_gateway.calls import CallLog, CallLogStore
 from voice_gateway.config import DEFAULT_AGENT_FILE
+from voice_gateway.storage.call_log import CallLog, CallLogStore
+from voice_gateway.storage.registry import CallRegistry
 from voicectl.local import GatewayProcess
 
 # A worker looks at its consumer every 2 s and right after reconnecting; nats-py reconnects every

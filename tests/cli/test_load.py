@@ -13,10 +13,9 @@ import pytest
 from PIL import Image
 
 from voicectl.__main__ import main
-from voicectl.callers import _trigger
+from voicectl.callers import trigger
 from voicectl.gateway_api import put_agent, request
-from voicectl.load import LoadOptions, LoadStats, Progress, _report, render_utterances
-from voicectl.load_report import render_png, table
+from voicectl.load import LoadOptions, LoadStats, Progress, build_report, render_png, render_utterances, table
 
 API_KEY = "test-key"  # one of the keys the test gateway accepts (tests/support/gateway.py)
 AGENT = {
@@ -98,7 +97,7 @@ def test_report_table_and_png_from_synthetic_figures(tmp_path):
     stats.turns += [(i % 2, i * 1.5, 1.0 + (i % 7) * 0.25) for i in range(40)]
     stats.barge_ins += [(0, 10.0, 0.3), (1, 20.0, None)]
     stats.error("closed by server", "close code 1011")
-    report = _report(LoadOptions(calls=2, duration_s=60, barge_in_rate=0.2), stats, 60.5)
+    report = build_report(LoadOptions(calls=2, duration_s=60, barge_in_rate=0.2), stats, 60.5)
     text = table(report)
     assert "3 placed, 2 completed" in text and "40 answered" in text
     assert "errors              1: closed by server 1" in text and "close code 1011" in text
@@ -128,7 +127,7 @@ def test_rest_calls_carry_the_api_key():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
     try:
-        ws_url, _ = _trigger(url, {"agent_id": "default"}, "k1")
+        ws_url, _ = trigger(url, {"agent_id": "default"}, "k1")
         assert request(url, "POST", "/api/x", {}, api_key="k2")["session_id"] == "s1"
     finally:
         server.shutdown()

@@ -13,8 +13,8 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MEMBERS = ["libs/protos", "libs/telemetry", "libs/bus", "libs/audio", "libs/runtime", "libs/channels", "cli"]
-MEMBERS += [f"services/{s}" for s in ("gateway", "stt", "llm", "tts")]
+MEMBERS = [f"libs/{lib}" for lib in ("protos", "telemetry", "bus", "audio", "text", "runtime", "channels")]
+MEMBERS += ["cli", *(f"services/{s}" for s in ("gateway", "stt", "llm", "tts"))]
 # The image of each service and what else it carries.
 IMAGES = {
     "services/gateway/Dockerfile": ("services/gateway", "cli"),

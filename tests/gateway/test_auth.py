@@ -12,10 +12,10 @@ import pytest
 import websockets
 
 from tests.support.gateway import api_client
+from voice_gateway.api.auth import Authenticator, key_identity, sign_token
+from voice_gateway.api.redaction import PathRedactor
 from voice_gateway.app import is_loopback, warn_about_unsafe_settings
-from voice_gateway.auth import Authenticator, key_identity, sign_token
 from voice_gateway.config import Settings
-from voice_gateway.redaction import PathRedactor
 
 KEY, OTHER_KEY = "auth-key-0123456789", "auth-key-abcdefghij"
 SECRET = "auth-token-secret"

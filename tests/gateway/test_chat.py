@@ -13,7 +13,7 @@ import websockets
 
 from tests.gateway.test_calls import bus_is_idle
 from tests.support.gateway import TOKEN_SECRET, api_client
-from voice_gateway.auth import sign_token
+from voice_gateway.api.auth import sign_token
 
 
 class ChatClient:

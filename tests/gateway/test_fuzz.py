@@ -23,11 +23,11 @@ from starlette.websockets import WebSocketState
 
 from tests.support.gateway import api_client
 from voice_gateway.agents import Agent
-from voice_gateway.auth import Authenticator, _b64, sign_token
+from voice_gateway.api.auth import Authenticator, _b64, sign_token
+from voice_gateway.api.limits import MAX_CLOSE_REASON_BYTES, Limits, LimitSettings
+from voice_gateway.api.messages import InvalidJson, parse_json
 from voice_gateway.config import DEFAULT_AGENT_FILE
 from voice_gateway.dialects import browser, carrier, channels, chat, exotel, retell, twilio
-from voice_gateway.limits import MAX_CLOSE_REASON_BYTES, Limits, LimitSettings
-from voice_gateway.messages import InvalidJson, parse_json
 
 KEY = "fuzz-key"
 SECRET = "fuzz-secret"
@@ -256,20 +256,16 @@ class StubSession:
         self.id = "stub-session"
         self.turns: list[str] = []
 
-    def audio_turn(self, audio, fmt, output, emit, **hooks) -> None:
-        assert isinstance(audio, bytes) and audio
-        self.turns.append("audio")
-
-    def text_turn(self, text, output, emit, **hooks) -> None:
-        assert isinstance(text, str) and text.strip()
-        self.turns.append("text")
+    def submit(self, turn) -> None:
+        assert (isinstance(turn.audio, bytes) and turn.audio) or (isinstance(turn.text, str) and turn.text.strip())
+        self.turns.append(turn.kind)
 
     async def close(self, status: str = "completed") -> None:
         return None
 
 
 def context() -> SimpleNamespace:
-    return SimpleNamespace(agents=NoAgents(), calls=NoCalls(), registry=None, engine=None, bus=None)
+    return SimpleNamespace(agents=NoAgents(), calls=NoCalls(), registry=None, engine=None, bus=None, observers=[])
 
 
 def guard(websocket, dialect: str):
@@ -372,20 +368,8 @@ def _signed(claims) -> str:
 @given(st.lists(frames_of(carrier_messages), max_size=8), st.sampled_from(["twilio", "exotel"]))
 def test_carrier_streams_count_bad_frames_and_never_raise(frames, dialect):
     websocket = FakeWebSocket([text_frame(f) for f in frames] + [{"type": "websocket.receive", "bytes": b"\x00"}])
-    start = twilio.parse_start if dialect == "twilio" else lambda m, bad: exotel.parse_start(m, bad, {})
-    media = twilio.MEDIA if dialect == "twilio" else exotel.media_format(8000)
-    sid_key = "streamSid" if dialect == "twilio" else "stream_sid"
-    run(
-        carrier.serve_media_stream(
-            websocket,
-            context(),
-            Limits(LimitSettings()),
-            dialect=dialect,
-            media=media,
-            sid_key=sid_key,
-            parse_start=start,
-        )
-    )
+    serve = twilio.serve_twilio if dialect == "twilio" else exotel.serve_exotel
+    run(serve(websocket, context(), Limits(LimitSettings())))
     assert websocket.closed is not None and websocket.closed[0] in (1000, 1008)
 
 
@@ -400,7 +384,7 @@ def test_every_browser_message_gets_an_answer(frames, initialised):
             connection._session = session
         for text in frames:
             before = len(websocket.sent), len(session.turns)
-            await connection._handle(text)
+            await connection.handle_frame(text_frame(text))
             assert (len(websocket.sent), len(session.turns)) != before, f"no answer to {text[:80]!r}"
         for event in websocket.sent:
             assert event["type"] in ("error", "session_ended"), event
@@ -425,7 +409,7 @@ def test_every_chat_message_gets_an_answer(frames):
             if connection._close is not None:
                 break
             before = len(websocket.sent)
-            await connection._handle(text_frame(text))
+            await connection.handle_frame(text_frame(text))
             message = _loads(text)
             quiet = connection._authorized and isinstance(message, dict) and message.get("type") == "pong"
             assert quiet or len(websocket.sent) > before, f"no answer to {text[:80]!r}"
@@ -443,7 +427,7 @@ def test_every_channels_message_gets_an_answer_or_is_published(frames):
         connection = channels.ChannelConnection(websocket, nats, guard(websocket, "channels"))
         for text in frames:
             before = len(websocket.sent) + len(nats.published)
-            await connection._handle(text_frame(text))
+            await connection.handle_frame(text_frame(text))
             assert len(websocket.sent) + len(nats.published) > before, f"no answer to {text[:80]!r}"
 
     run(scenario())
@@ -456,7 +440,7 @@ def test_retell_events_never_raise_in_dispatch_or_their_tasks(frames):
         websocket = FakeWebSocket()
         connection = retell.RetellConnection(websocket, context(), guard(websocket, "retell"), "call_fuzz")
         for text in frames:
-            connection._dispatch(text)
+            await connection.handle_frame(text_frame(text))
         tasks = list(connection._tasks)
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes

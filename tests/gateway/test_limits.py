@@ -1,4 +1,4 @@
-"""The gateway's limits (voice_gateway.limits): sessions per gateway and per key, frame size, message rate,
+"""The gateway's limits (voice_gateway.api.limits): sessions per gateway and per key, frame size, message rate,
 handshake and idle timeouts, each answered in the dialect's own terms; and their settings."""
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import pytest
 import websockets
 
 from tests.support.gateway import api_client
-from voice_gateway.config import Settings
-from voice_gateway.dialects.chat import MAX_OPEN_CONVERSATIONS
-from voice_gateway.limits import (
+from voice_gateway.api.limits import (
     LimitExceeded,
     Limits,
     LimitSettings,
@@ -25,6 +23,8 @@ from voice_gateway.limits import (
     close_reason,
     frame_size,
 )
+from voice_gateway.config import Settings
+from voice_gateway.dialects.chat import MAX_OPEN_CONVERSATIONS
 from voice_runtime.config import ConfigError
 
 KEY, OTHER_KEY = "limits-key-1", "limits-key-2"

@@ -22,7 +22,7 @@ from tests.gateway.webhooks import WebhookServer
 from tests.support.gateway import api_client
 from voice.v1 import llm_pb2
 from voice_gateway.agents import Agent
-from voice_gateway.tools import Toolbox
+from voice_gateway.agents.tools import Toolbox
 
 ORDER_SCHEMA = {
     "type": "object",

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.speech import speak, word_error_rate
 from voice_audio import resample, ulaw_decode, ulaw_encode
-from voice_gateway.vad import FRAME_MS, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
+from voice_gateway.conversation.vad import FRAME_MS, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
 from voice_stt.engine import FasterWhisperEngine, Transcript
 
 RATE = 16000

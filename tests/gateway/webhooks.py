@@ -1,7 +1,8 @@
 """A real local HTTP server standing in for an agent's webhook tools, recording what it was sent.
 
 Paths: ``/order`` answers JSON about the order, ``/slow`` answers only after ``slow_s`` seconds,
-``/fail`` answers 500, anything else 404.
+``/hold`` and ``/pause`` answer once :attr:`WebhookServer.released` or :attr:`WebhookServer.resumed` is
+set (at most 60 s), ``/fail`` answers 500, anything else 404.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ class WebhookServer:
     def __init__(self, slow_s: float = 4.0) -> None:
         self.slow_s = slow_s
         self.requests: list[dict] = []
+        self.released = threading.Event()
+        self.resumed = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,7 +40,9 @@ class WebhookServer:
                 )
                 if url.path == "/slow":
                     time.sleep(server.slow_s)
-                if url.path in ("/order", "/slow"):
+                if url.path in ("/hold", "/pause"):
+                    (server.released if url.path == "/hold" else server.resumed).wait(60)
+                if url.path in ("/order", "/slow", "/hold", "/pause"):
                     self._reply(200, {"order": "A-42", "status": "shipped", "eta": "tomorrow"})
                 elif url.path == "/fail":
                     self._reply(500, {"error": "database down"})

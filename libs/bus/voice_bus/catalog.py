@@ -15,6 +15,8 @@ HEADER_SESSION_ID = "Voice-Session-Id"
 
 CANCEL_PREFIX = "voice.cancel."
 PRESENCE_PREFIX = "voice.workers."
+# Every session's events (status payloads, and whatever a channel client publishes) on ``voice.events.<name>``.
+EVENTS_PREFIX = "voice.events."
 
 
 @dataclass(frozen=True)
@@ -90,3 +92,8 @@ def service_spec(name: str) -> ServiceSpec:
 def cancel_subject(request_id: str) -> str:
     """Core NATS subject that cancels one in-flight request."""
     return CANCEL_PREFIX + request_id
+
+
+def events_subject(channel: str) -> str:
+    """Core NATS subject of a session's events, or of any channel of the channels dialect."""
+    return EVENTS_PREFIX + channel

@@ -1,43 +1,44 @@
-"""The gateway's FastAPI application: WebSocket dialects, the agents and calls REST API, the test page,
-health and metrics.
+"""The gateway's FastAPI application: wiring (NATS, the stores, the turn engine, the sessions' observers),
+the WebSocket routes of every dialect, the REST API (:mod:`voice_gateway.api.rest`), the test page,
+health, readiness, draining and metrics.
 
-The REST API (``/api/agents/*``, ``/api/calls/*``) needs one of ``GATEWAY_API_KEYS`` as
-``Authorization: Bearer <key>`` or ``X-API-Key``; every WebSocket dialect goes through the gateway's
-limits (:mod:`voice_gateway.limits`). See docs/security.md.
+Every WebSocket dialect goes through the gateway's limits (:mod:`voice_gateway.api.limits`); the REST
+API needs an API key. See docs/security.md and docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import ipaddress
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Histogram, make_asgi_app
-from pydantic import ValidationError
 
 from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
-from voice_gateway.agents import AGENT_ID, Agent, AgentStore
-from voice_gateway.auth import Authenticator, api_key_dependency
-from voice_gateway.call_registry import CallRegistry
-from voice_gateway.calls import CallLogStore
+from voice_gateway.agents import AgentStore
+from voice_gateway.api.auth import Authenticator
+from voice_gateway.api.limits import Limits
+from voice_gateway.api.middleware import RefuseWhileDraining, RequestBodyLimit
+from voice_gateway.api.redaction import install_log_redaction
+from voice_gateway.api.rest import rest_router
 from voice_gateway.config import DEFAULT_RETELL_WS_PATH, Settings
+from voice_gateway.conversation.engine import TurnEngine
+from voice_gateway.conversation.runner import TURNS_IN_FLIGHT
+from voice_gateway.conversation.session import GatewayContext
 from voice_gateway.dialects import browser, channels, chat, exotel, pcm, retell, twilio
-from voice_gateway.limits import LimitExceeded, Limits, RefuseWhileDraining, RequestBodyLimit
-from voice_gateway.messages import InvalidJson, parse_json
-from voice_gateway.redaction import install_log_redaction
-from voice_gateway.session import TURNS_IN_FLIGHT, GatewayContext
-from voice_gateway.turns import TurnEngine
+from voice_gateway.storage.call_log import CallLogStore
+from voice_gateway.storage.registry import CallRegistry
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
@@ -81,17 +82,6 @@ def http_only(app):
         await app(scope, receive, send)
 
     return guarded
-
-
-async def json_object_body(request: Request) -> dict:
-    """The request's body as a JSON object, parsed strictly (no ``NaN``, bounded nesting); 422 otherwise."""
-    try:
-        body = parse_json(await request.body())
-    except InvalidJson as exc:
-        raise HTTPException(422, f"invalid JSON body: {exc}") from None
-    if not isinstance(body, dict):
-        raise HTTPException(422, "the body must be a JSON object")
-    return body
 
 
 def warn_about_unsafe_settings(settings: Settings) -> None:
@@ -152,6 +142,7 @@ def create_app(settings: Settings) -> FastAPI:
                 http=http,
             ),
             registry=await CallRegistry.open(js, replicas=streams.replicas),
+            observers=[functools.partial(channels.SessionStatus, nc)],
         )
         app.state.nc = nc
         app.state.registry = app.state.context.registry
@@ -174,7 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
     if STATIC.is_dir():
         app.mount("/static", http_only(StaticFiles(directory=STATIC)), name="static")
     authenticator = Authenticator(settings.api_keys, settings.token_secret)
-    api_key = Depends(api_key_dependency(authenticator))
+    app.include_router(rest_router(authenticator, limits))
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -218,65 +209,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.state.drain = drain
 
-    @app.get("/api/agents/{agent_id}")
-    async def get_agent(agent_id: str, _: str = api_key) -> dict:
-        agent = await app.state.context.agents.get(agent_id)
-        if agent is None:
-            raise HTTPException(404, f"no agent {agent_id!r}")
-        return agent.model_dump()
-
-    @app.put("/api/agents/{agent_id}")
-    async def put_agent(agent_id: str, body: dict = Depends(json_object_body), _: str = api_key) -> dict:
-        if not AGENT_ID.fullmatch(agent_id):
-            raise HTTPException(400, "agent id must be 1-64 letters, digits, '-' or '_'")
-        if body.get("id", agent_id) != agent_id:
-            raise HTTPException(400, f"body id {body.get('id')!r} does not match the path's {agent_id!r}")
-        try:
-            agent = Agent.model_validate({**body, "id": agent_id})
-        except ValidationError as exc:
-            raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
-        await app.state.context.agents.put(agent)
-        return agent.model_dump()
-
-    @app.delete("/api/agents/{agent_id}", status_code=204)
-    async def delete_agent(agent_id: str, _: str = api_key) -> None:
-        if not await app.state.context.agents.delete(agent_id):
-            raise HTTPException(404, f"no agent {agent_id!r}")
-
-    @app.get("/api/calls/{call_log_id}")
-    async def get_call(call_log_id: str, _: str = api_key) -> dict:
-        log = await app.state.context.calls.get(call_log_id)
-        if log is None:
-            raise HTTPException(404, f"no call log {call_log_id!r}")
-        return log.model_dump(by_alias=True)
-
-    @app.post("/api/calls/trigger")
-    async def trigger_call(body: dict = Depends(json_object_body), identity: str = api_key) -> dict:
-        """Seed 003: announces a raw PCM call; extra body fields become the agent's template variables.
-
-        The call will count against the caller's API key; a key already at its maximum of sessions on
-        this gateway is answered 429.
-        """
-        try:
-            limits.check_key_capacity(pcm.DIALECT, identity)
-        except LimitExceeded as exc:
-            raise HTTPException(429, exc.reason, headers={"Retry-After": "5"}) from None
-        agent_id = body.get("agent_id")
-        if not isinstance(agent_id, str) or not agent_id:
-            raise HTTPException(422, "agent_id (string) is required")
-        if await app.state.context.agents.get(agent_id) is None:
-            raise HTTPException(404, f"no agent {agent_id!r}")
-        variables = {k: v for k, v in body.items() if k != "agent_id"}
-        if any(not isinstance(v, (str, int, float, bool)) for v in variables.values()):
-            raise HTTPException(422, "template variables must be strings, numbers or booleans")
-        session_id = str(uuid.uuid4())
-        await app.state.registry.announce(session_id, agent_id, variables, owner=identity)
-        return {
-            "session_id": session_id,
-            "websocket_url": f"/api/pipecat/websocket/{session_id}",
-            "status": "initialized",
-        }
-
     @app.post("/twilio/voice")
     async def twilio_voice(request: Request):
         return await twilio.voice_webhook(request, settings.twilio_auth_token)
@@ -287,23 +219,23 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.websocket("/twilio/media")
     async def twilio_media(websocket: WebSocket) -> None:
-        await twilio.serve(websocket, app.state.context, limits)
+        await twilio.serve_twilio(websocket, app.state.context, limits)
 
     @app.websocket("/exotel/media")
     async def exotel_media(websocket: WebSocket) -> None:
-        await exotel.serve(websocket, app.state.context, limits)
+        await exotel.serve_exotel(websocket, app.state.context, limits)
 
     @app.websocket("/ws/pcm/{session_id}")
     async def pcm_media(websocket: WebSocket, session_id: str) -> None:
-        await pcm.serve(websocket, app.state.context, app.state.registry, limits, session_id)
+        await pcm.serve_pcm(websocket, app.state.context, app.state.registry, limits, session_id)
 
     @app.websocket("/api/pipecat/websocket/{session_id}")
     async def pipecat_media(websocket: WebSocket, session_id: str) -> None:
-        await pcm.serve(websocket, app.state.context, app.state.registry, limits, session_id)
+        await pcm.serve_pcm(websocket, app.state.context, app.state.registry, limits, session_id)
 
     @app.websocket("/v1/chat/stream")
     async def chat_stream(websocket: WebSocket) -> None:
-        await chat.serve(
+        await chat.serve_chat(
             websocket,
             app.state.context,
             authenticator,
@@ -314,11 +246,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.websocket("/ws/channels")
     async def channels_socket(websocket: WebSocket) -> None:
-        await channels.serve(websocket, app.state.nc, limits)
+        await channels.serve_channels(websocket, app.state.nc, limits)
 
     @app.websocket("/ws")
     async def browser_socket(websocket: WebSocket) -> None:
-        await browser.serve(
+        await browser.serve_browser(
             websocket,
             app.state.context,
             limits,
@@ -335,6 +267,6 @@ def create_app(settings: Settings) -> FastAPI:
         if not hmac.compare_digest(retell_path.encode("utf-8", "surrogatepass"), retell_path_secret):
             await websocket.close(code=1008)
             return
-        await retell.serve(websocket, app.state.context, limits, call_id)
+        await retell.serve_retell(websocket, app.state.context, limits, call_id)
 
     return app

@@ -7,10 +7,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from voice_gateway.limits import LimitSettings
+from voice_gateway.api.limits import LimitSettings
 from voice_runtime.config import ConfigError, StreamSettings, env_float, env_int, env_str
 
-DEFAULT_AGENT_FILE = Path(__file__).with_name("agents") / "default.json"
+DEFAULT_AGENT_FILE = Path(__file__).parent / "agents" / "default.json"
 DEFAULT_RETELL_WS_PATH = "ws-default"
 # Real-time carrier media arrives as 50 frames per second (20 ms each); the rate limit must let it through.
 MIN_MESSAGES_PER_SECOND = 50.0
@@ -30,7 +30,7 @@ class Settings:
         stt_timeout_s, llm_timeout_s, tts_timeout_s: ``GATEWAY_<STAGE>_TIMEOUT_SECONDS``: bus request budgets.
         twilio_auth_token: ``TWILIO_AUTH_TOKEN``: when set, Twilio webhooks must carry a valid signature.
         api_keys: ``GATEWAY_API_KEYS``: comma-separated keys accepted by the chat stream's ``authorize``.
-        token_secret: ``GATEWAY_TOKEN_SECRET``: HMAC secret of signed tokens (see ``voice_gateway.auth``).
+        token_secret: ``GATEWAY_TOKEN_SECRET``: HMAC secret of signed tokens (see ``voice_gateway.api.auth``).
         chat_ping_interval_s: ``GATEWAY_CHAT_PING_INTERVAL_SECONDS``: how often the chat stream pings.
         chat_pong_timeout_s: ``GATEWAY_CHAT_PONG_TIMEOUT_SECONDS``: how long past a ping without a pong closes it.
         retell_ws_path: ``OBFUSCATED_WS_PATH`` (seed 000's name; ``RETELL_WS_PATH`` is an alias): the
@@ -39,7 +39,7 @@ class Settings:
         limits: ``GATEWAY_MAX_SESSIONS``, ``GATEWAY_MAX_SESSIONS_PER_KEY``, ``GATEWAY_MAX_FRAME_BYTES``,
             ``GATEWAY_MAX_MESSAGES_PER_SECOND``, ``GATEWAY_MESSAGE_BURST``,
             ``GATEWAY_HANDSHAKE_TIMEOUT_SECONDS`` and ``GATEWAY_IDLE_TIMEOUT_SECONDS`` (see
-            :class:`voice_gateway.limits.LimitSettings`).
+            :class:`voice_gateway.api.limits.LimitSettings`).
         streams: ``NATS_STREAM_REPLICAS`` and ``NATS_WORK_STORAGE``: how the work streams, KV ``agents``,
             KV ``sessions`` and stream ``CALLS`` are declared (see :class:`voice_runtime.config.StreamSettings`).
         drain_timeout_s: ``GATEWAY_DRAIN_TIMEOUT_SECONDS``: after SIGTERM, how long the turns in flight

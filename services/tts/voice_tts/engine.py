@@ -12,12 +12,13 @@ from __future__ import annotations
 import abc
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from voice_text import split_sentences
 
 __all__ = [
     "MAX_SPEED",
@@ -30,7 +31,6 @@ __all__ = [
     "Voice",
     "float_to_int16",
     "language_matches",
-    "split_sentences",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -249,89 +249,3 @@ class TextToSpeechEngine(abc.ABC):
                 time.perf_counter() - started,
             )
             yield SpeechChunk(samples=samples, sample_rate=sample_rate, sentence_index=index, text=sentence)
-
-
-# Words ending in "." that are followed by more of the same sentence.
-_NON_TERMINAL_ABBREVIATIONS = frozenset(
-    "mr mrs ms mx dr prof st sr jr rev hon gen col capt lt sgt gov sen rep pres mt "
-    "vs approx cf e.g i.e a.m p.m u.s u.k ph.d".split()
-)
-
-# Abbreviations that continue the sentence when a number follows ("No. 5", "p. 12").
-_NUMBER_ABBREVIATIONS = frozenset("no nos p pp fig figs eq vol ch sec".split())
-
-# Abbreviations that may also close a sentence: they end it only before a capital.
-_AMBIGUOUS_ABBREVIATIONS = frozenset({"etc", "inc", "ltd", "co", "corp", "al"})
-
-_TERMINATOR = re.compile(r"[.!?…]+[\"'”’)\]»]*(?=\s|$)")
-_WORD_BEFORE = re.compile(r"([\w.]+)$")
-_SPEAKABLE = re.compile(r"\w")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split text into sentences for sentence-by-sentence synthesis.
-
-    Sentences end at ".", "!", "?", "…" (and runs of them such as "?!" or
-    "..."), optionally followed by closing quotes or brackets, when whitespace or
-    the end of the text follows; every line break also ends a sentence. A period
-    or ellipsis does not end a sentence when the next word starts in lower case,
-    nor does a period after a title or common abbreviation ("Dr.", "e.g.",
-    "vs.", "No. 5") or a single-letter initial ("J. Smith"). Decimals ("3.14") and dotted names ("example.com")
-    never split because no whitespace follows their period. Pieces with no
-    letter or digit (a stray "—" or "!!") are merged into the previous sentence.
-
-    Args:
-        text: Text to split.
-
-    Returns:
-        Stripped, non-empty sentences in order; empty for blank text.
-    """
-    pieces: list[str] = []
-    for line in text.splitlines():
-        start = 0
-        for match in _TERMINATOR.finditer(line):
-            if _ends_sentence(line, start, match):
-                pieces.append(line[start : match.end()])
-                start = match.end()
-        pieces.append(line[start:])
-
-    sentences: list[str] = []
-    for piece in pieces:
-        piece = " ".join(piece.split())
-        if not piece:
-            continue
-        if sentences and not _SPEAKABLE.search(piece):
-            sentences[-1] = f"{sentences[-1]} {piece}"
-        elif sentences and not _SPEAKABLE.search(sentences[-1]):
-            sentences[-1] = f"{sentences[-1]} {piece}"
-        else:
-            sentences.append(piece)
-    return sentences
-
-
-def _ends_sentence(line: str, start: int, match: re.Match[str]) -> bool:
-    """Tell whether the terminator ``match`` in ``line`` closes a sentence."""
-    punctuation = match.group().rstrip("\"'”’)]»")
-    following = line[match.end() :].lstrip()
-    next_char = following[:1]
-    if not next_char:
-        return True
-    if "!" in punctuation or "?" in punctuation:
-        return True
-    if next_char.islower():
-        return False
-    if punctuation != ".":
-        return True
-    word_match = _WORD_BEFORE.search(line, start, match.start())
-    if word_match is None:
-        return True
-    word = word_match.group(1).lower()
-    if word in _NON_TERMINAL_ABBREVIATIONS:
-        return False
-    if word in _NUMBER_ABBREVIATIONS:
-        return not next_char.isdigit()
-    if word in _AMBIGUOUS_ABBREVIATIONS:
-        return next_char.isupper()
-    if len(word) == 1 and word.isalpha() and word_match.group(1) not in ("I", "i"):
-        return False
-    return True

@@ -12,7 +12,7 @@ synthesized, so often before ``llm_complete``), ``tts_complete`` (the whole repl
 ``successful``) come between the ``llm_chunk`` events; a built-in ``end_call`` or ``transfer_call``
 ends the session after the answer with ``session_ended`` (``reason``, ``transferNumber``). Any
 invalid message, and one over ``GATEWAY_MAX_MESSAGE_BYTES``, gets an ``error`` event and the session
-goes on. The gateway's limits (:mod:`voice_gateway.limits`) are answered with an ``error`` event and
+goes on. The gateway's limits (:mod:`voice_gateway.api.limits`) are answered with an ``error`` event and
 a close: 1013 when the gateway is full, 1008 without a successful ``init`` within the handshake
 timeout, after the idle timeout, or past the message rate.
 """
@@ -23,41 +23,34 @@ import asyncio
 import base64
 import binascii
 import json
-import logging
 from typing import Any
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket
 
 from voice.v1 import audio_pb2
 from voice_audio import wav_bytes
-from voice_gateway.limits import (
-    ConnectionGuard,
-    LimitExceeded,
-    Limits,
-    MessageTooLarge,
-    close_socket,
-    refuse,
-)
-from voice_gateway.messages import InvalidJson, parse_json
-from voice_gateway.session import GatewayContext, Session
-from voice_gateway.tools import CallAction
-from voice_gateway.turns import (
-    CallActionRequested,
+from voice_gateway.agents.tools import CallAction
+from voice_gateway.api.limits import ConnectionGuard, Limits
+from voice_gateway.conversation.events import (
     Event,
     LlmCompleted,
     LlmDelta,
     OutputFormat,
     SpeechAudio,
     SpeechCompleted,
+    StageStarted,
     SttCompleted,
     ToolCalled,
     ToolFinished,
+    TurnEnded,
     TurnFailed,
+    TurnStarted,
 )
+from voice_gateway.conversation.runner import Turn
+from voice_gateway.conversation.session import GatewayContext, Session
+from voice_gateway.dialects.base import Connection, serve
 from voice_runtime.tasks import cancel_and_wait
-
-logger = logging.getLogger(__name__)
 
 DIALECT = "browser"
 OUTPUT = OutputFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=0)
@@ -89,7 +82,7 @@ def wav_base64(pcm: bytes, rate: int) -> str:
     return base64.b64encode(wav_bytes(np.frombuffer(pcm, dtype="<i2"), rate)).decode()
 
 
-class BrowserConnection:
+class BrowserConnection(Connection):
     """One WebSocket speaking seed 001.
 
     Args:
@@ -99,61 +92,31 @@ class BrowserConnection:
         max_utterance_s: Longer raw PCM utterances are refused with an ``error`` event.
     """
 
+    dialect = DIALECT
+
     def __init__(
         self, websocket: WebSocket, context: GatewayContext, guard: ConnectionGuard, *, max_utterance_s: float
     ) -> None:
-        self._ws = websocket
+        super().__init__(websocket, guard)
         self._context = context
-        self._guard = guard
         self._max_utterance_s = max_utterance_s
-        self._send_lock = asyncio.Lock()
         self._session: Session | None = None
         self._ending: asyncio.Task | None = None
 
+    @classmethod
+    def error_frame(cls, message: str, code: str = "bad_request") -> str:
+        return _message("error", {"error": message})
+
     async def send(self, type_: str, data: dict | None = None) -> None:
-        async with self._send_lock:
-            if self._ws.application_state == WebSocketState.CONNECTED:
-                await self._ws.send_text(_message(type_, data))
+        await self.send_text(_message(type_, data))
 
-    async def error(self, message: str) -> None:
-        await self.send("error", {"error": message})
+    async def finished(self) -> None:
+        await cancel_and_wait(self._ending)
+        if self._session is not None:
+            await self._session.close("disconnected")
+            self._session = None
 
-    async def run(self) -> None:
-        """Serves the socket until the client goes away or a limit closes it; then closes any open session."""
-        try:
-            while True:
-                try:
-                    frame = await self._guard.receive()
-                except MessageTooLarge as exc:
-                    await self.error(exc.reason)
-                    continue
-                except LimitExceeded as exc:
-                    async with self._send_lock:
-                        await refuse(self._ws, exc, _message("error", {"error": exc.reason}))
-                    break
-                if frame["type"] == "websocket.disconnect":
-                    break
-                if frame.get("bytes") is not None:
-                    await self.error("binary frames are not part of this protocol; send JSON text messages")
-                    continue
-                await self._handle(frame.get("text") or "")
-        except WebSocketDisconnect:
-            pass
-        finally:
-            await cancel_and_wait(self._ending)
-            if self._session is not None:
-                await self._session.close("disconnected")
-                self._session = None
-
-    async def _handle(self, text: str) -> None:
-        try:
-            message = parse_json(text)
-        except InvalidJson as exc:
-            await self.error(f"invalid JSON: {exc}")
-            return
-        if not isinstance(message, dict):
-            await self.error("a message must be a JSON object with a 'type'")
-            return
+    async def on_message(self, message: dict) -> None:
         kind = message.get("type")
         handlers = {"init": self._init, "audio": self._audio, "text": self._text, "end": self._end}
         handler = handlers.get(kind) if isinstance(kind, str) else None
@@ -189,7 +152,7 @@ class BrowserConnection:
         session = Session(self._context, agent, DIALECT, call_log)
         await session.start()
         self._session = session
-        self._guard.handshake_done()
+        self.guard.handshake_done()
         await self.send(
             "init_success",
             {"callLogId": session.id, "agentName": agent.name, "message": f"Connected to {agent.name}"},
@@ -213,26 +176,19 @@ class BrowserConnection:
         if fmt.container == audio_pb2.AUDIO_CONTAINER_RAW and len(audio) / (2 * RAW_PCM_RATE) > self._max_utterance_s:
             await self.error(f"audio: utterance longer than {self._max_utterance_s:.0f} s")
             return
-        session = self._session
-        output = OUTPUT if session.agent.pipeline.respond_with_audio else None
-        emit = _TurnEvents(self, spoken=True)
-        session.audio_turn(
-            audio,
-            fmt,
-            output,
-            emit,
-            before=lambda: self.send("processing_started"),
-            after=lambda: self.send("processing_complete"),
-        )
+        turn = Turn(kind="audio", audio=audio, audio_format=fmt, output=self._output(), emit=_TurnEvents(self))
+        turn.attributes["voice.audio.bytes"] = len(audio)
+        self._session.submit(turn)
 
     async def _text(self, message: dict) -> None:
         text = _field(message, "text")
         if not isinstance(text, str) or not text.strip():
             await self.error("text: missing or empty 'text'")
             return
-        session = self._session
-        output = OUTPUT if session.agent.pipeline.respond_with_audio else None
-        session.text_turn(text.strip(), output, _TurnEvents(self, spoken=False))
+        self._session.submit(Turn(kind="text", text=text.strip(), output=self._output(), emit=_TurnEvents(self)))
+
+    def _output(self) -> OutputFormat | None:
+        return OUTPUT if self._session.agent.pipeline.respond_with_audio else None
 
     async def _end(self, message: dict) -> None:
         session, self._session = self._session, None
@@ -240,7 +196,7 @@ class BrowserConnection:
         await self.send("session_ended", {"callLogId": session.id})
 
     def end_after_turn(self, action: CallAction) -> None:
-        """A built-in tool ended (or transferred) the session: once the turn is over it is closed and
+        """A built-in tool ended (or transferred) the session: once its turns are over it is closed and
         the client gets ``session_ended`` with the reason."""
         session = self._session
         if session is None:
@@ -273,14 +229,23 @@ class BrowserConnection:
 class _TurnEvents:
     """Translates one turn's events into seed 001 messages."""
 
-    def __init__(self, connection: BrowserConnection, *, spoken: bool) -> None:
+    def __init__(self, connection: BrowserConnection) -> None:
         self._connection = connection
-        self._spoken = spoken
+        self._spoken = False
         self._tts_started = False
 
     async def __call__(self, event: Event) -> None:
         send = self._connection.send
-        if isinstance(event, SttCompleted):
+        if isinstance(event, TurnStarted):
+            self._spoken = event.turn_kind == "audio"
+            if self._spoken:
+                await send("processing_started")
+        elif isinstance(event, TurnEnded):
+            if self._spoken:
+                await send("processing_complete")
+            if event.result.action is not None and event.outcome != "cancelled":
+                self._connection.end_after_turn(event.result.action)
+        elif isinstance(event, SttCompleted):
             await send("stt_complete", {"text": event.text})
         elif isinstance(event, LlmDelta):
             await send("llm_chunk", {"chunk": event.chunk, "fullText": event.full_text})
@@ -309,24 +274,20 @@ class _TurnEvents:
                     "successful": event.successful,
                 },
             )
-        elif isinstance(event, CallActionRequested) and event.action is not None:
-            self._connection.end_after_turn(event.action)
         elif isinstance(event, TurnFailed):
             await self._connection.error(event.error)
-        elif event.kind in ("stt_start", "llm_start"):
+        elif isinstance(event, StageStarted):
             await send(event.kind)
 
 
-async def serve(
+async def serve_browser(
     websocket: WebSocket, context: GatewayContext, limits: Limits, *, max_message_bytes: int, max_utterance_s: float
 ) -> None:
     """Accepts and serves one seed 001 WebSocket; a full gateway answers ``error`` and closes 1013."""
-    await websocket.accept()
-    try:
-        guard = limits.admit(websocket, DIALECT, max_frame_bytes=max_message_bytes)
-    except LimitExceeded as exc:
-        await refuse(websocket, exc, _message("error", {"error": exc.reason}))
-        return
-    async with guard:
-        await BrowserConnection(websocket, context, guard, max_utterance_s=max_utterance_s).run()
-    await close_socket(websocket, 1000)
+    await serve(
+        websocket,
+        limits,
+        BrowserConnection,
+        lambda guard: BrowserConnection(websocket, context, guard, max_utterance_s=max_utterance_s),
+        max_frame_bytes=max_message_bytes,
+    )

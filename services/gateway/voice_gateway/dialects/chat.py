@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import json
 import logging
@@ -33,25 +32,27 @@ import time
 import uuid
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket
 
 from voice.v1 import audio_pb2
 from voice_audio import wav_bytes
-from voice_gateway.auth import Authenticator
-from voice_gateway.call import BAD_FRAMES
-from voice_gateway.limits import (
-    HANDSHAKE,
-    ConnectionGuard,
-    LimitExceeded,
-    Limits,
-    MessageTooLarge,
-    close_socket,
-    refuse,
+from voice_gateway.api.auth import Authenticator
+from voice_gateway.api.limits import HANDSHAKE, ConnectionGuard, LimitExceeded, Limits, close_socket
+from voice_gateway.conversation.events import (
+    Event,
+    LlmDelta,
+    OutputFormat,
+    SpeechAudio,
+    ToolCalled,
+    ToolFinished,
+    TurnEnded,
+    TurnFailed,
+    TurnStarted,
 )
-from voice_gateway.messages import InvalidJson, parse_json
-from voice_gateway.sentences import SentenceStream
-from voice_gateway.session import GatewayContext, Session
-from voice_gateway.turns import Event, LlmDelta, OutputFormat, SpeechAudio, ToolCalled, ToolFinished, TurnFailed
+from voice_gateway.conversation.runner import INTERRUPTED, Turn
+from voice_gateway.conversation.session import GatewayContext, Session
+from voice_gateway.dialects.base import Connection, serve
+from voice_text import SentenceSplitter
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,18 @@ UNAUTHORIZED = 4401
 HEARTBEAT_TIMEOUT = 4408
 MAX_CONTENT_CHARS = 8000
 MAX_OPEN_CONVERSATIONS = 16
+MIN_CHUNK_CHARS = 12
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
-class ChatConnection:
+def _message(type_: str, **fields) -> str:
+    return json.dumps({"type": type_, **fields})
+
+
+class ChatConnection(Connection):
     """One chat stream connection."""
+
+    dialect = DIALECT
 
     def __init__(
         self,
@@ -76,10 +84,9 @@ class ChatConnection:
         ping_interval_s: float,
         pong_timeout_s: float,
     ) -> None:
-        self._ws = websocket
+        super().__init__(websocket, guard)
         self._context = context
         self._auth = authenticator
-        self._guard = guard
         self._identity = ""
         self._ping_interval_s = ping_interval_s
         self._pong_timeout_s = pong_timeout_s
@@ -87,80 +94,47 @@ class ChatConnection:
         self._authorized = False
         self._last_pong = time.monotonic()
         self._sessions: dict[str, Session] = {}
-        self._stream: asyncio.Task | None = None
-        self._interrupted = False
-        self._send_lock = asyncio.Lock()
-        self._close: tuple[int, str] | None = None
+        self._streaming: Session | None = None
+        self._heartbeat: asyncio.Task | None = None
+
+    @classmethod
+    def error_frame(cls, message: str, code: str = "bad_request") -> str:
+        return _message("error", error=message, code=code)
 
     async def send(self, type_: str, **fields) -> None:
-        async with self._send_lock:
-            if self._ws.application_state == WebSocketState.CONNECTED:
-                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                    await self._ws.send_text(_message(type_, **fields))
+        await self.send_text(_message(type_, **fields))
 
-    async def error(self, message: str, code: str = "bad_request") -> None:
-        await self.send("error", error=message, code=code)
+    async def opened(self) -> None:
+        self._heartbeat = asyncio.create_task(self._beat())
 
-    async def run(self) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat())
-        try:
-            while self._close is None:
-                try:
-                    frame = await self._guard.receive()
-                except MessageTooLarge as exc:
-                    BAD_FRAMES.labels(DIALECT, "oversized_frame").inc()
-                    await self.error(exc.reason, "too_large")
-                    continue
-                except LimitExceeded as exc:
-                    if exc.limit == HANDSHAKE:
-                        timeout_s = self._guard.settings.handshake_timeout_s
-                        await self.error(f"authorize within {timeout_s:g} seconds of connecting", "unauthorized")
-                        self._close = (UNAUTHORIZED, "authorization timeout")
-                    else:
-                        await self.error(exc.reason, "limit")
-                        self._close = (exc.close_code, exc.reason)
-                    break
-                except WebSocketDisconnect:
-                    break
-                if frame["type"] == "websocket.disconnect":
-                    break
-                await self._handle(frame)
-        finally:
-            heartbeat.cancel()
-            if self._stream is not None and not self._stream.done():
-                self._stream.cancel()
-            await asyncio.gather(heartbeat, *([self._stream] if self._stream else []), return_exceptions=True)
-            for session in self._sessions.values():
-                await session.close("completed")
-            if self._close is not None:
-                await close_socket(self._ws, *self._close)
+    async def on_limit(self, error: LimitExceeded) -> None:
+        if error.limit == HANDSHAKE:
+            timeout_s = self.guard.settings.handshake_timeout_s
+            await self.error(f"authorize within {timeout_s:g} seconds of connecting", "unauthorized")
+            self.close(UNAUTHORIZED, "authorization timeout")
+        else:
+            await super().on_limit(error)
 
-    async def _heartbeat(self) -> None:
+    async def finished(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        for session in self._sessions.values():
+            await session.close("completed")
+
+    async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self._ping_interval_s)
             if not self._authorized:
                 continue
             if time.monotonic() - self._last_pong > self._ping_interval_s + self._pong_timeout_s:
-                self._close = (HEARTBEAT_TIMEOUT, "heartbeat timeout: no pong")
-                with contextlib.suppress(Exception):
-                    await self._ws.close(code=HEARTBEAT_TIMEOUT, reason="heartbeat timeout: no pong")
+                self.close(HEARTBEAT_TIMEOUT, "heartbeat timeout: no pong")
+                async with self._send_lock:
+                    await close_socket(self.ws, HEARTBEAT_TIMEOUT, "heartbeat timeout: no pong")
                 return
             await self.send("ping", timestamp=int(time.time() * 1000))
 
-    async def _handle(self, frame: dict) -> None:
-        if frame.get("bytes") is not None:
-            BAD_FRAMES.labels(DIALECT, "binary_frame").inc()
-            await self.error("binary frames are not part of this protocol; send JSON text")
-            return
-        try:
-            message = parse_json(frame.get("text") or "")
-        except InvalidJson as exc:
-            BAD_FRAMES.labels(DIALECT, "invalid_json").inc()
-            await self.error(f"invalid JSON: {exc}")
-            return
-        if not isinstance(message, dict):
-            await self.error("a message must be a JSON object with a 'type'")
-            return
+    async def on_message(self, message: dict) -> None:
         kind = message.get("type")
         if kind == "authorize":
             await self._authorize(message)
@@ -171,14 +145,12 @@ class ChatConnection:
         elif kind == "chat_message":
             await self._chat(message)
         elif kind == "interrupt_stream":
-            if self._stream is not None and not self._stream.done():
-                self._interrupted = True
-                self._stream.cancel()
+            if self._streaming is not None:
+                self._streaming.runner.interrupt(INTERRUPTED)
             else:
                 await self.error("no stream to interrupt")
         else:
-            BAD_FRAMES.labels(DIALECT, "unknown_event").inc()
-            await self.error(f"unknown message type {kind!r}")
+            await self.bad_frame("unknown_event", f"unknown message type {kind!r}")
 
     async def _authorize(self, message: dict) -> None:
         if self._authorized:
@@ -187,15 +159,15 @@ class ChatConnection:
         ok, detail = self._auth.check(message.get("token"))
         if not ok:
             await self.error(f"unauthorized: {detail}", "unauthorized")
-            self._close = (UNAUTHORIZED, "unauthorized")
+            self.close(UNAUTHORIZED, "unauthorized")
             return
         try:
-            self._guard.bind_key(detail)
+            self.guard.bind_key(detail)
         except LimitExceeded as exc:
             await self.error(exc.reason, "capacity")
-            self._close = (exc.close_code, exc.reason)
+            self.close(exc.close_code, exc.reason)
             return
-        self._guard.handshake_done()
+        self.guard.handshake_done()
         self._identity = detail
         self._authorized = True
         self._last_pong = time.monotonic()
@@ -225,7 +197,7 @@ class ChatConnection:
         if not isinstance(agent_id, str):
             await self.error("chat_message: agent_id must be a string")
             return
-        if self._stream is not None and not self._stream.done():
+        if self._streaming is not None:
             await self.error("a response is still streaming; wait for stream_end or send interrupt_stream")
             return
         try:
@@ -237,8 +209,11 @@ class ChatConnection:
             await self.error(f"chat_message: unknown agent {agent_id!r}")
             return
         with_audio = message.get("audio") is True
-        self._interrupted = False
-        self._stream = asyncio.create_task(self._answer(session, content.strip(), with_audio))
+        output = OutputFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=0) if with_audio else None
+        self._streaming = session
+        session.submit(
+            Turn(kind="chat", text=content.strip(), output=output, emit=_AnswerEvents(self, session.id, with_audio))
+        )
 
     async def _session(self, conversation_id: str, agent_id: str) -> Session | None:
         """The conversation's session, opened (or continued from its call log) on first use; ``None`` for an
@@ -270,90 +245,80 @@ class ChatConnection:
             oldest = next(iter(self._sessions))
             await self._sessions.pop(oldest).close("completed")
 
-    async def _answer(self, session: Session, content: str, with_audio: bool) -> None:
-        message_id = uuid.uuid4().hex
-        ids = {"message_id": message_id, "conversation_id": session.id}
-        await self.send("stream_start", **ids)
-        sentences = SentenceStream()
-        index = 0
-        full_text = ""
-        started = time.perf_counter()
-
-        async def chunk(sentence: str, audio: str | None = None) -> None:
-            nonlocal index
-            fields = {"chunk": sentence, "index": index, **ids}
-            if audio is not None:
-                fields["audio"] = audio
-            index += 1
-            await self.send("tts_ready_chunk", **fields)
-
-        async def emit(event: Event) -> None:
-            nonlocal full_text
-            if self._interrupted:
-                raise asyncio.CancelledError
-            if isinstance(event, LlmDelta):
-                full_text = event.full_text
-                if not with_audio:
-                    for sentence in sentences.feed(event.chunk):
-                        await chunk(sentence)
-            elif isinstance(event, SpeechAudio):
-                wav = wav_bytes(np.frombuffer(event.audio, dtype="<i2"), event.sample_rate)
-                await chunk(event.text, base64.b64encode(wav).decode())
-            elif isinstance(event, ToolCalled):
-                try:
-                    arguments = json.loads(event.arguments or "{}")
-                except json.JSONDecodeError:
-                    arguments = event.arguments
-                await self.send(
-                    "tool_call", tool_call_id=event.tool_call_id, name=event.name, arguments=arguments, **ids
-                )
-            elif isinstance(event, ToolFinished):
-                await self.send(
-                    "tool_result",
-                    tool_call_id=event.tool_call_id,
-                    name=event.name,
-                    content=event.content,
-                    successful=event.successful,
-                    **ids,
-                )
-            elif isinstance(event, TurnFailed):
-                await self.error(event.error, "turn_failed")
-
-        output = OutputFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=0) if with_audio else None
-        try:
-            with session.turn_span("chat"):
-                result = await self._context.engine.respond(session.conversation, content, output, emit, started)
-            if self._interrupted:
-                # The interrupt's cancellation was lost inside a library call; the answer still ends here.
-                raise asyncio.CancelledError
-            if not with_audio:
-                for sentence in sentences.flush():
-                    await chunk(sentence)
-            await session.record("chat", result)
-            action = {"action": dataclasses.asdict(result.action)} if result.action else {}
-            await self.send("stream_end", content=result.assistant_text, interrupted=False, **ids, **action)
-        except asyncio.CancelledError:
-            await self.send("stream_end", content=full_text.strip(), interrupted=True, **ids)
-            raise
-        except Exception as exc:
-            logger.warning("chat %s: answer failed: %s", session.id, exc)
-            await self.error(f"the assistant failed: {exc}", "turn_failed")
-            await self.send("stream_end", content=full_text.strip(), interrupted=True, **ids)
+    def stream_ended(self) -> None:
+        self._streaming = None
 
 
-def _message(type_: str, **fields) -> str:
-    return json.dumps({"type": type_, **fields})
+class _AnswerEvents:
+    """Translates one answer's events into ``stream_start``, ``tts_ready_chunk``…, ``stream_end``."""
+
+    def __init__(self, connection: ChatConnection, conversation_id: str, with_audio: bool) -> None:
+        self._connection = connection
+        self._ids = {"message_id": uuid.uuid4().hex, "conversation_id": conversation_id}
+        self._sentences = SentenceSplitter(min_chars=MIN_CHUNK_CHARS)
+        self._index = 0
+        self._with_audio = with_audio
+
+    async def _chunk(self, sentence: str, audio: str | None = None) -> None:
+        fields = {"chunk": sentence, "index": self._index, **self._ids}
+        if audio is not None:
+            fields["audio"] = audio
+        self._index += 1
+        await self._connection.send("tts_ready_chunk", **fields)
+
+    async def __call__(self, event: Event) -> None:
+        send, ids = self._connection.send, self._ids
+        if isinstance(event, TurnStarted):
+            await send("stream_start", **ids)
+        elif isinstance(event, LlmDelta):
+            if not self._with_audio:
+                for sentence in self._sentences.feed(event.chunk):
+                    await self._chunk(sentence)
+        elif isinstance(event, SpeechAudio):
+            wav = wav_bytes(np.frombuffer(event.audio, dtype="<i2"), event.sample_rate)
+            await self._chunk(event.text, base64.b64encode(wav).decode())
+        elif isinstance(event, ToolCalled):
+            try:
+                arguments = json.loads(event.arguments or "{}")
+            except json.JSONDecodeError:
+                arguments = event.arguments
+            await send("tool_call", tool_call_id=event.tool_call_id, name=event.name, arguments=arguments, **ids)
+        elif isinstance(event, ToolFinished):
+            await send(
+                "tool_result",
+                tool_call_id=event.tool_call_id,
+                name=event.name,
+                content=event.content,
+                successful=event.successful,
+                **ids,
+            )
+        elif isinstance(event, TurnFailed):
+            await self._connection.error(event.error, "turn_failed")
+        elif isinstance(event, TurnEnded):
+            await self._end(event)
+
+    async def _end(self, event: TurnEnded) -> None:
+        self._connection.stream_ended()
+        result = event.result
+        if event.cancelled or (result.error and not result.fallback):
+            await self._connection.send("stream_end", content=result.assistant_text, interrupted=True, **self._ids)
+            return
+        if not self._with_audio:
+            for sentence in self._sentences.flush():
+                await self._chunk(sentence)
+        action = {"action": dataclasses.asdict(result.action)} if result.action else {}
+        await self._connection.send(
+            "stream_end", content=result.assistant_text, interrupted=False, **self._ids, **action
+        )
 
 
-async def serve(
+async def serve_chat(
     websocket: WebSocket, context: GatewayContext, authenticator: Authenticator, limits: Limits, **options
 ) -> None:
     """Accepts and serves one chat stream connection; a full gateway answers ``error`` and closes 1013."""
-    await websocket.accept()
-    try:
-        guard = limits.admit(websocket, DIALECT)
-    except LimitExceeded as exc:
-        await refuse(websocket, exc, _message("error", error=exc.reason, code="capacity"))
-        return
-    async with guard:
-        await ChatConnection(websocket, context, authenticator, guard, **options).run()
+    await serve(
+        websocket,
+        limits,
+        ChatConnection,
+        lambda guard: ChatConnection(websocket, context, authenticator, guard, **options),
+    )

@@ -10,17 +10,16 @@ passes custom parameters there) or in ``start.custom_parameters``.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Mapping
 
 from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
-from voice_gateway.call import MediaFormat
-from voice_gateway.dialects.carrier import StreamStart, serve_media_stream
-from voice_gateway.limits import CLOSE_POLICY_VIOLATION, Limits, close_socket
-from voice_gateway.session import GatewayContext
+from voice_gateway.api.limits import CLOSE_POLICY_VIOLATION, Limits, close_socket
+from voice_gateway.conversation.call import MediaFormat
+from voice_gateway.conversation.session import GatewayContext
+from voice_gateway.dialects.base import serve
+from voice_gateway.dialects.carrier import MediaStreamConnection, StreamStart
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def _sid(message: dict, start: dict) -> str:
     return ""
 
 
-def parse_start(message: dict, on_bad: Callable[[str], None], query: Mapping[str, str]) -> StreamStart:
+def parse_start(message: dict, on_bad, query: dict) -> StreamStart:
     """Exotel's ``start``: the stream sid (either spelling), the agent and template variables from the
     URL's query string (custom parameters) and ``start.custom_parameters``."""
     start = message.get("start") if isinstance(message.get("start"), dict) else {}
@@ -66,7 +65,17 @@ def parse_start(message: dict, on_bad: Callable[[str], None], query: Mapping[str
     )
 
 
-async def serve(websocket: WebSocket, context: GatewayContext, limits: Limits) -> None:
+class ExotelConnection(MediaStreamConnection):
+    """One Exotel media stream."""
+
+    dialect = DIALECT
+    sid_key = "stream_sid"
+
+    def parse_start(self, message: dict, on_bad) -> StreamStart:
+        return parse_start(message, on_bad, dict(self.ws.query_params))
+
+
+async def serve_exotel(websocket: WebSocket, context: GatewayContext, limits: Limits) -> None:
     """Serves one Exotel media stream until ``stop``, disconnect or a limit."""
     query = websocket.query_params
     raw_rate = query.get("sample-rate") or query.get("sample_rate") or "8000"
@@ -74,12 +83,5 @@ async def serve(websocket: WebSocket, context: GatewayContext, limits: Limits) -
     if raw_rate not in {str(rate) for rate in SAMPLE_RATES}:
         await close_socket(websocket, CLOSE_POLICY_VIOLATION, f"sample-rate must be one of {SAMPLE_RATES}")
         return
-    await serve_media_stream(
-        websocket,
-        context,
-        limits,
-        dialect=DIALECT,
-        media=media_format(int(raw_rate)),
-        sid_key="stream_sid",
-        parse_start=functools.partial(parse_start, query=dict(query)),
-    )
+    media = media_format(int(raw_rate))
+    await serve(websocket, limits, ExotelConnection, lambda guard: ExotelConnection(websocket, context, guard, media))

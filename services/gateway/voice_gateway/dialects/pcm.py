@@ -13,19 +13,17 @@ timeout. There is no handshake to wait for: the trigger request was it. When the
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
-from voice_gateway.call import CallSession, MediaFormat
-from voice_gateway.call_registry import CallRegistry
-from voice_gateway.dialects.carrier import open_call
-from voice_gateway.limits import ConnectionGuard, LimitExceeded, Limits, close_socket
-from voice_gateway.session import GatewayContext
-from voice_gateway.tools import CallAction
+from voice_gateway.agents.tools import CallAction
+from voice_gateway.api.limits import ConnectionGuard, LimitExceeded, Limits, close_socket
+from voice_gateway.conversation.call import CallSession, MediaFormat, open_call
+from voice_gateway.conversation.session import GatewayContext
+from voice_gateway.dialects.base import Connection, serve
+from voice_gateway.storage.registry import CallRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +33,28 @@ UNKNOWN_SESSION = 4404
 UNKNOWN_AGENT = 4422
 
 
-class PcmTransport:
-    """Sends agent audio as binary frames; there are no marks and ``clear`` is simply to stop sending."""
+class PcmConnection(Connection):
+    """One raw PCM call: binary frames are the caller's audio; the agent's audio goes back the same way,
+    there are no marks, and ``clear`` is simply to stop sending."""
 
-    def __init__(self, websocket: WebSocket) -> None:
-        self._websocket = websocket
+    dialect = DIALECT
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        context: GatewayContext,
+        registry: CallRegistry,
+        guard: ConnectionGuard,
+        session_id: str,
+    ) -> None:
+        super().__init__(websocket, guard)
+        self._context = context
+        self._registry = registry
+        self._session_id = session_id
+        self._call: CallSession | None = None
 
     async def send_audio(self, audio: bytes) -> None:
-        if self._websocket.application_state == WebSocketState.CONNECTED:
-            try:
-                await self._websocket.send_bytes(audio)
-            except (RuntimeError, WebSocketDisconnect):
-                pass
+        await self.send_bytes(audio)
 
     async def send_mark(self, name: str) -> bool:
         return False
@@ -56,65 +64,57 @@ class PcmTransport:
 
     async def hang_up(self, action: CallAction) -> None:
         """Closes the socket normally (1000); a transfer has no in-band form here and is in the call log."""
-        if self._websocket.application_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                await self._websocket.close(code=1000, reason=action.kind)
+        await close_socket(self.ws, 1000, action.kind)
+
+    async def opened(self) -> None:
+        """Claims the announced call (4404 when it is unknown, expired or already connected), binds the
+        API key that triggered it, and starts the call."""
+        pending = await self._registry.claim(self._session_id)
+        if pending is None:
+            self.close(UNKNOWN_SESSION, "unknown or expired session")
+            return
+        if pending.get("owner"):
+            try:
+                self.guard.bind_key(pending["owner"])
+            except LimitExceeded as exc:
+                logger.warning("pcm call %s closed: %s", self._session_id, exc.reason)
+                self.close(exc.close_code, exc.reason)
+                return
+        self._call = await open_call(
+            self._context, DIALECT, pending["agent_id"], pending.get("variables") or {}, MEDIA, self, self._session_id
+        )
+        if self._call is None:
+            self.close(UNKNOWN_AGENT, f"unknown agent {pending['agent_id']!r}")
+
+    async def finished(self) -> None:
+        if self._call is not None:
+            await self._call.close("completed")
+
+    async def bad_frame(self, kind: str, detail: str) -> None:
+        if self._call is not None:
+            self._call.bad_frame(kind)
+        else:
+            await super().bad_frame(kind, detail)
+
+    async def handle_frame(self, frame: dict) -> None:
+        data = frame.get("bytes")
+        if data is None:
+            await self.bad_frame("text_frame", "")
+            return
+        if len(data) % 2:
+            await self.bad_frame("odd_pcm_length", "")
+        if data and self._call is not None:
+            self._call.on_audio(data)
 
 
-async def serve(
+async def serve_pcm(
     websocket: WebSocket, context: GatewayContext, registry: CallRegistry, limits: Limits, session_id: str
 ) -> None:
     """Serves one raw PCM call announced by the trigger endpoint, until disconnect or a limit."""
-    await websocket.accept()
-    try:
-        guard = limits.admit(websocket, DIALECT, handshake=False)
-    except LimitExceeded as exc:
-        await close_socket(websocket, exc.close_code, exc.reason)
-        return
-    async with guard:
-        try:
-            pending = await registry.claim(session_id)
-            if pending is None:
-                await close_socket(websocket, UNKNOWN_SESSION, "unknown or expired session")
-                return
-            if pending.get("owner"):
-                guard.bind_key(pending["owner"])
-            await _serve_call(websocket, context, guard, pending, session_id)
-        except LimitExceeded as exc:
-            logger.warning("pcm call %s closed: %s", session_id, exc.reason)
-            await close_socket(websocket, exc.close_code, exc.reason)
-
-
-async def _serve_call(
-    websocket: WebSocket, context: GatewayContext, guard: ConnectionGuard, pending: dict[str, Any], session_id: str
-) -> None:
-    call: CallSession | None = await open_call(
-        context,
-        DIALECT,
-        pending["agent_id"],
-        pending.get("variables") or {},
-        MEDIA,
-        PcmTransport(websocket),
-        session_id=session_id,
+    await serve(
+        websocket,
+        limits,
+        PcmConnection,
+        lambda guard: PcmConnection(websocket, context, registry, guard, session_id),
+        handshake=False,
     )
-    if call is None:
-        await close_socket(websocket, UNKNOWN_AGENT, f"unknown agent {pending['agent_id']!r}")
-        return
-    try:
-        while True:
-            try:
-                frame = await guard.receive()
-            except WebSocketDisconnect:
-                break
-            if frame["type"] == "websocket.disconnect":
-                break
-            data = frame.get("bytes")
-            if data is None:
-                call.bad_frame("text_frame")
-                continue
-            if len(data) % 2:
-                call.bad_frame("odd_pcm_length")
-            if data:
-                call.on_audio(data)
-    finally:
-        await call.close("completed")

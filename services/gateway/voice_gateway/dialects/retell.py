@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import time
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket
 
-from voice_gateway.call import BAD_FRAMES
-from voice_gateway.calls import CallLog, valid_call_log_id
-from voice_gateway.limits import CLOSE_POLICY_VIOLATION, ConnectionGuard, LimitExceeded, Limits, close_socket
-from voice_gateway.messages import InvalidJson, parse_json
-from voice_gateway.session import ERRORS, HANDED_OFF, GatewayContext, Session
-from voice_gateway.templates import personalise
-from voice_gateway.turns import Conversation, Event, LlmDelta, ToolCalled, ToolFinished, TurnFailed
+from voice_gateway.agents.templates import personalise
+from voice_gateway.api.limits import CLOSE_POLICY_VIOLATION, ConnectionGuard, Limits, close_socket
+from voice_gateway.conversation.events import Event, LlmDelta, ToolCalled, ToolFinished, TurnEnded, TurnFailed
+from voice_gateway.conversation.runner import Turn
+from voice_gateway.conversation.session import HANDED_OFF, GatewayContext, Session
+from voice_gateway.dialects.base import Connection, serve
+from voice_gateway.storage.call_log import CallLog, valid_call_log_id
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +46,9 @@ DIALECT = "retell"
 CALL_DETAILS_WAIT_S = 5.0
 # Call-log statuses a reconnecting Retell call continues ("active": its gateway died without closing it).
 RESUMABLE = frozenset({"active", HANDED_OFF})
-SERVER_ERROR = 1011
+INVALID_FRAME = 1007
 REMINDER_HINT = "(The user has not responded in a while. Gently check whether they are still there.)"
-UNINTELLIGIBLE = "(unintelligible audio)"
+SORRY = "Sorry, I had a problem there."
 
 
 def history_from_transcript(transcript: object) -> list[dict]:
@@ -91,84 +89,52 @@ def history_from_transcript(transcript: object) -> list[dict]:
     return [m for m in messages if not m.get("tool_calls") or m["tool_calls"][0]["id"] in answered]
 
 
-class RetellConnection:
+class RetellConnection(Connection):
     """One Retell call."""
 
+    dialect = DIALECT
+
     def __init__(self, websocket: WebSocket, context: GatewayContext, guard: ConnectionGuard, call_id: str) -> None:
-        self._ws = websocket
+        super().__init__(websocket, guard)
         self._context = context
-        self._guard = guard
         self._call_id = call_id
         self._session: Session | None = None
         self._tasks: set[asyncio.Task] = set()
         self._current_response_id = -1
-        self._answer: asyncio.Task | None = None
-        self._send_lock = asyncio.Lock()
         self._begin_lock = asyncio.Lock()
         self._begun = False
+        self._details_timer: asyncio.Task | None = None
         self.resumed = False
         self.transcript: list = []
 
-    async def send(self, message: dict) -> None:
-        async with self._send_lock:
-            if self._ws.application_state == WebSocketState.CONNECTED:
-                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                    await self._ws.send_text(json.dumps(message))
-
-    async def run(self) -> None:
-        await self.send(
+    async def opened(self) -> None:
+        await self.send_json(
             {
                 "response_type": "config",
                 "config": {"auto_reconnect": True, "call_details": True, "transcript_with_tool_calls": True},
                 "response_id": 1,
             }
         )
-        fallback = asyncio.create_task(self._begin_without_details())
-        close_code, reason = 1000, ""
-        try:
-            while True:
-                try:
-                    frame = await self._guard.receive()
-                except WebSocketDisconnect:
-                    break
-                except LimitExceeded as exc:
-                    close_code, reason = exc.close_code, exc.reason
-                    break
-                if frame["type"] == "websocket.disconnect":
-                    break
-                self._guard.handshake_done()
-                if frame.get("bytes") is not None:
-                    BAD_FRAMES.labels(DIALECT, "binary_frame").inc()
-                    close_code, reason = 1007, "binary frames are not part of this protocol"
-                    break
-                self._dispatch(frame.get("text") or "")
-        except Exception as exc:
-            logger.exception("retell call %s failed", self._call_id)
-            ERRORS.labels(DIALECT, "connection_crashed").inc()
-            close_code, reason = SERVER_ERROR, f"server error: {type(exc).__name__}"
-        finally:
-            fallback.cancel()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, fallback, return_exceptions=True)
-            if self._session is not None:
-                await self._session.close("error" if close_code == SERVER_ERROR else "completed")
-            if close_code != 1000:
-                await close_socket(self._ws, close_code, reason)
+        self._details_timer = self._spawn(self._begin_without_details())
 
-    def _dispatch(self, text: str) -> None:
-        try:
-            message = parse_json(text)
-        except InvalidJson:
-            BAD_FRAMES.labels(DIALECT, "invalid_json").inc()
-            logger.warning("retell %s: invalid JSON ignored", self._call_id)
-            return
-        if not isinstance(message, dict):
-            BAD_FRAMES.labels(DIALECT, "not_an_object").inc()
-            return
+    async def finished(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            crashed = self._close is not None and self._close[0] == 1011
+            await self._session.close("error" if crashed else "completed")
+
+    async def on_binary(self, data: bytes) -> None:
+        self.guard.handshake_done()
+        await self.bad_frame("binary_frame", "")
+        self.close(INVALID_FRAME, "binary frames are not part of this protocol")
+
+    async def on_message(self, message: dict) -> None:
+        self.guard.handshake_done()
         kind = message.get("interaction_type")
         if kind == "ping_pong":
-            self._spawn(self.send({"response_type": "ping_pong", "timestamp": message.get("timestamp")}))
+            self._spawn(self.send_json({"response_type": "ping_pong", "timestamp": message.get("timestamp")}))
         elif kind == "call_details":
             self._spawn(self._begin(message.get("call") if isinstance(message.get("call"), dict) else {}))
         elif kind == "update_only":
@@ -177,19 +143,15 @@ class RetellConnection:
         elif kind in ("response_required", "reminder_required"):
             response_id = message.get("response_id")
             if not isinstance(response_id, int) or isinstance(response_id, bool) or response_id < 0:
-                BAD_FRAMES.labels(DIALECT, "bad_response_id").inc()
-                logger.warning("retell %s: %s without an integer response_id ignored", self._call_id, kind)
+                await self.bad_frame("bad_response_id", "")
                 return
             if response_id <= self._current_response_id:
                 return
             self._current_response_id = response_id
-            if self._answer is not None and not self._answer.done():
-                self._answer.cancel()
             transcript = message.get("transcript") if isinstance(message.get("transcript"), list) else self.transcript
-            self._answer = self._spawn(self._respond(response_id, transcript, reminder=kind == "reminder_required"))
+            self._spawn(self._respond(response_id, transcript, reminder=kind == "reminder_required"))
         else:
-            BAD_FRAMES.labels(DIALECT, "unknown_event").inc()
-            logger.warning("retell %s: unknown interaction_type %r ignored", self._call_id, kind)
+            await self.bad_frame("unknown_event", "")
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
@@ -199,7 +161,7 @@ class RetellConnection:
 
     async def _open_session(self, call: dict) -> Session | None:
         """The call's session with its agent, or ``None`` when neither that agent nor ``default`` exists."""
-        query = self._ws.query_params
+        query = self.ws.query_params
         metadata = call.get("metadata") if isinstance(call.get("metadata"), dict) else {}
         agent_id = str(query.get("agent_id") or metadata.get("agent_id") or "default")
         agent = await self._context.agents.get(agent_id)
@@ -243,108 +205,103 @@ class RetellConnection:
             self._begun = True
             self._session = await self._open_session(call)
         if self._session is None:
-            await close_socket(self._ws, CLOSE_POLICY_VIOLATION, "unknown agent and no default agent")
+            self.close(CLOSE_POLICY_VIOLATION, "unknown agent and no default agent")
+            async with self._send_lock:
+                await close_socket(self.ws, CLOSE_POLICY_VIOLATION, "unknown agent and no default agent")
             return
         if self.resumed:
             return
         greeting = self._session.agent.greeting
-        await self.send({"response_type": "response", "response_id": 0, "content": greeting, "content_complete": True})
+        await self.send_json(
+            {"response_type": "response", "response_id": 0, "content": greeting, "content_complete": True}
+        )
 
     async def _begin_without_details(self) -> None:
         await asyncio.sleep(CALL_DETAILS_WAIT_S)
         await self._begin({})
 
     async def _respond(self, response_id: int, transcript: list, *, reminder: bool) -> None:
+        """Hands the runner Retell's transcript to answer; a newer ``response_id`` supersedes the older."""
         await self._begin({})
         session = self._session
-        if session is None:
+        if session is None or response_id != self._current_response_id:
             return
         history = history_from_transcript(transcript)
         if reminder or not history or history[-1]["role"] != "user":
             user_text = REMINDER_HINT
         else:
             user_text = history.pop()["content"]
-        conversation = Conversation(session_id=session.id, agent=session.agent, history=history)
-        started = time.perf_counter()
+        turn = Turn(
+            kind="response",
+            text=user_text,
+            history=history,
+            keep_if_cut_off=False,
+            attributes={"voice.retell.response_id": response_id},
+            emit=_ResponseEvents(self, response_id),
+        )
+        session.runner.replace(turn)
 
-        async def emit(event: Event) -> None:
-            if response_id != self._current_response_id:
-                raise asyncio.CancelledError
-            if isinstance(event, LlmDelta):
-                await self.send(
-                    {
-                        "response_type": "response",
-                        "response_id": response_id,
-                        "content": event.chunk,
-                        "content_complete": False,
-                    }
-                )
-            elif isinstance(event, ToolCalled):
-                await self.send(
-                    {
-                        "response_type": "tool_call_invocation",
-                        "tool_call_id": event.tool_call_id,
-                        "name": event.name,
-                        "arguments": event.arguments,
-                    }
-                )
-            elif isinstance(event, ToolFinished):
-                await self.send(
-                    {
-                        "response_type": "tool_call_result",
-                        "tool_call_id": event.tool_call_id,
-                        "content": event.content,
-                        "successful": event.successful,
-                    }
-                )
-            elif isinstance(event, TurnFailed):
-                logger.warning("retell %s: %s", self._call_id, event.error)
+    def is_current(self, response_id: int) -> bool:
+        return response_id == self._current_response_id
 
-        with session.turn_span("response") as span:
-            span.set_attribute("voice.retell.response_id", response_id)
-            try:
-                result = await self._context.engine.respond(conversation, user_text, None, emit, started)
-            except asyncio.CancelledError:
-                span.add_event("cancelled", {"voice.cancel.reason": "superseded"})
-                raise
-            except Exception as exc:
-                logger.warning("retell %s: response %d failed: %s", self._call_id, response_id, exc)
-                if response_id == self._current_response_id:
-                    await self.send(
-                        {
-                            "response_type": "response",
-                            "response_id": response_id,
-                            "content": "Sorry, I had a problem there.",
-                            "content_complete": True,
-                        }
-                    )
-                return
-            if response_id == self._current_response_id:
-                final = {
+
+class _ResponseEvents:
+    """Translates one response's events into Retell ``response`` events under its ``response_id``; nothing
+    is sent once a newer response_id has arrived."""
+
+    def __init__(self, connection: RetellConnection, response_id: int) -> None:
+        self._connection = connection
+        self._response_id = response_id
+
+    async def __call__(self, event: Event) -> None:
+        connection, response_id = self._connection, self._response_id
+        if not connection.is_current(response_id):
+            return
+        if isinstance(event, LlmDelta):
+            await connection.send_json(
+                {
                     "response_type": "response",
                     "response_id": response_id,
-                    "content": "",
-                    "content_complete": True,
+                    "content": event.chunk,
+                    "content_complete": False,
                 }
-                if result.action is not None and result.action.kind == "end_call":
-                    final["end_call"] = True
-                elif result.action is not None and result.action.kind == "transfer_call":
-                    final["transfer_number"] = result.action.number
-                await self.send(final)
-                await session.record("response", result)
+            )
+        elif isinstance(event, ToolCalled):
+            await connection.send_json(
+                {
+                    "response_type": "tool_call_invocation",
+                    "tool_call_id": event.tool_call_id,
+                    "name": event.name,
+                    "arguments": event.arguments,
+                }
+            )
+        elif isinstance(event, ToolFinished):
+            await connection.send_json(
+                {
+                    "response_type": "tool_call_result",
+                    "tool_call_id": event.tool_call_id,
+                    "content": event.content,
+                    "successful": event.successful,
+                }
+            )
+        elif isinstance(event, TurnFailed):
+            logger.warning("retell response %d: %s", response_id, event.error)
+        elif isinstance(event, TurnEnded) and not event.cancelled:
+            result = event.result
+            final = {"response_type": "response", "response_id": response_id, "content": "", "content_complete": True}
+            if result.error and not result.fallback:
+                final["content"] = SORRY
+            elif result.action is not None and result.action.kind == "end_call":
+                final["end_call"] = True
+            elif result.action is not None and result.action.kind == "transfer_call":
+                final["transfer_number"] = result.action.number
+            await connection.send_json(final)
 
 
 def _safe(call_id: str) -> str | None:
     return call_id if valid_call_log_id(call_id) else None
 
 
-async def serve(websocket: WebSocket, context: GatewayContext, limits: Limits, call_id: str) -> None:
+async def serve_retell(websocket: WebSocket, context: GatewayContext, limits: Limits, call_id: str) -> None:
     """Serves one Retell custom-LLM socket."""
-    await websocket.accept()
-    try:
-        guard = limits.admit(websocket, DIALECT)
-    except LimitExceeded as exc:
-        await close_socket(websocket, exc.close_code, exc.reason)
-        return
-    async with guard:
-        await RetellConnection(websocket, context, guard, call_id).run()
+    await serve(websocket, limits, RetellConnection, lambda guard: RetellConnection(websocket, context, guard, call_id))

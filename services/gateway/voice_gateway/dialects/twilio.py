@@ -24,11 +24,12 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
-from voice_gateway.call import MediaFormat
-from voice_gateway.call_registry import CallRegistry
-from voice_gateway.dialects.carrier import StreamStart, serve_media_stream
-from voice_gateway.limits import Limits
-from voice_gateway.session import GatewayContext
+from voice_gateway.api.limits import Limits
+from voice_gateway.conversation.call import MediaFormat
+from voice_gateway.conversation.session import GatewayContext
+from voice_gateway.dialects.base import serve
+from voice_gateway.dialects.carrier import MediaStreamConnection, StreamStart
+from voice_gateway.storage.registry import CallRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,16 @@ def parse_start(message: dict, on_bad) -> StreamStart:
     )
 
 
-async def serve(websocket: WebSocket, context: GatewayContext, limits: Limits) -> None:
+class TwilioConnection(MediaStreamConnection):
+    """One Twilio media stream."""
+
+    dialect = DIALECT
+    sid_key = "streamSid"
+
+    def parse_start(self, message: dict, on_bad) -> StreamStart:
+        return parse_start(message, on_bad)
+
+
+async def serve_twilio(websocket: WebSocket, context: GatewayContext, limits: Limits) -> None:
     """Serves one Twilio media stream until ``stop``, disconnect or a limit."""
-    await websocket.accept()
-    await serve_media_stream(
-        websocket, context, limits, dialect=DIALECT, media=MEDIA, sid_key="streamSid", parse_start=parse_start
-    )
+    await serve(websocket, limits, TwilioConnection, lambda guard: TwilioConnection(websocket, context, guard, MEDIA))

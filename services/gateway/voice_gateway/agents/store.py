@@ -13,7 +13,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from voice_gateway.buckets import Bucket
+from voice_gateway.storage.buckets import Bucket
 
 logger = logging.getLogger(__name__)
 

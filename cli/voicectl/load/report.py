@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["latency_figures", "render_png", "table"]
+from voicectl.load.scenario import LoadOptions, LoadStats
+
+__all__ = ["build_report", "latency_figures", "render_png", "table"]
 
 _TURN_COLOR = (46, 110, 180)
 _CDF_COLOR = (220, 110, 20)
@@ -38,6 +41,59 @@ def latency_figures(values: list[float]) -> dict[str, Any]:
         "mean": float(array.mean()),
         "min": float(array.min()),
         "max": float(array.max()),
+    }
+
+
+def build_report(options: LoadOptions, stats: LoadStats, elapsed_s: float) -> dict[str, Any]:
+    """The run's report (what ``--json`` writes) from its options and what the calls measured.
+
+    Args:
+        options: What was run.
+        stats: What the calls measured.
+        elapsed_s: How long the run lasted.
+
+    Returns:
+        See ``voicectl.load.run_load``; ``stopped_early`` is False here.
+    """
+    carrier = options.dialect != "browser"
+    stopped = [latency for _, _, latency in stats.barge_ins if latency is not None]
+    return {
+        "config": {
+            "gateway": options.gateway,
+            "dialect": options.dialect,
+            "calls": options.calls,
+            "duration_s": options.duration_s,
+            "ramp_s": options.ramp_s,
+            "barge_in_rate": options.barge_in_rate if carrier else 0.0,
+            "agent": options.agent,
+            "sample_rate": options.sample_rate if options.dialect == "exotel" else None,
+        },
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "elapsed_s": elapsed_s,
+        "calls_placed": stats.calls_placed,
+        "calls_completed": stats.calls_completed,
+        "turns": len(stats.turns),
+        "errors": dict(stats.errors),
+        "error_examples": dict(stats.error_examples),
+        "voice_to_voice_s": latency_figures([latency for _, _, latency in stats.turns]),
+        "barge_ins": (
+            {"attempted": len(stats.barge_ins), "stopped": len(stopped), "latency_s": latency_figures(stopped)}
+            if carrier
+            else None
+        ),
+        "underruns": stats.underruns if carrier else None,
+        "unplanned_interruptions": stats.unplanned_interruptions if carrier else None,
+        "caller_loop_lag_s": {
+            name: value for name, value in latency_figures(stats.loop_lags).items() if name in ("p50", "p99", "max")
+        },
+        "stopped_early": False,
+        "samples": {
+            "turns": [{"call": c, "t_s": round(t, 3), "latency_s": round(v, 4)} for c, t, v in stats.turns],
+            "barge_ins": [
+                {"call": c, "t_s": round(t, 3), "latency_s": None if v is None else round(v, 4)}
+                for c, t, v in stats.barge_ins
+            ],
+        },
     }
 
 

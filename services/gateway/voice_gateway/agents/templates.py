@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from voice_gateway.agents import Agent
+from voice_gateway.agents.store import Agent
 
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 

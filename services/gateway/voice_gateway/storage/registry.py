@@ -9,8 +9,8 @@ import time
 
 from nats.js.api import KeyValueConfig, StorageType
 
-from voice_gateway.buckets import Bucket
-from voice_gateway.calls import valid_call_log_id
+from voice_gateway.storage.buckets import Bucket
+from voice_gateway.storage.call_log import valid_call_log_id
 
 BUCKET = "sessions"
 CONNECT_WITHIN_S = 300

@@ -1,10 +1,12 @@
-"""A small local OTLP/HTTP trace receiver: spans as dicts in memory and as JSON lines in a file.
+"""A small local OTLP/HTTP trace receiver for development: spans as dicts in memory and as JSON lines in a file.
 
 ``voicectl up`` starts one when no exporter is configured, so ``voicectl trace`` can show a call's
-spans without Jaeger; the tests use it as a real collector. Processes reach it through the standard
-variables :meth:`OtlpReceiver.env` returns (``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`` and
-``OTEL_EXPORTER_OTLP_ENDPOINT``); it accepts ``POST /v1/traces`` with a protobuf
-``ExportTraceServiceRequest``, optionally gzip or deflate compressed.
+spans without Jaeger; the tests and the tracing benchmark use it as a real collector. It is no part of
+the shipped telemetry library (``voice_telemetry``): deployments export to an OpenTelemetry collector.
+
+Processes reach it through the standard variables :meth:`OtlpReceiver.env` returns
+(``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`` and ``OTEL_EXPORTER_OTLP_ENDPOINT``); it accepts
+``POST /v1/traces`` with a protobuf ``ExportTraceServiceRequest``, optionally gzip or deflate compressed.
 
 Each span becomes one JSON object (one line in the file)::
 

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from voice.v1 import llm_pb2
-from voice_gateway.agents import Agent, Tool
+from voice_gateway.agents.store import Agent, Tool
 
 logger = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ class CallLog(BaseModel):
     ended_at: float | None = Field(default=None, serialization_alias="endedAt")
     status: str = "active"
     turns: list[TurnRecord] = Field(default_factory=list)
-    # The identity of the credential that opened it (``voice_gateway.auth``), never the credential itself:
+    # The identity of the credential that opened it (``voice_gateway.api.auth``), never the credential itself:
     # only the same credential may continue the conversation.
     owner: str | None = None
 

@@ -1,0 +1,97 @@
+"""The REST API: agents (``GET/PUT/DELETE /api/agents/{id}``), call logs (``GET /api/calls/{id}``) and
+seed 003's trigger (``POST /api/calls/trigger``). Every route needs one of ``GATEWAY_API_KEYS`` as
+``Authorization: Bearer <key>`` or ``X-API-Key``; bodies are parsed strictly (:mod:`voice_gateway.api.messages`)."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import ValidationError
+
+from voice_gateway.agents import AGENT_ID, Agent
+from voice_gateway.api.auth import Authenticator, api_key_dependency
+from voice_gateway.api.limits import LimitExceeded, Limits
+from voice_gateway.api.messages import InvalidJson, parse_json
+
+PCM_DIALECT = "pcm"
+
+
+async def json_object_body(request: Request) -> dict:
+    """The request's body as a JSON object, parsed strictly (no ``NaN``, bounded nesting); 422 otherwise."""
+    try:
+        body = parse_json(await request.body())
+    except InvalidJson as exc:
+        raise HTTPException(422, f"invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPException(422, "the body must be a JSON object")
+    return body
+
+
+def rest_router(authenticator: Authenticator, limits: Limits) -> APIRouter:
+    """The REST routes; they read the stores from ``request.app.state.context``."""
+    router = APIRouter()
+    api_key = Depends(api_key_dependency(authenticator))
+
+    @router.get("/api/agents/{agent_id}")
+    async def get_agent(request: Request, agent_id: str, _: str = api_key) -> dict:
+        agent = await request.app.state.context.agents.get(agent_id)
+        if agent is None:
+            raise HTTPException(404, f"no agent {agent_id!r}")
+        return agent.model_dump()
+
+    @router.put("/api/agents/{agent_id}")
+    async def put_agent(
+        request: Request, agent_id: str, body: dict = Depends(json_object_body), _: str = api_key
+    ) -> dict:
+        if not AGENT_ID.fullmatch(agent_id):
+            raise HTTPException(400, "agent id must be 1-64 letters, digits, '-' or '_'")
+        if body.get("id", agent_id) != agent_id:
+            raise HTTPException(400, f"body id {body.get('id')!r} does not match the path's {agent_id!r}")
+        try:
+            agent = Agent.model_validate({**body, "id": agent_id})
+        except ValidationError as exc:
+            raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
+        await request.app.state.context.agents.put(agent)
+        return agent.model_dump()
+
+    @router.delete("/api/agents/{agent_id}", status_code=204)
+    async def delete_agent(request: Request, agent_id: str, _: str = api_key) -> None:
+        if not await request.app.state.context.agents.delete(agent_id):
+            raise HTTPException(404, f"no agent {agent_id!r}")
+
+    @router.get("/api/calls/{call_log_id}")
+    async def get_call(request: Request, call_log_id: str, _: str = api_key) -> dict:
+        log = await request.app.state.context.calls.get(call_log_id)
+        if log is None:
+            raise HTTPException(404, f"no call log {call_log_id!r}")
+        return log.model_dump(by_alias=True)
+
+    @router.post("/api/calls/trigger")
+    async def trigger_call(request: Request, body: dict = Depends(json_object_body), identity: str = api_key) -> dict:
+        """Seed 003: announces a raw PCM call; extra body fields become the agent's template variables.
+
+        The call will count against the caller's API key; a key already at its maximum of sessions on
+        this gateway is answered 429.
+        """
+        try:
+            limits.check_key_capacity(PCM_DIALECT, identity)
+        except LimitExceeded as exc:
+            raise HTTPException(429, exc.reason, headers={"Retry-After": "5"}) from None
+        agent_id = body.get("agent_id")
+        if not isinstance(agent_id, str) or not agent_id:
+            raise HTTPException(422, "agent_id (string) is required")
+        if await request.app.state.context.agents.get(agent_id) is None:
+            raise HTTPException(404, f"no agent {agent_id!r}")
+        variables = {k: v for k, v in body.items() if k != "agent_id"}
+        if any(not isinstance(v, (str, int, float, bool)) for v in variables.values()):
+            raise HTTPException(422, "template variables must be strings, numbers or booleans")
+        session_id = str(uuid.uuid4())
+        await request.app.state.registry.announce(session_id, agent_id, variables, owner=identity)
+        return {
+            "session_id": session_id,
+            "websocket_url": f"/api/pipecat/websocket/{session_id}",
+            "status": "initialized",
+        }
+
+    return router

@@ -1,0 +1,265 @@
+"""Real-time calls, independent of dialect: continuous caller audio in, the agent's voice out, with voice
+activity detection, endpointing and barge-in; the turns themselves run on the session's turn runner.
+
+Caller audio is analysed at the carrier's own rate when the VAD supports it (8 or 16 kHz: no
+resampling per frame); the utterance goes to STT at that rate and the STT worker resamples it once.
+A streaming dialect (Twilio, Exotel, raw PCM) decodes its frames, hands the caller's audio to
+:meth:`CallSession.on_audio`, forwards playback acknowledgements (:meth:`CallSession.on_mark`) and
+DTMF, and implements :class:`~voice_gateway.conversation.playout.CallTransport` to send audio, marks
+and ``clear`` its own way.
+
+- Endpointing: when the caller stops talking for the agent's ``endpointing_silence_ms``, the
+  utterance becomes a turn: STT → LLM → TTS over the bus, the answer spoken sentence by sentence.
+- Playout: :class:`~voice_gateway.conversation.playout.Playout` paces the answer in real time.
+- Barge-in: caller speech of at least ``min_speech_ms`` while the agent speaks cancels the running
+  turn through the runner (its LLM and TTS requests on the bus), stops the audio (``clear``), and
+  trims the assistant's message in the history to what the caller heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from voice.v1 import audio_pb2
+from voice_audio import Encoding, StreamResampler, alaw_decode, ulaw_decode
+from voice_gateway.agents.templates import personalise
+from voice_gateway.agents.tools import CallAction
+from voice_gateway.conversation.events import (
+    CallActionRequested,
+    Event,
+    OutputFormat,
+    SpeechAudio,
+    StageStarted,
+    TurnFailed,
+    TurnStarted,
+)
+from voice_gateway.conversation.metrics import BAD_FRAMES, BARGE_IN_LATENCY, BARGE_INS, INBOUND_FRAME
+from voice_gateway.conversation.playout import CallStats, CallTransport, MediaFormat, Playout
+from voice_gateway.conversation.runner import BARGE_IN, Turn
+from voice_gateway.conversation.session import GatewayContext, Session
+from voice_gateway.conversation.vad import VAD_SAMPLE_RATES, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
+from voice_runtime.tasks import cancel_and_wait
+from voice_telemetry.tracing import capture_content
+
+logger = logging.getLogger(__name__)
+
+STT_RATE = 16000
+# How long past the expected end of playout a hang-up waits for the far end's marks.
+PLAYOUT_GRACE_S = 5.0
+
+_DECODERS = {
+    Encoding.MULAW: ulaw_decode,
+    Encoding.ALAW: alaw_decode,
+    Encoding.PCM16: lambda payload: np.frombuffer(payload[: len(payload) // 2 * 2], dtype="<i2"),
+}
+_PROTO_ENCODINGS = {
+    Encoding.PCM16: audio_pb2.AUDIO_ENCODING_PCM16,
+    Encoding.MULAW: audio_pb2.AUDIO_ENCODING_MULAW,
+    Encoding.ALAW: audio_pb2.AUDIO_ENCODING_ALAW,
+}
+
+__all__ = ["CallSession", "CallStats", "CallTransport", "MediaFormat", "open_call"]
+
+
+class CallSession:
+    """One phone call with one agent.
+
+    Args:
+        session: The underlying session (agent, history, call log, trace, turn runner).
+        media: The call's audio format.
+        transport: How the dialect sends audio, marks and ``clear``.
+    """
+
+    def __init__(self, session: Session, media: MediaFormat, transport: CallTransport) -> None:
+        self.session = session
+        self._media = media
+        self._transport = transport
+        pipeline = session.agent.pipeline
+        vad_rate = media.sample_rate if media.sample_rate in VAD_SAMPLE_RATES else STT_RATE
+        self._endpointer = Endpointer(
+            EndpointingConfig(
+                silence_ms=pipeline.endpointing_silence_ms,
+                min_speech_ms=pipeline.min_speech_ms,
+                max_utterance_s=pipeline.max_utterance_s,
+            ),
+            sample_rate=vad_rate,
+        )
+        self._interruptions = pipeline.enable_interruptions and pipeline.vad_enabled
+        self._decode = _DECODERS[media.encoding]
+        self._vad_rate = vad_rate
+        self._resampler = StreamResampler(media.sample_rate, vad_rate) if media.sample_rate != vad_rate else None
+        self._output = OutputFormat(encoding=_PROTO_ENCODINGS[media.encoding], sample_rate=media.sample_rate)
+        self.stats = CallStats()
+        self._playout = Playout(transport, media, session.dialect, self.stats)
+        self._turn_index = 0
+        self._answering = ""
+        self._last_voiced_wall: float | None = None
+        self._frame_seconds = INBOUND_FRAME.labels(session.dialect)
+        self.action: CallAction | None = None
+        self._finishing: asyncio.Task | None = None
+        self._closed = False
+
+    @property
+    def dialect(self) -> str:
+        return self.session.dialect
+
+    @property
+    def agent_speaking(self) -> bool:
+        """The agent has audio queued or playing, or a turn is producing its answer."""
+        return self._playout.pending or self.session.runner.busy
+
+    async def start(self) -> None:
+        """Records the call and speaks the greeting."""
+        await self.session.start()
+        self.session.greet(self._output, self._on_event)
+
+    def on_audio(self, payload: bytes) -> None:
+        """Handles one inbound frame of caller audio (in the call's media format)."""
+        started = time.perf_counter()
+        samples = self._decode(payload)
+        if self._resampler is not None:
+            samples = self._resampler.process(samples)
+        for event in self._endpointer.process(samples):
+            if isinstance(event, SpeechStarted):
+                self._on_speech_started(event, started)
+            elif isinstance(event, SpeechEnded):
+                self._on_speech_ended(event, started)
+        self._frame_seconds.observe(time.perf_counter() - started)
+
+    def bad_frame(self, kind: str) -> None:
+        """Counts a malformed or unexpected frame (the call goes on)."""
+        self.stats.bad_frames += 1
+        BAD_FRAMES.labels(self.dialect, kind).inc()
+
+    def on_mark(self, name: str) -> None:
+        """The far end played everything up to mark ``name``."""
+        self._playout.on_mark(name)
+
+    def on_dtmf(self, digit: str) -> None:
+        """A key press reaches the agent as a user message."""
+        if digit and len(digit) <= 4:
+            self._submit(Turn(kind="dtmf", text=f"[The caller pressed {digit} on the keypad]", emit=self._on_event))
+
+    def _stream_to_wall(self, stream_s: float, now: float) -> float:
+        return now - (self._endpointer.stream_s - stream_s)
+
+    def _on_speech_started(self, event: SpeechStarted, now: float) -> None:
+        if self._interruptions and self.agent_speaking:
+            onset_wall = self._stream_to_wall(event.onset_s, now)
+            asyncio.get_running_loop().create_task(self._barge_in(onset_wall))
+
+    def _on_speech_ended(self, event: SpeechEnded, now: float) -> None:
+        if self.agent_speaking and not self._interruptions:
+            return
+        self._last_voiced_wall = self._stream_to_wall(event.last_voiced_s, now)
+        pcm = np.ascontiguousarray(event.audio, dtype="<i2").tobytes()
+        fmt = audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
+        self._submit(
+            Turn(
+                kind="audio",
+                audio=pcm,
+                audio_format=fmt,
+                endpointing_s=event.ended_s - event.last_voiced_s,
+                attributes={"voice.audio.duration_s": round(len(pcm) / (2 * self._vad_rate), 3)},
+                emit=self._on_event,
+            )
+        )
+
+    def _submit(self, turn: Turn) -> None:
+        turn.output = self._output
+        self.session.submit(turn)
+
+    async def _on_event(self, event: Event) -> None:
+        if isinstance(event, TurnStarted):
+            self._turn_index += 1
+            self._answering = event.turn_kind
+        elif isinstance(event, StageStarted) and event.kind == "llm_start" and self._answering == "audio":
+            self._playout.answer_to(self._last_voiced_wall)
+        elif isinstance(event, SpeechAudio) and event.audio:
+            self._playout.enqueue(event.text, event.audio, f"t{self._turn_index}-s{event.sentence_index}")
+        elif isinstance(event, CallActionRequested) and event.action is not None:
+            self._finishing = asyncio.create_task(self._finish_call(event.action))
+        elif isinstance(event, TurnFailed) and event.code != "NO_SPEECH":
+            logger.warning("call %s: %s", self.session.id, event.error)
+
+    async def _finish_call(self, action: CallAction) -> None:
+        """Hangs up or transfers once the caller has heard the answer (a barge-in first discards it)."""
+        deadline = time.monotonic() + PLAYOUT_GRACE_S + self._playout.remaining_s()
+        while time.monotonic() < deadline and self._playout.pending:
+            await asyncio.sleep(0.05)
+        self.action = action
+        if capture_content():
+            logger.info("call %s: %s by the agent %s", self.session.id, action.kind, action.number)
+        else:
+            logger.info("call %s: %s by the agent", self.session.id, action.kind)
+        await self._transport.hang_up(action)
+
+    async def _barge_in(self, onset_wall: float) -> None:
+        """Caller speech while the agent speaks: stop everything and keep only what was heard."""
+        heard = self._playout.heard_text()
+        runner = self.session.runner
+        answer_finished = runner.current is None
+        await cancel_and_wait(self._finishing)
+        await runner.cancel(BARGE_IN, heard=heard)
+        await self._playout.flush()
+        latency = time.perf_counter() - onset_wall
+        self.stats.barge_ins += 1
+        self.stats.barge_in_latency_s.append(latency)
+        BARGE_INS.labels(self.dialect).inc()
+        BARGE_IN_LATENCY.labels(self.dialect).observe(latency)
+        self._trim_history(heard, trim_log=answer_finished)
+        self.session.span.add_event(
+            "barge_in", {"voice.barge_in.latency_s": round(latency, 4), "voice.barge_in.heard_chars": len(heard)}
+        )
+        if capture_content():
+            logger.info(
+                "barge-in on call %s after %.0f ms; the caller heard %r", self.session.id, latency * 1000, heard
+            )
+        else:
+            logger.info("barge-in on call %s after %.0f ms", self.session.id, latency * 1000)
+
+    def _trim_history(self, heard: str, *, trim_log: bool) -> None:
+        history = self.session.conversation.history
+        if history and history[-1]["role"] == "assistant":
+            history[-1] = {"role": "assistant", "content": heard}
+            if not heard:
+                history.pop()
+        log = self.session.call_log
+        if trim_log and log.turns:
+            log.turns[-1].assistant = heard
+            log.turns[-1].interrupted = True
+
+    async def close(self, status: str = "completed") -> None:
+        """Ends the call: cancels the running turn and the playout, saves the call log."""
+        if self._closed:
+            return
+        self._closed = True
+        await cancel_and_wait(self._finishing)
+        await self._playout.close()
+        if self.action is not None and self.action.kind == "transfer_call":
+            status = "transferred"
+        await self.session.close(status)
+
+
+async def open_call(
+    context: GatewayContext,
+    dialect: str,
+    agent_id: str,
+    variables: dict,
+    media: MediaFormat,
+    transport: CallTransport,
+    session_id: str | None = None,
+) -> CallSession | None:
+    """Starts a call with the agent (its prompt and greeting personalised); ``None`` for an unknown agent."""
+    agent = await context.agents.get(agent_id)
+    if agent is None:
+        return None
+    call = CallSession(
+        Session(context, personalise(agent, variables), dialect, session_id=session_id), media, transport
+    )
+    await call.start()
+    return call

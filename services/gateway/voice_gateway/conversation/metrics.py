@@ -1,0 +1,55 @@
+"""The gateway's Prometheus metrics of sessions, turns, calls and frames, in one place for the
+conversation core and every dialect."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from voice_telemetry.metrics import LATENCY_BUCKETS_S
+
+ACTIVE_SESSIONS = Gauge("voice_gateway_active_sessions", "Sessions open on this gateway", ["dialect"])
+TURNS = Counter("voice_gateway_turns_total", "Turns finished, by kind and outcome", ["dialect", "kind", "outcome"])
+TURNS_RUNNING = Gauge("voice_gateway_turns_in_flight", "Turns running on this gateway now")
+FIRST_AUDIO = Histogram(
+    "voice_gateway_time_to_first_audio_seconds",
+    "From the user's complete input to the first audio of the answer",
+    ["dialect", "kind"],
+    buckets=LATENCY_BUCKETS_S,
+)
+ERRORS = Counter(
+    "voice_gateway_errors_total", "Unexpected failures outside the turns' own outcomes", ["dialect", "kind"]
+)
+# Turn timings observed per stage (``voice_gateway_stage_seconds{stage="stt"|"llm_first_token"|…}``).
+OBSERVED_STAGES = frozenset({"endpointing_s", "stt_s", "llm_first_token_s", "llm_s", "tts_first_chunk_s"})
+STAGE = Histogram("voice_gateway_stage_seconds", "Duration of each turn stage", ["stage"], buckets=LATENCY_BUCKETS_S)
+
+TOOL_CALLS = Counter(
+    "voice_gateway_tool_calls_total", "Tool calls run for the model, by tool and outcome", ["tool", "outcome"]
+)
+TOOL_SECONDS = Histogram("voice_gateway_tool_seconds", "Duration of one tool call", buckets=LATENCY_BUCKETS_S)
+FALLBACKS = Counter(
+    "voice_gateway_fallbacks_total",
+    "Turns answered with the agent's fallback message because the LLM failed, by the failure's code",
+    ["reason"],
+)
+
+BARGE_INS = Counter("voice_gateway_barge_ins_total", "Caller speech that interrupted the agent", ["dialect"])
+BARGE_IN_LATENCY = Histogram(
+    "voice_gateway_barge_in_latency_seconds",
+    "Caller speech onset to the agent's audio stopped (clear sent)",
+    ["dialect"],
+    buckets=LATENCY_BUCKETS_S,
+)
+VOICE_TO_VOICE = Histogram(
+    "voice_gateway_voice_to_voice_seconds",
+    "Caller's last voiced sample to the first byte of the answer's audio sent",
+    ["dialect"],
+    buckets=LATENCY_BUCKETS_S,
+)
+INBOUND_FRAME = Histogram(
+    "voice_gateway_inbound_frame_seconds",
+    "Time to handle one inbound media frame (decode, resample, VAD)",
+    ["dialect"],
+    buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05),
+)
+BAD_FRAMES = Counter("voice_gateway_bad_frames_total", "Malformed or unexpected frames, by kind", ["dialect", "kind"])

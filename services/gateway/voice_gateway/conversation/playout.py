@@ -1,0 +1,204 @@
+"""The agent's voice on a real-time call: sentences sent no faster than real time, playback marks, what
+the caller has heard, and the voice-to-voice figure.
+
+Pacing: audio is sent at most the media's ``lead_s`` ahead of real time (a small lead keeps the
+carrier's buffer from running dry), so ``clear`` flushes little and the played position is known.
+What the caller heard is the sentences whose mark came back, plus the played fraction of the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from voice_audio import Encoding
+from voice_gateway.agents.tools import CallAction
+from voice_gateway.conversation.metrics import VOICE_TO_VOICE
+from voice_runtime.tasks import cancel_and_wait
+
+
+class CallTransport(Protocol):
+    """What a streaming dialect does for the call engine."""
+
+    async def send_audio(self, audio: bytes) -> None:
+        """Sends agent audio in the call's media format."""
+
+    async def send_mark(self, name: str) -> bool:
+        """Sends a playback mark after the audio sent so far; False if the dialect has none."""
+
+    async def clear(self) -> None:
+        """Asks the far end to drop audio it has not played yet (or just stops sending)."""
+
+    async def hang_up(self, action: CallAction) -> None:
+        """Ends the call from our side (``end_call``) or hands it to ``action.number`` (``transfer_call``)."""
+
+
+@dataclass(frozen=True)
+class MediaFormat:
+    """The call's audio both ways.
+
+    Attributes:
+        encoding: Sample encoding on the wire.
+        sample_rate: Samples per second on the wire.
+        chunk_bytes: Outbound chunk size (the dialect's rules, e.g. Exotel's multiples of 320 B).
+        pad_to: Outbound chunks are zero-padded to a multiple of this many bytes (0: no padding).
+        min_chunk_bytes: A shorter last chunk is zero-padded up to this size.
+        lead_s: How far ahead of real time audio may be sent (the far end buffers it).
+    """
+
+    encoding: Encoding
+    sample_rate: int
+    chunk_bytes: int
+    pad_to: int = 0
+    min_chunk_bytes: int = 0
+    lead_s: float = 0.3
+
+    @property
+    def bytes_per_second(self) -> int:
+        return self.sample_rate * (2 if self.encoding == Encoding.PCM16 else 1)
+
+
+@dataclass
+class CallStats:
+    """Figures of one call, for the call log, metrics and tests."""
+
+    voice_to_voice_s: list[float] = field(default_factory=list)
+    barge_in_latency_s: list[float] = field(default_factory=list)
+    barge_ins: int = 0
+    bad_frames: int = 0
+
+
+@dataclass
+class _Spoken:
+    """One sentence queued or played."""
+
+    text: str
+    audio: bytes
+    mark: str
+    duration_s: float
+    started_at: float | None = None
+    played: bool = False
+
+
+class Playout:
+    """Plays the agent's sentences on one call.
+
+    Args:
+        transport: How the dialect sends audio, marks and ``clear``.
+        media: The call's audio format.
+        dialect: For the voice-to-voice metric.
+        stats: Where the call's figures go.
+    """
+
+    def __init__(self, transport: CallTransport, media: MediaFormat, dialect: str, stats: CallStats) -> None:
+        self._transport = transport
+        self._media = media
+        self._voice_to_voice = VOICE_TO_VOICE.labels(dialect)
+        self._stats = stats
+        self._queue: asyncio.Queue[_Spoken | None] = asyncio.Queue()
+        self._spoken: list[_Spoken] = []
+        self._playing: _Spoken | None = None
+        self._mark_seq = 0
+        self._answer_to: float | None = None
+        self._player = asyncio.create_task(self._play())
+
+    @property
+    def pending(self) -> bool:
+        """Audio is queued, playing, or sent but not yet confirmed played."""
+        return self._playing is not None or not self._queue.empty() or any(not s.played for s in self._spoken)
+
+    def answer_to(self, last_voiced_wall: float | None) -> None:
+        """The next audio sent answers speech whose last voiced sample was at ``last_voiced_wall``
+        (``time.perf_counter()``): its first byte sets the voice-to-voice figure."""
+        self._answer_to = last_voiced_wall
+
+    def enqueue(self, text: str, audio: bytes, label: str) -> None:
+        """Queues one sentence of speech; ``label`` names its mark (with a sequence number added)."""
+        self._mark_seq += 1
+        spoken = _Spoken(
+            text=text,
+            audio=audio,
+            mark=f"{label}-{self._mark_seq}",
+            duration_s=len(audio) / self._media.bytes_per_second,
+        )
+        self._spoken.append(spoken)
+        self._queue.put_nowait(spoken)
+
+    def on_mark(self, name: str) -> None:
+        """The far end played everything up to mark ``name``."""
+        for spoken in self._spoken:
+            if spoken.mark == name:
+                spoken.played = True
+                break
+
+    def heard_text(self) -> str:
+        """What the caller heard of the agent's current answer: played sentences and the played part
+        of the one being played."""
+        now = time.monotonic()
+        parts: list[str] = []
+        for spoken in self._spoken:
+            if spoken.played:
+                parts.append(spoken.text)
+            elif spoken.started_at is not None and spoken.started_at < now:
+                fraction = min(1.0, (now - spoken.started_at) / max(spoken.duration_s, 1e-3))
+                words = spoken.text.split()
+                parts.append(" ".join(words[: int(len(words) * fraction)]))
+                break
+            else:
+                break
+        return " ".join(p for p in parts if p).strip()
+
+    def remaining_s(self) -> float:
+        """Seconds of audio queued or sent since the last flush."""
+        return sum(s.duration_s for s in self._spoken)
+
+    async def flush(self) -> None:
+        """Drops everything unplayed and asks the far end to do the same (``clear``)."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        await cancel_and_wait(self._player)
+        self._playing = None
+        await self._transport.clear()
+        self._spoken.clear()
+        self._player = asyncio.create_task(self._play())
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._player)
+
+    async def _play(self) -> None:
+        """Sends queued sentences in chunks, never more than the media's ``lead_s`` ahead of real time."""
+        clock_start: float | None = None
+        sent_s = 0.0
+        media = self._media
+        while (spoken := await self._queue.get()) is not None:
+            now = time.monotonic()
+            if clock_start is None or now > clock_start + sent_s:
+                clock_start, sent_s = now, 0.0
+            self._playing = spoken
+            spoken.started_at = clock_start + sent_s
+            for offset in range(0, len(spoken.audio), media.chunk_bytes):
+                piece = self._pad(spoken.audio[offset : offset + media.chunk_bytes])
+                ahead = clock_start + sent_s - time.monotonic() - media.lead_s
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+                if self._answer_to is not None:
+                    latency = time.perf_counter() - self._answer_to
+                    self._answer_to = None
+                    self._stats.voice_to_voice_s.append(latency)
+                    self._voice_to_voice.observe(latency)
+                await self._transport.send_audio(piece)
+                sent_s += len(piece) / media.bytes_per_second
+            if not await self._transport.send_mark(spoken.mark):
+                end = spoken.started_at + spoken.duration_s
+                loop = asyncio.get_running_loop()
+                loop.call_at(loop.time() + max(0.0, end - time.monotonic()), self.on_mark, spoken.mark)
+            self._playing = None
+
+    def _pad(self, piece: bytes) -> bytes:
+        media = self._media
+        size = max(len(piece), media.min_chunk_bytes)
+        if media.pad_to and size % media.pad_to:
+            size += media.pad_to - size % media.pad_to
+        return piece + b"\x00" * (size - len(piece)) if size > len(piece) else piece

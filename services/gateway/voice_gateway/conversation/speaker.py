@@ -1,0 +1,112 @@
+"""Sentence-to-speech: each sentence of an answer goes to the TTS workers at once (the requests run in
+parallel) and its audio is emitted strictly in sentence order, as :class:`SpeechAudio` events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from voice.v1 import audio_pb2, tts_pb2
+from voice_bus.client import BusClient
+from voice_gateway.agents import Agent
+from voice_gateway.conversation.events import Emit, OutputFormat, SpeechAudio, SpeechCompleted
+from voice_runtime.tasks import cancel_and_wait
+
+
+class Speaker:
+    """Synthesizes the sentences of one answer in parallel and emits their audio in order.
+
+    Args:
+        bus: Client of the TTS workers.
+        timeout_s: Budget of each TTS request.
+        agent: Whose voice and TTS settings to use.
+        session_id: For the requests' traces and logs.
+        output: Encoding and rate the dialect needs.
+        emit: Where the audio goes.
+        started: ``time.perf_counter()`` at the start of the turn, for ``first_audio_s``.
+    """
+
+    def __init__(
+        self,
+        bus: BusClient,
+        timeout_s: float,
+        agent: Agent,
+        session_id: str,
+        output: OutputFormat,
+        emit: Emit,
+        started: float,
+    ) -> None:
+        self._bus = bus
+        self._timeout_s = timeout_s
+        self._agent = agent
+        self._session_id = session_id
+        self._output = output
+        self._emit = emit
+        self._started = started
+        self._pending: list[asyncio.Task] = []
+        self._player: asyncio.Task | None = None
+        self._queue: asyncio.Queue[tuple[int, str, asyncio.Task] | None] = asyncio.Queue()
+        self._audio: list[bytes] = []
+        self._rate = 0
+        self.timings: dict[str, float] = {}
+
+    def say(self, sentence: str) -> None:
+        """Starts synthesizing ``sentence``; its audio is emitted after the sentences said before it."""
+        index = len(self._pending)
+        task = asyncio.create_task(self._synthesize(sentence, index))
+        self._pending.append(task)
+        self._queue.put_nowait((index, sentence, task))
+        if self._player is None:
+            self._player = asyncio.create_task(self._play())
+
+    async def _synthesize(self, sentence: str, index: int) -> tuple[bytes, int]:
+        agent = self._agent
+        request = tts_pb2.SynthesizeRequest(
+            text=sentence,
+            voice=agent.voice,
+            speaker=agent.tts.speaker,
+            language=agent.tts.language,
+            speed=agent.tts.speed,
+            session_id=self._session_id,
+            output_format=audio_pb2.AudioFormat(encoding=self._output.encoding, sample_rate=self._output.sample_rate),
+        )
+        pieces: list[bytes] = []
+        rate = self._output.sample_rate
+        requested = time.perf_counter()
+        async for event in self._bus.stream("tts", request, timeout=self._timeout_s, session_id=self._session_id):
+            if event.HasField("chunk"):
+                if index == 0 and not pieces:
+                    self.timings["tts_first_chunk_s"] = time.perf_counter() - requested
+                pieces.append(event.chunk.audio)
+                rate = event.chunk.format.sample_rate
+        return b"".join(pieces), rate
+
+    async def _play(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            index, sentence, task = item
+            audio, rate = await task
+            if not audio:
+                continue
+            if not self._audio:
+                self.timings["first_audio_s"] = time.perf_counter() - self._started
+            self._audio.append(audio)
+            self._rate = rate
+            await self._emit(SpeechAudio(audio=audio, sample_rate=rate, text=sentence, sentence_index=index))
+
+    async def finish(self) -> None:
+        """Waits until every sentence said so far has been emitted, then reports the whole speech."""
+        if self._player is None:
+            return
+        self._queue.put_nowait(None)
+        await self._player
+        self.timings["speech_s"] = time.perf_counter() - self._started
+        await self._emit(SpeechCompleted(audio=b"".join(self._audio), sample_rate=self._rate))
+
+    async def cancel(self) -> None:
+        """Stops synthesis and playback of whatever is unfinished (the bus requests are cancelled)."""
+        await cancel_and_wait(*self._pending, self._player)
+        for task in (*self._pending, self._player):
+            if task is not None and task.done() and not task.cancelled():
+                # Marks a failure as seen: the first one already ended the turn through finish(); the
+                # others (every sentence fails alike when TTS is down) would be logged as unretrieved.
+                task.exception()
