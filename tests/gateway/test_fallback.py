@@ -323,12 +323,17 @@ async def test_a_bad_fallback_message_is_refused(stack, message, reason):
 
 
 async def test_when_tts_is_down_too_the_turn_fails_with_an_error_event(stack):
-    """Runs last in this module: it stops the TTS worker."""
-    await put_agent(stack, "helpdesk", fallback_message=CUSTOM_FALLBACK)
+    """Runs last in this module: it stops the TTS worker.
+
+    The gateway keeps the audio of fallback messages it has spoken (and greetings): one it has already
+    said is still heard with TTS down. This agent's fallback and greeting were never spoken, so the
+    turn cannot be answered aloud and fails with the error event."""
+    unheard = f"Sorry, the line {uuid.uuid4().hex[:6]} is offline. Please call again later."
+    await put_agent(stack, "helpdesk_quiet", fallback_message=unheard, greeting="")
     stack.tts.stop()
     await asyncio.sleep(2.5)  # past the gateway's presence cache, so the request fails at once
     async with BrowserClient(stack.gateway.url) as client:
-        await client.send("init", agentId="helpdesk")
+        await client.send("init", agentId="helpdesk_quiet")
         call_log_id = (await client.until("init_success"))[-1]["data"]["callLogId"]
         await client.send("text", text="Hello?")
         events = await client.until("error")

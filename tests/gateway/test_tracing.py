@@ -94,7 +94,14 @@ async def test_one_call_is_one_trace_with_the_expected_tree(traced_stack):
     for name in ("stt.transcribe", "tts.synthesize"):
         for span in (s for s in spans if s["name"] == name):
             assert turn_of(span) is not None, f"{name} is not under a turn"
-    llm = [s for s in spans if s["name"].startswith("llm.generate")]
+    def warming(span: dict) -> bool:
+        while span and span["name"] != "llm.warm":
+            span = by_id.get(span["parent_span_id"])
+        return span is not None
+
+    warm_ups = [s for s in spans if s["name"].startswith("llm.generate") and warming(s)]
+    assert len(warm_ups) == 1, "the prompt cache is warmed once, under the session, while the greeting plays"
+    llm = [s for s in spans if s["name"].startswith("llm.generate") and not warming(s)]
     assert len(llm) == 2 and all(turn_of(s)["attributes"]["voice.turn.kind"] in ("audio", "text") for s in llm)
     assert all(s["attributes"].get("gen_ai.request.model") for s in llm)
     stt = [s for s in spans if s["name"] == "stt.transcribe"]

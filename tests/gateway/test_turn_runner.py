@@ -102,7 +102,13 @@ async def test_a_barge_in_cancels_the_running_turn_through_the_runner(gateway_ur
         paused = pauses(hooks)
         for frame in utterance("Please check my support ticket."):
             await ws.send(frame)
-        await requests_to(hooks, "/pause", paused + 1)
+        try:
+            await requests_to(hooks, "/pause", paused + 1)
+        except AssertionError as exc:
+            async with api_client(gateway_url) as http:
+                ready = (await http.get("/readyz")).text
+                log = (await http.get(f"/api/calls/{session_id}")).text
+            raise AssertionError(f"{exc}; socket close {ws.close_code} {ws.close_reason}; {ready}; {log}") from None
         for frame in utterance("Actually, wait a moment."):
             await ws.send(frame)
 

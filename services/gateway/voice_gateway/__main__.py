@@ -4,9 +4,18 @@ SIGTERM drains before uvicorn shuts down: ``/readyz`` turns 503 and new sockets 
 turns in flight finish (up to ``GATEWAY_DRAIN_TIMEOUT_SECONDS``), then every socket is closed with
 1012 (service restart) and its session saved as ``handed_off`` for another gateway to resume. A
 second signal skips what is left of the drain.
+
+Start-up fails (exit 2) on a bad setting or a missing model of the end-of-turn detector, naming the
+package that ships it.
 """
 
 from __future__ import annotations
+
+import os
+
+# The end-of-turn model runs on one thread per decision; numpy's BLAS must not wake a second pool of
+# spinning threads beside it on every call (measured: twice the CPU for the same decision).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import asyncio
 import logging
@@ -17,6 +26,7 @@ import uvicorn
 
 from voice_gateway.app import create_app
 from voice_gateway.config import Settings
+from voice_gateway.conversation.turn_model import ModelMissing, check_models
 from voice_runtime.config import ConfigError
 from voice_telemetry.logs import setup_logging
 
@@ -61,6 +71,12 @@ def main() -> None:
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         sys.exit(2)
+    try:
+        models = check_models()
+    except ModelMissing as exc:
+        logger.error("missing model: %s", exc)
+        sys.exit(2)
+    logger.info("turn detection models: %s", ", ".join(f"{name} {path}" for name, path in models.items()))
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 BUCKET = "agents"
 AGENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The longest a semantic turn waits in silence when the end-of-turn model says the caller goes on.
+SEMANTIC_MAX_SILENCE_MS = 1000
 DEFAULT_FALLBACK_MESSAGE = "Sorry, I'm having trouble answering right now. Please try again in a moment."
 
 
@@ -105,6 +107,46 @@ class Tool(_Strict):
         return self
 
 
+class TurnDetection(_Strict):
+    """How the end of a caller's turn is decided on real-time calls. The names follow OpenAI Realtime's
+    ``turn_detection``: ``semantic`` is its ``semantic_vad``, ``silence`` its ``server_vad``.
+
+    - ``semantic``: after a short pause (``pause_ms``) an end-of-turn model (Smart Turn v3.2) hears the
+      utterance; the turn ends at once when it says the caller has finished, else after
+      ``silence_duration_ms`` of silence. Transcription starts at the pause, in parallel.
+    - ``silence``: the turn ends after ``silence_duration_ms`` of silence.
+
+    ``eagerness`` sets how sure the model must be: ``high`` ends turns soonest (probability ≥ 0.3),
+    ``low`` latest (≥ 0.7), ``medium`` and ``auto`` at ≥ 0.5.
+    """
+
+    type: Literal["semantic", "silence"] = "semantic"
+    silence_duration_ms: int | None = Field(default=None, ge=100, le=5000)
+    pause_ms: int = Field(default=200, ge=100, le=1000)
+    prefix_padding_ms: int = Field(default=300, ge=0, le=1000)
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
+
+    @property
+    def threshold(self) -> float:
+        """The end-of-turn probability from which a pause ends the turn."""
+        return {"low": 0.7, "high": 0.3}.get(self.eagerness, 0.5)
+
+    def silence_ms(self, pipeline: PipelineOptions) -> int:
+        """The silence that ends a turn: ``silence_duration_ms``, else the pipeline's
+        ``endpointing_silence_ms`` (``silence``) or the longer of it and 1000 ms (``semantic``)."""
+        if self.silence_duration_ms is not None:
+            return self.silence_duration_ms
+        if self.type == "semantic":
+            return max(SEMANTIC_MAX_SILENCE_MS, pipeline.endpointing_silence_ms)
+        return pipeline.endpointing_silence_ms
+
+    @model_validator(mode="after")
+    def _pause_shorter_than_silence(self) -> TurnDetection:
+        if self.silence_duration_ms is not None and self.pause_ms >= self.silence_duration_ms:
+            raise ValueError("turn_detection.pause_ms must be shorter than silence_duration_ms")
+        return self
+
+
 class PipelineOptions(_Strict):
     """How turns are taken (seed 003's ``pipeline_config`` names where they exist)."""
 
@@ -142,6 +184,7 @@ class Agent(_Strict):
     tts: TtsOptions = Field(default_factory=TtsOptions)
     tools: list[Tool] = Field(default_factory=list)
     pipeline: PipelineOptions = Field(default_factory=PipelineOptions)
+    turn_detection: TurnDetection = Field(default_factory=TurnDetection)
 
     @model_validator(mode="before")
     @classmethod

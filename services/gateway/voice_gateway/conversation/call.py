@@ -8,8 +8,13 @@ A streaming dialect (Twilio, Exotel, raw PCM) decodes its frames, hands the call
 DTMF, and implements :class:`~voice_gateway.conversation.playout.CallTransport` to send audio, marks
 and ``clear`` its own way.
 
-- Endpointing: when the caller stops talking for the agent's ``endpointing_silence_ms``, the
-  utterance becomes a turn: STT → LLM → TTS over the bus, the answer spoken sentence by sentence.
+- Turn detection (the agent's ``turn_detection``): with ``semantic``, a short pause asks the end-of-turn
+  model (:mod:`~voice_gateway.conversation.turn_model`) whether the caller has finished, and starts the
+  utterance's transcription at once, in parallel (speculative STT); the turn ends as soon as the model
+  says yes, else after the maximum silence, and the transcript is ready or nearly. When the caller goes
+  on, both are cancelled and nothing of them reaches the LLM. With ``silence``, the turn ends after the
+  silence alone. Either way the utterance becomes a turn: STT → LLM → TTS over the bus, the answer
+  spoken clause and sentence by sentence.
 - Playout: :class:`~voice_gateway.conversation.playout.Playout` paces the answer in real time.
 - Barge-in: caller speech of at least ``min_speech_ms`` while the agent speaks cancels the running
   turn through the runner (its LLM and TTS requests on the bus), stops the audio (``clear``), and
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,11 +43,27 @@ from voice_gateway.conversation.events import (
     TurnFailed,
     TurnStarted,
 )
-from voice_gateway.conversation.metrics import BAD_FRAMES, BARGE_IN_LATENCY, BARGE_INS, INBOUND_FRAME
+from voice_gateway.conversation.metrics import (
+    BAD_FRAMES,
+    BARGE_IN_LATENCY,
+    BARGE_INS,
+    INBOUND_FRAME,
+    SPECULATIONS,
+    TURN_ENDINGS,
+)
 from voice_gateway.conversation.playout import CallStats, CallTransport, MediaFormat, Playout
 from voice_gateway.conversation.runner import BARGE_IN, Turn
 from voice_gateway.conversation.session import GatewayContext, Session
-from voice_gateway.conversation.vad import VAD_SAMPLE_RATES, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
+from voice_gateway.conversation.turn_model import SmartTurn
+from voice_gateway.conversation.vad import (
+    VAD_SAMPLE_RATES,
+    Endpointer,
+    EndpointingConfig,
+    SpeechEnded,
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+)
 from voice_runtime.tasks import cancel_and_wait
 from voice_telemetry.tracing import capture_content
 
@@ -65,6 +87,20 @@ _PROTO_ENCODINGS = {
 __all__ = ["CallSession", "CallStats", "CallTransport", "MediaFormat", "open_call"]
 
 
+@dataclass(eq=False)
+class _Speculation:
+    """What a pause started: the utterance's transcription and the end-of-turn model's verdict."""
+
+    transcript: asyncio.Task
+    verdict: asyncio.Task | None = None
+
+
+def _seen(task: asyncio.Task) -> None:
+    """Retrieves a speculative task's failure: a discarded one is nobody's to report."""
+    if not task.cancelled():
+        task.exception()
+
+
 class CallSession:
     """One phone call with one agent.
 
@@ -79,15 +115,21 @@ class CallSession:
         self._media = media
         self._transport = transport
         pipeline = session.agent.pipeline
+        detection = session.agent.turn_detection
+        self._semantic = detection.type == "semantic"
+        self._threshold = detection.threshold
         vad_rate = media.sample_rate if media.sample_rate in VAD_SAMPLE_RATES else STT_RATE
         self._endpointer = Endpointer(
             EndpointingConfig(
-                silence_ms=pipeline.endpointing_silence_ms,
+                silence_ms=detection.silence_ms(pipeline),
                 min_speech_ms=pipeline.min_speech_ms,
                 max_utterance_s=pipeline.max_utterance_s,
+                pre_roll_ms=detection.prefix_padding_ms,
+                pause_ms=detection.pause_ms if self._semantic else None,
             ),
             sample_rate=vad_rate,
         )
+        self._speculation: _Speculation | None = None
         self._interruptions = pipeline.enable_interruptions and pipeline.vad_enabled
         self._decode = _DECODERS[media.encoding]
         self._vad_rate = vad_rate
@@ -128,6 +170,10 @@ class CallSession:
                 self._on_speech_started(event, started)
             elif isinstance(event, SpeechEnded):
                 self._on_speech_ended(event, started)
+            elif isinstance(event, SpeechPaused):
+                self._on_pause(event, started)
+            elif isinstance(event, SpeechResumed):
+                self._discard_speculation()
         self._frame_seconds.observe(time.perf_counter() - started)
 
     def bad_frame(self, kind: str) -> None:
@@ -152,22 +198,73 @@ class CallSession:
             onset_wall = self._stream_to_wall(event.onset_s, now)
             asyncio.get_running_loop().create_task(self._barge_in(onset_wall))
 
-    def _on_speech_ended(self, event: SpeechEnded, now: float) -> None:
+    def _on_speech_ended(self, event: SpeechEnded, now: float, decision: str = "") -> None:
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None and speculation.verdict is not asyncio.current_task():
+            speculation.verdict.cancel()
         if self.agent_speaking and not self._interruptions:
+            if speculation is not None:
+                speculation.transcript.cancel()
+                SPECULATIONS.labels("discarded").inc()
             return
+        if not decision:
+            decision = "max_utterance" if event.capped else "max_silence" if self._semantic else "silence"
+        transcript = None
+        if speculation is not None and not event.capped:
+            transcript = speculation.transcript
+            SPECULATIONS.labels("used").inc()
+        elif speculation is not None:
+            speculation.transcript.cancel()
+            SPECULATIONS.labels("discarded").inc()
+        TURN_ENDINGS.labels(self.dialect, decision).inc()
         self._last_voiced_wall = self._stream_to_wall(event.last_voiced_s, now)
         pcm = np.ascontiguousarray(event.audio, dtype="<i2").tobytes()
-        fmt = audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
         self._submit(
             Turn(
                 kind="audio",
                 audio=pcm,
-                audio_format=fmt,
+                audio_format=self._stt_format(),
+                transcript=transcript,
                 endpointing_s=event.ended_s - event.last_voiced_s,
+                endpointing=decision,
                 attributes={"voice.audio.duration_s": round(len(pcm) / (2 * self._vad_rate), 3)},
                 emit=self._on_event,
             )
         )
+
+    def _stt_format(self) -> audio_pb2.AudioFormat:
+        return audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
+
+    def _on_pause(self, event: SpeechPaused, now: float) -> None:
+        """A short pause: transcribe what was said so far and ask the end-of-turn model, both at once."""
+        self._discard_speculation()
+        if self.agent_speaking and not self._interruptions:
+            return
+        session = self.session
+        pcm = np.ascontiguousarray(event.audio, dtype="<i2").tobytes()
+        transcript = asyncio.create_task(session.engine.transcribe(session.conversation, pcm, self._stt_format()))
+        transcript.add_done_callback(_seen)
+        speculation = _Speculation(transcript=transcript)
+        speculation.verdict = asyncio.create_task(self._judge(speculation, event.audio))
+        speculation.verdict.add_done_callback(_seen)
+        self._speculation = speculation
+
+    async def _judge(self, speculation: _Speculation, audio: np.ndarray) -> None:
+        """Ends the turn now when the end-of-turn model hears a finished utterance (and nothing changed)."""
+        probability = await asyncio.to_thread(SmartTurn.load().probability, audio, self._vad_rate)
+        if speculation is not self._speculation or probability < self._threshold:
+            return
+        ended = self._endpointer.end_turn()
+        if ended is not None:
+            self._on_speech_ended(ended, time.perf_counter(), decision="semantic")
+
+    def _discard_speculation(self) -> None:
+        """The caller went on: what started at the pause is void and its bus work is cancelled."""
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None:
+            speculation.verdict.cancel()
+            speculation.transcript.cancel()
+            SPECULATIONS.labels("discarded").inc()
 
     def _submit(self, turn: Turn) -> None:
         turn.output = self._output
@@ -238,6 +335,9 @@ class CallSession:
         if self._closed:
             return
         self._closed = True
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None:
+            await cancel_and_wait(speculation.verdict, speculation.transcript)
         await cancel_and_wait(self._finishing)
         await self._playout.close()
         if self.action is not None and self.action.kind == "transfer_call":

@@ -1,7 +1,10 @@
 """The turn engine, independent of any dialect: STT, the LLM and tool loop, and speech over the bus.
 
 Speech starts before the reply is finished: the LLM's tokens are cut into sentences as they arrive
-and each sentence goes to the :class:`~voice_gateway.conversation.speaker.Speaker` at once.
+and each goes to the :class:`~voice_gateway.conversation.speaker.Speaker` at once; the first one is cut
+short, at the first clause boundary (a comma or dash after a few words), so the caller hears the answer
+start sooner, and later ones stay sentence-sized. :meth:`TurnEngine.warm` sends the agent's prompt to
+the LLM while the greeting plays, so the backend's prompt cache holds it for the first turn.
 
 When the LLM stage fails before it produced any answer text (its backend is down, no LLM worker
 runs, the deadline passed), the turn is answered with the agent's ``fallback_message`` instead:
@@ -41,7 +44,7 @@ from voice_gateway.conversation.events import (
     describe,
 )
 from voice_gateway.conversation.metrics import FALLBACKS, TOOL_CALLS, TOOL_SECONDS
-from voice_gateway.conversation.speaker import Speaker
+from voice_gateway.conversation.speaker import Speaker, SpeechCache
 from voice_telemetry.tracing import set_content_attribute
 from voice_text import SentenceSplitter
 
@@ -49,6 +52,9 @@ logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("voice_gateway")
 # A sentence shorter than this is joined to the next one ("Sure." is not synthesized alone).
 MIN_SENTENCE_CHARS = 12
+# The first piece of speech ends at a clause boundary once this many words came before it.
+FIRST_CLAUSE_WORDS = 3
+WARM_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -98,12 +104,36 @@ class TurnEngine:
         self._stt_timeout_s = stt_timeout_s
         self._llm_timeout_s = llm_timeout_s
         self._tts_timeout_s = tts_timeout_s
+        self._speech_cache = SpeechCache()
 
     def speaker(self, conversation: Conversation, output: OutputFormat, emit: Emit, started: float) -> Speaker:
         """A speaker of one answer in the agent's voice."""
         return Speaker(
-            self._bus, self._tts_timeout_s, conversation.agent, conversation.session_id, output, emit, started
+            self._bus,
+            self._tts_timeout_s,
+            conversation.agent,
+            conversation.session_id,
+            output,
+            emit,
+            started,
+            cache=self._speech_cache,
         )
+
+    async def warm(self, conversation: Conversation) -> None:
+        """Asks the LLM for one token of an answer to the conversation so far (the agent's prompt, the
+        greeting), so the backend's prompt cache holds that prefix when the first turn comes; any
+        failure is ignored."""
+        request = llm_pb2.GenerateRequest(
+            messages=conversation.messages(),
+            model=conversation.agent.llm.model,
+            max_tokens=1,
+            session_id=conversation.session_id,
+        )
+        try:
+            async for _ in self._bus.stream("llm", request, timeout=WARM_TIMEOUT_S, session_id=conversation.session_id):
+                pass
+        except BusError as exc:
+            logger.debug("session %s: warming the LLM failed: %s", conversation.session_id, exc)
 
     async def transcribe(self, conversation: Conversation, audio: bytes, fmt: audio_pb2.AudioFormat) -> str:
         """Speech to text through the STT workers."""
@@ -122,10 +152,10 @@ class TurnEngine:
     ) -> TurnResult:
         """Says ``text`` (a greeting, a fixed message) without asking the LLM."""
         speaker = self.speaker(conversation, output, emit, time.perf_counter())
-        sentences = SentenceSplitter(min_chars=MIN_SENTENCE_CHARS)
+        sentences = SentenceSplitter(min_chars=MIN_SENTENCE_CHARS, first_clause_min_words=FIRST_CLAUSE_WORDS)
         try:
             for sentence in [*sentences.feed(text), *sentences.flush()]:
-                speaker.say(sentence)
+                speaker.say(sentence, fixed=True)
             await speaker.finish()
         finally:
             await speaker.cancel()
@@ -147,17 +177,17 @@ class TurnEngine:
         toolbox = Toolbox(agent, self._http)
         result = TurnResult(user_text=user_text)
         speaker = self.speaker(conversation, output, emit, started) if output is not None else None
-        sentences = SentenceSplitter(min_chars=MIN_SENTENCE_CHARS)
+        sentences = SentenceSplitter(min_chars=MIN_SENTENCE_CHARS, first_clause_min_words=FIRST_CLAUSE_WORDS)
         full_text = ""
         round_text = ""
         unanswered: list[llm_pb2.ToolCall] = []
         llm_started = time.perf_counter()
         failure: BusError | None = None
 
-        def say(pieces: list[str]) -> None:
+        def say(pieces: list[str], *, fixed: bool = False) -> None:
             for sentence in pieces:
                 result.timings.setdefault("llm_first_sentence_s", time.perf_counter() - llm_started)
-                speaker.say(sentence)
+                speaker.say(sentence, fixed=fixed)
 
         try:
             try:
@@ -204,7 +234,7 @@ class TurnEngine:
                 full_text += round_text
                 await emit(LlmDelta(chunk=round_text, full_text=full_text))
                 if speaker:
-                    say(sentences.feed(round_text))
+                    say([*sentences.feed(round_text), *sentences.flush()], fixed=True)
             else:
                 result.timings["llm_s"] = time.perf_counter() - llm_started
             if speaker:

@@ -133,6 +133,7 @@ class TurnResult:
         error: Why the turn (or its LLM stage) failed, for the call log; empty when it did not.
         error_code: The bus error code behind ``error`` (``UNAVAILABLE``, ...), for metrics.
         fallback: The answer is the agent's fallback message, given because the LLM failed.
+        endpointing: How the spoken turn ended (see :class:`~voice_gateway.storage.call_log.TurnRecord`).
     """
 
     user_text: str = ""
@@ -143,6 +144,7 @@ class TurnResult:
     fallback: bool = False
     tools: list[dict] = field(default_factory=list)
     action: CallAction | None = None
+    endpointing: str = ""
 
 
 @dataclass(frozen=True)

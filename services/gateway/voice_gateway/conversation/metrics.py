@@ -52,4 +52,15 @@ INBOUND_FRAME = Histogram(
     ["dialect"],
     buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05),
 )
+TURN_ENDINGS = Counter(
+    "voice_gateway_turn_endings_total",
+    "How the ends of callers' spoken turns were decided: semantic (the end-of-turn model at a pause), "
+    "max_silence, silence or max_utterance",
+    ["dialect", "decision"],
+)
+SPECULATIONS = Counter(
+    "voice_gateway_speculative_transcripts_total",
+    "Transcriptions started at a pause, by what became of them: used, or discarded (the caller went on)",
+    ["outcome"],
+)
 BAD_FRAMES = Counter("voice_gateway_bad_frames_total", "Malformed or unexpected frames, by kind", ["dialect", "kind"])

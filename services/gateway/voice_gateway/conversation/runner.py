@@ -109,6 +109,9 @@ class Turn:
         history: Answer against this history instead of the session's (Retell sends the transcript,
             which knows what the caller actually heard).
         endpointing_s: How long endpointing waited after the caller's last voiced sample.
+        endpointing: How the spoken turn's end was decided (``semantic``, ``max_silence``, ...).
+        transcript: The utterance's transcription, already started (speculative STT at a pause);
+            the runner awaits it instead of transcribing ``audio`` again, and cancels it with the turn.
         keep_if_cut_off: Record the turn in the call log when the session closes under it.
         attributes: Extra attributes of the turn's span.
     """
@@ -121,6 +124,8 @@ class Turn:
     audio_format: audio_pb2.AudioFormat | None = None
     history: list[dict] | None = None
     endpointing_s: float | None = None
+    endpointing: str = ""
+    transcript: asyncio.Task | None = None
     keep_if_cut_off: bool = True
     attributes: dict[str, str | int | float | bool] = field(default_factory=dict)
     cancel_reason: str = ""
@@ -215,6 +220,8 @@ class TurnRunner:
         while not self._queue.empty():
             turn = self._queue.get_nowait()
             if turn is not None and turn.kind:
+                if turn.transcript is not None:
+                    turn.transcript.cancel()
                 TURNS_IN_FLIGHT.end()
             elif turn is not None:
                 self._markers.pop(turn).set()
@@ -246,7 +253,14 @@ class TurnRunner:
                 span.set_attribute(name, value)
             if turn.endpointing_s is not None:
                 result.timings["endpointing_s"] = turn.endpointing_s
-                span.add_event("endpointing", {"voice.endpointing.wait_s": round(turn.endpointing_s, 4)})
+                result.endpointing = turn.endpointing
+                span.add_event(
+                    "endpointing",
+                    {
+                        "voice.endpointing.wait_s": round(turn.endpointing_s, 4),
+                        "voice.endpointing.decision": turn.endpointing,
+                    },
+                )
             await emit(TurnStarted(turn_kind=turn.kind))
             try:
                 outcome = await self._stages(turn, result, emit, started)
@@ -274,6 +288,8 @@ class TurnRunner:
                 result.error = f"the assistant failed: {type(exc).__name__}"
                 span.set_attribute("voice.error", "INTERNAL")
                 await emit(TurnFailed(error=result.error, code="INTERNAL", details=str(exc)))
+            if turn.transcript is not None and not turn.transcript.done():
+                turn.transcript.cancel()
             result.timings["total_s"] = time.perf_counter() - started
             TURNS.labels(session.dialect, turn.kind, outcome).inc()
             if "first_audio_s" in result.timings:
@@ -300,7 +316,10 @@ class TurnRunner:
             return "ok"
         if turn.audio is not None:
             await emit(StageStarted(kind="stt_start"))
-            result.user_text = await engine.transcribe(conversation, turn.audio, turn.audio_format)
+            if turn.transcript is not None:
+                result.user_text = await turn.transcript
+            else:
+                result.user_text = await engine.transcribe(conversation, turn.audio, turn.audio_format)
             result.timings["stt_s"] = time.perf_counter() - started
             await emit(SttCompleted(text=result.user_text))
             if not result.user_text:
@@ -335,6 +354,8 @@ class TurnRunner:
         """What a cancelled turn leaves: the answer the user heard (barge-in) or got so far."""
         if reason == BARGE_IN:
             result.assistant_text = turn.heard or ""
+        elif turn.kind == "greeting":
+            result.assistant_text = turn.text
         else:
             result.assistant_text = turn.partial.strip()
         if reason == SESSION_CLOSED:

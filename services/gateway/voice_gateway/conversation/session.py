@@ -8,6 +8,7 @@ Closing the session cancels the running turn, which cancels its requests on the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -26,6 +27,7 @@ from voice_gateway.conversation.metrics import ACTIVE_SESSIONS, OBSERVED_STAGES,
 from voice_gateway.conversation.runner import Turn, TurnRunner
 from voice_gateway.storage.call_log import CallLog, CallLogStore, TurnRecord
 from voice_gateway.storage.registry import CallRegistry
+from voice_runtime.tasks import cancel_and_wait
 from voice_telemetry.tracing import set_content_attribute
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class Session:
         )
         self.observers: list[Emit] = [make(self) for make in context.observers]
         self.runner = TurnRunner(self)
+        self._warming: asyncio.Task | None = None
         self._closed = False
         ACTIVE_SESSIONS.labels(dialect).inc()
 
@@ -118,9 +121,20 @@ class Session:
         self.runner.submit(turn)
 
     def greet(self, output: OutputFormat, emit: Emit) -> None:
-        """Queues the agent's greeting, spoken without asking the LLM (nothing when the agent has none)."""
-        if self.agent.greeting:
-            self.submit(Turn(kind="greeting", text=self.agent.greeting, output=output, emit=emit))
+        """Queues the agent's greeting, spoken without asking the LLM (nothing when the agent has none),
+        and meanwhile warms the LLM's prompt cache with the agent's prompt and the greeting."""
+        if not self.agent.greeting:
+            return
+        self.submit(Turn(kind="greeting", text=self.agent.greeting, output=output, emit=emit))
+        spoken = [*self.conversation.history, {"role": "assistant", "content": self.agent.greeting}]
+        prefix = Conversation(session_id=self.id, agent=self.agent, history=spoken)
+        self._warming = asyncio.create_task(self._warm(prefix))
+
+    async def _warm(self, prefix: Conversation) -> None:
+        with tracer.start_as_current_span(
+            "llm.warm", context=trace.set_span_in_context(self.span), attributes={"voice.session_id": self.id}
+        ):
+            await self.engine.warm(prefix)
 
     def turn_span(self, kind: str):
         """A ``turn`` span under the session's span: the bus carries it to the workers' spans."""
@@ -155,6 +169,7 @@ class Session:
                 fallback=result.fallback,
                 tools=result.tools,
                 action=dataclasses.asdict(result.action) if result.action else None,
+                endpointing=result.endpointing,
             )
         )
         with contextlib.suppress(Exception):
@@ -175,6 +190,7 @@ class Session:
         self._closed = True
         if self._context.draining and status == "completed":
             status = HANDED_OFF
+        await cancel_and_wait(self._warming)
         if not await self.runner.close(CLOSE_GRACE_S):
             logger.warning("session %s: the running turn ignored cancellation for %.0f s", self.id, CLOSE_GRACE_S)
         self.call_log.status = status

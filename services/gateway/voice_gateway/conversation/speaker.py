@@ -1,16 +1,48 @@
 """Sentence-to-speech: each sentence of an answer goes to the TTS workers at once (the requests run in
-parallel) and its audio is emitted strictly in sentence order, as :class:`SpeechAudio` events."""
+parallel) and its audio is emitted strictly in sentence order, as :class:`SpeechAudio` events.
+
+Fixed texts (an agent's greeting, its fallback message) are synthesized once per voice and output
+format and then served from :class:`SpeechCache`, so a call's first words cost no TTS round trip.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 
 from voice.v1 import audio_pb2, tts_pb2
 from voice_bus.client import BusClient
 from voice_gateway.agents import Agent
 from voice_gateway.conversation.events import Emit, OutputFormat, SpeechAudio, SpeechCompleted
 from voice_runtime.tasks import cancel_and_wait
+
+
+class SpeechCache:
+    """The synthesized audio of fixed texts, by voice, TTS settings, output format and text (least
+    recently used entries go first).
+
+    Args:
+        max_entries: How many sentences it keeps.
+    """
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self._entries: OrderedDict[tuple, tuple[bytes, int]] = OrderedDict()
+        self._max_entries = max_entries
+
+    def get(self, key: tuple) -> tuple[bytes, int] | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple, audio: bytes, rate: int) -> None:
+        if not audio:
+            return
+        self._entries[key] = (audio, rate)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
 
 
 class Speaker:
@@ -24,6 +56,7 @@ class Speaker:
         output: Encoding and rate the dialect needs.
         emit: Where the audio goes.
         started: ``time.perf_counter()`` at the start of the turn, for ``first_audio_s``.
+        cache: Where fixed texts' audio is kept (:meth:`say` with ``fixed=True``).
     """
 
     def __init__(
@@ -35,8 +68,10 @@ class Speaker:
         output: OutputFormat,
         emit: Emit,
         started: float,
+        cache: SpeechCache | None = None,
     ) -> None:
         self._bus = bus
+        self._cache = cache
         self._timeout_s = timeout_s
         self._agent = agent
         self._session_id = session_id
@@ -50,17 +85,29 @@ class Speaker:
         self._rate = 0
         self.timings: dict[str, float] = {}
 
-    def say(self, sentence: str) -> None:
-        """Starts synthesizing ``sentence``; its audio is emitted after the sentences said before it."""
+    def say(self, sentence: str, *, fixed: bool = False) -> None:
+        """Starts synthesizing ``sentence``; its audio is emitted after the sentences said before it.
+
+        Args:
+            sentence: The text to speak.
+            fixed: The text is the agent's own (greeting, fallback): its audio is cached and reused.
+        """
         index = len(self._pending)
-        task = asyncio.create_task(self._synthesize(sentence, index))
+        task = asyncio.create_task(self._synthesize(sentence, index, fixed))
         self._pending.append(task)
         self._queue.put_nowait((index, sentence, task))
         if self._player is None:
             self._player = asyncio.create_task(self._play())
 
-    async def _synthesize(self, sentence: str, index: int) -> tuple[bytes, int]:
+    async def _synthesize(self, sentence: str, index: int, fixed: bool) -> tuple[bytes, int]:
         agent = self._agent
+        output = self._output
+        key = (agent.voice, agent.tts.speaker, agent.tts.language, agent.tts.speed, output.encoding, output.sample_rate)
+        key += (sentence,)
+        if fixed and self._cache is not None and (cached := self._cache.get(key)) is not None:
+            if index == 0:
+                self.timings["tts_first_chunk_s"] = 0.0
+            return cached
         request = tts_pb2.SynthesizeRequest(
             text=sentence,
             voice=agent.voice,
@@ -79,7 +126,10 @@ class Speaker:
                     self.timings["tts_first_chunk_s"] = time.perf_counter() - requested
                 pieces.append(event.chunk.audio)
                 rate = event.chunk.format.sample_rate
-        return b"".join(pieces), rate
+        audio = b"".join(pieces)
+        if fixed and self._cache is not None:
+            self._cache.put(key, audio, rate)
+        return audio, rate
 
     async def _play(self) -> None:
         while (item := await self._queue.get()) is not None:

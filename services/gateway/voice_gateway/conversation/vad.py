@@ -5,6 +5,13 @@ caller has talked for ``min_speech_ms`` (the barge-in signal) and ``SpeechEnded`
 utterance once ``silence_ms`` of non-speech follows it (the end of the caller's turn), or when the
 utterance reaches ``max_utterance_s``.
 
+With ``pause_ms`` set (semantic turn detection), a shorter run of non-speech inside an utterance emits
+``SpeechPaused`` with the utterance so far: the caller's end-of-turn model and a speculative
+transcription start then, and :meth:`Endpointer.end_turn` ends the utterance at once when the model
+says the caller has finished. Voiced audio after the pause emits ``SpeechResumed`` (the speculation
+is void). The utterance's audio then always ends ``min(pre_roll_ms, pause_ms)`` after the last voiced
+frame, so the audio transcribed at the pause is exactly the audio of the turn, whichever way it ends.
+
 A 20 ms frame is voiced when WebRTC's VAD (package ``webrtcvad-wheels``) says speech AND its RMS
 level passes two energy gates: a fixed floor (-55 dBFS) and a margin (6 dB) above a tracked noise
 floor. Measured on Piper speech: the WebRTC model alone (mode 2) calls steady white noise speech in
@@ -24,7 +31,15 @@ from enum import Enum
 import numpy as np
 import webrtcvad
 
-__all__ = ["VAD_SAMPLE_RATES", "Endpointer", "EndpointingConfig", "SpeechEnded", "SpeechStarted"]
+__all__ = [
+    "VAD_SAMPLE_RATES",
+    "Endpointer",
+    "EndpointingConfig",
+    "SpeechEnded",
+    "SpeechPaused",
+    "SpeechResumed",
+    "SpeechStarted",
+]
 
 VAD_SAMPLE_RATES = (8000, 16000, 32000, 48000)
 FRAME_MS = 20
@@ -56,6 +71,8 @@ class EndpointingConfig:
             minimum of frame levels; it rises towards louder frames by 3 dB/s or 1% of the distance
             per frame, whichever is more; all-zero frames are ignored once audio was seen); None
             disables the adaptive gate.
+        pause_ms: Non-speech inside an utterance that emits ``SpeechPaused`` (semantic turn
+            detection); ``None`` turns pauses off. Shorter than ``silence_ms``.
     """
 
     silence_ms: int = 600
@@ -65,6 +82,7 @@ class EndpointingConfig:
     aggressiveness: int = 2
     energy_threshold_dbfs: float | None = -55.0
     noise_margin_db: float | None = 6.0
+    pause_ms: int | None = None
 
     def __post_init__(self) -> None:
         """Validate the settings.
@@ -86,6 +104,8 @@ class EndpointingConfig:
             raise ValueError(f"energy_threshold_dbfs must be <= 0, got {self.energy_threshold_dbfs}")
         if self.noise_margin_db is not None and not self.noise_margin_db >= 0:
             raise ValueError(f"noise_margin_db must be >= 0, got {self.noise_margin_db}")
+        if self.pause_ms is not None and not 0 < self.pause_ms < self.silence_ms:
+            raise ValueError(f"pause_ms must be between 0 and silence_ms ({self.silence_ms}), got {self.pause_ms}")
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,37 @@ class SpeechEnded:
     last_voiced_s: float
     ended_s: float
     capped: bool
+
+
+@dataclass(frozen=True)
+class SpeechPaused:
+    """The caller paused inside an utterance for ``pause_ms`` (only with ``pause_ms`` set).
+
+    Attributes:
+        audio: The utterance so far, as :class:`SpeechEnded` would carry it if it ended now.
+        onset_s: Stream time of the start of the first voiced frame.
+        last_voiced_s: Stream time of the end of the last voiced frame.
+        paused_s: Stream time at which the pause was decided.
+    """
+
+    audio: np.ndarray
+    onset_s: float
+    last_voiced_s: float
+    paused_s: float
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """The caller spoke again after a ``SpeechPaused``: what was decided at the pause is void.
+
+    Attributes:
+        resumed_s: Stream time of the start of the voiced frame.
+    """
+
+    resumed_s: float
+
+
+Event = SpeechStarted | SpeechEnded | SpeechPaused | SpeechResumed
 
 
 class _State(Enum):
@@ -170,7 +221,8 @@ class Endpointer:
         self._min_speech_frames = max(1, _frames(cfg.min_speech_ms))
         self._max_frames = max(1, _frames(cfg.max_utterance_s * 1000))
         self._pre_roll_frames = _frames(cfg.pre_roll_ms)
-        self._tail_frames = min(self._pre_roll_frames, self._silence_frames)
+        self._pause_frames = _frames(cfg.pause_ms) if cfg.pause_ms else 0
+        self._tail_frames = min(self._pre_roll_frames, self._silence_frames, self._pause_frames or self._silence_frames)
         self._onset_gap_frames = max(1, min(self._silence_frames, _frames(_ONSET_GAP_MS)))
         self._gate_db = _SILENT_DB if cfg.energy_threshold_dbfs is None else cfg.energy_threshold_dbfs
         self._margin_db = cfg.noise_margin_db
@@ -206,7 +258,25 @@ class Endpointer:
         """
         self._reset_state()
 
-    def process(self, samples: np.ndarray) -> list[SpeechStarted | SpeechEnded]:
+    @property
+    def paused(self) -> bool:
+        """Whether the utterance in progress is in a pause (after ``SpeechPaused``, before anything else)."""
+        return self._state is _State.SPEECH and self._pause_frames > 0 and self._gap >= self._pause_frames
+
+    def end_turn(self) -> SpeechEnded | None:
+        """Ends the utterance in a pause now (the end-of-turn model said the caller has finished).
+
+        Returns:
+            The ``SpeechEnded`` of the utterance, its audio the same as the pause's; ``None`` when no
+            utterance is paused (the caller spoke again, or it already ended).
+        """
+        if not self.paused:
+            return None
+        events: list[Event] = []
+        self._end(self._frame_index - 1, capped=False, events=events)
+        return events[0]
+
+    def process(self, samples: np.ndarray) -> list[Event]:
         """Feed audio and collect the events it completes.
 
         Args:
@@ -227,7 +297,7 @@ class Endpointer:
                     else type(samples).__name__
                 )
             )
-        events: list[SpeechStarted | SpeechEnded] = []
+        events: list[Event] = []
         total = samples.shape[0]
         frame_len = self._frame_len
         pos = 0
@@ -259,7 +329,7 @@ class Endpointer:
         self._chunks: list[np.ndarray] = []
         self._chunks_start = 0
 
-    def _frame(self, frame: np.ndarray, events: list[SpeechStarted | SpeechEnded]) -> None:
+    def _frame(self, frame: np.ndarray, events: list[Event]) -> None:
         k = self._frame_index
         self._frame_index = k + 1
         ring_slot = k % len(self._ring)
@@ -272,10 +342,14 @@ class Endpointer:
         if state is _State.SPEECH:
             self._chunks.append(slot.copy())
             if voiced:
+                if self._pause_frames and self._gap >= self._pause_frames:
+                    events.append(SpeechResumed(resumed_s=k * self._frame_s))
                 self._last_voiced = k
                 self._gap = 0
             else:
                 self._gap += 1
+                if self._gap == self._pause_frames:
+                    events.append(self._paused(k))
                 if self._gap >= self._silence_frames:
                     self._end(k, capped=False, events=events)
                     return
@@ -323,7 +397,16 @@ class Endpointer:
                 self._noise_floor_db = min(level_db, floor + rise)
         return level_db >= threshold
 
-    def _confirm(self, k: int, events: list[SpeechStarted | SpeechEnded]) -> None:
+    def _paused(self, k: int) -> SpeechPaused:
+        keep = min(k, self._last_voiced + self._tail_frames) + 1 - self._chunks_start
+        return SpeechPaused(
+            audio=np.concatenate(self._chunks[:keep]),
+            onset_s=self._onset * self._frame_s,
+            last_voiced_s=(self._last_voiced + 1) * self._frame_s,
+            paused_s=(k + 1) * self._frame_s,
+        )
+
+    def _confirm(self, k: int, events: list[Event]) -> None:
         start = max(self._floor, self._onset - self._pre_roll_frames, k + 1 - len(self._ring))
         ring_len = len(self._ring)
         self._chunks = [self._ring[i % ring_len].copy() for i in range(start, k + 1)]
@@ -334,7 +417,7 @@ class Endpointer:
         if k + 1 - self._onset >= self._max_frames:
             self._end(k, capped=True, events=events)
 
-    def _end(self, k: int, *, capped: bool, events: list[SpeechStarted | SpeechEnded]) -> None:
+    def _end(self, k: int, *, capped: bool, events: list[Event]) -> None:
         last = k if capped else min(k, self._last_voiced + self._tail_frames)
         keep = last + 1 - self._chunks_start
         audio = np.concatenate(self._chunks[:keep])

@@ -36,7 +36,10 @@ class TurnRecord(BaseModel):
     """One exchange: what the user said or typed, what the agent answered, and how long each stage took.
 
     ``error`` says why the turn failed; with ``fallback`` true, the LLM failed and ``assistant`` is the
-    agent's fallback message, which the caller got instead of an answer.
+    agent's fallback message, which the caller got instead of an answer. ``endpointing`` says how a
+    spoken turn of a call ended: ``semantic`` (the end-of-turn model heard a finished turn at a pause),
+    ``max_silence`` (it did not; the maximum silence passed), ``silence`` (silence turn detection) or
+    ``max_utterance`` (the utterance was cut at its maximum length).
     """
 
     index: int
@@ -50,6 +53,7 @@ class TurnRecord(BaseModel):
     fallback: bool = False
     tools: list[dict] = Field(default_factory=list)
     action: dict | None = None
+    endpointing: str = ""
 
 
 class CallLog(BaseModel):

