@@ -13,9 +13,12 @@ figure is an unloaded, single-request latency), then reports:
   barge-in latency, and how many concurrent Twilio calls one gateway process holds;
 - tracing: the gateway's spoken-turn latency (as above) on a stack whose every process exports its
   spans to a local OTLP receiver, against the same turns, interleaved, on a stack started with
-  ``OTEL_SDK_DISABLED=true`` (``bench/tracing.py``).
+  ``OTEL_SDK_DISABLED=true`` (``bench/tracing.py``);
+- peer: voice-to-voice latency of our gateway against a Pipecat 1.14 bot with the same models behind a
+  Twilio media-stream WebSocket, called alternately by the same simulated Twilio caller, with our stage
+  breakdown (``bench/peer_compare.py``; the bot runs in ``.venv-peer``, ``make bench-peer-install``).
 
-``--only`` picks sections: bus, workers, gateway, calls, density, tracing.
+``--only`` picks sections: bus, workers, gateway, calls, density, tracing, peer (``make bench-peer``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import calls as call_bench
+from bench import peer_compare as peer_bench
 from bench import tracing as tracing_bench
 from voice.v1 import audio_pb2, llm_pb2, stt_pb2, tts_pb2
 from voice_audio import wav_bytes
@@ -223,7 +227,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-SECTIONS = ("bus", "workers", "gateway", "calls", "density", "tracing")
+SECTIONS = ("bus", "workers", "gateway", "calls", "density", "tracing", "peer")
 DIALECTS = ("twilio", "exotel", "pcm")
 
 
@@ -280,6 +284,8 @@ def table(results: dict) -> str:
             )
         held = results["density"]["max_calls_with_p99_frame_handling_under_20ms"]
         lines.append(f"{'density: calls held with p99 frame handling < 20 ms':<60} {held:>9}")
+    if "peer" in results:
+        lines += peer_bench.table(results["peer"])
     if "bus" in results:
         bus = results["bus"]["round_trip_ms"]
         label = "bus round trip, trivial request (ms) p50 / p99"
@@ -292,7 +298,7 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
     results: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
     if "bus" in sections:
         results["bus"] = await bench_bus(args.bus_runs)
-    if not sections & {"workers", "gateway", "calls", "density", "tracing"}:
+    if not sections & {"workers", "gateway", "calls", "density", "tracing", "peer"}:
         return results
     with NatsServer() as nats:
         port = free_port()
@@ -339,6 +345,11 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
                         gateway.url, (await spoken(bus, "Wait, stop, I have a question."), 16000), args.barge_ins
                     ),
                 }
+            if "peer" in sections:
+                results["peer"] = {
+                    **await peer_bench.compare(gateway.url, base_url, args.peer_turns),
+                    "machine": machine(),
+                }
             if "density" in sections:
                 results["density"] = await call_bench.density(gateway.url, utterances[0], args.density_steps)
             if "tracing" in sections:
@@ -364,6 +375,9 @@ def main() -> None:
     parser.add_argument("--barge-ins", type=int, default=10, help="measured barge-ins")
     parser.add_argument(
         "--tracing-turns", type=int, default=20, help="spoken turns per setting in the tracing on/off figure"
+    )
+    parser.add_argument(
+        "--peer-turns", type=int, default=24, help="questions asked of each system in the Pipecat comparison, at least"
     )
     parser.add_argument(
         "--density-steps",

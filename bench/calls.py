@@ -57,6 +57,33 @@ def _summary(values: list[float]) -> dict:
     return {"n": len(values), "median": statistics.median(values), "p95": float(np.percentile(values, 95))}
 
 
+# The stages of an answered spoken turn in the call log, one after the other: endpointing's wait after the
+# caller's last voiced sample, STT (turn start → transcript), the LLM to its first sentence (first token
+# included), and the TTS worker's first chunk of that sentence. The rest of the voice-to-voice latency is the
+# platform's own (gateway, bus, network, playout, and VAD's lag behind the true end of speech).
+STAGES = ("endpointing_s", "stt_s", "llm_first_sentence_s", "tts_first_chunk_s")
+
+
+def stage_timings(latencies: list[float | None], turns_log: list[dict]) -> list[tuple[float, dict[str, float]]]:
+    """Pairs the caller's measured turns with the call log's, in order, and keeps the answered ones.
+
+    Args:
+        latencies: Voice-to-voice latency of each caller utterance in order (None or NaN: unanswered).
+        turns_log: The call log's spoken turns (``kind == "audio"``) in order.
+
+    Returns:
+        ``(latency, timings)`` of each pair whose latency was measured, whose turn did not fail and whose
+        timings hold every one of ``STAGES``.
+    """
+    paired = []
+    for latency, turn in zip(latencies, turns_log, strict=False):
+        timings = turn.get("timings") or {}
+        if latency is None or np.isnan(latency) or turn.get("error") or not all(name in timings for name in STAGES):
+            continue
+        paired.append((latency, timings))
+    return paired
+
+
 async def voice_to_voice(base_url: str, dialect: str, utterances: list[tuple[np.ndarray, int]], turns: int) -> dict:
     """``turns`` spoken turns in one call; voice-to-voice measured at the simulated carrier."""
     await asyncio.to_thread(_put_agent, base_url, "bench", BENCH_AGENT)
@@ -79,12 +106,9 @@ async def voice_to_voice(base_url: str, dialect: str, utterances: list[tuple[np.
         raise RuntimeError("no call id")
     log = await asyncio.to_thread(_call_log, base_url, result.session_id)
     turns_log = [t for t in log["turns"] if t["kind"] == "audio" and not t["error"]]
-    stages = {name: [] for name in ("endpointing_s", "stt_s", "llm_first_sentence_s", "tts_first_chunk_s")}
+    stages: dict[str, list[float]] = {name: [] for name in STAGES}
     other = []
-    for latency, turn in zip(latencies, turns_log, strict=False):
-        timings = turn["timings"]
-        if np.isnan(latency) or not all(name in timings for name in stages):
-            continue
+    for latency, timings in stage_timings(latencies, turns_log):
         for name in stages:
             stages[name].append(timings[name])
         other.append(latency - sum(timings[name] for name in stages))
