@@ -34,7 +34,13 @@ TURN_KINDS = {
     "exotel": "dtmf",
     "pcm": "audio",
 }
-SCHEMA = {"type": "object", "properties": {"ticket": {"type": "string"}}, "required": ["ticket"]}
+# One of a few ticket ids: the model's forced call is always valid JSON well within its tokens (a free string
+# can run on until max_tokens cuts it, and the call is then refused without reaching the webhook).
+SCHEMA = {
+    "type": "object",
+    "properties": {"ticket": {"type": "string", "enum": ["T-1", "T-2", "T-7"]}},
+    "required": ["ticket"],
+}
 
 
 def agent(agent_id: str, path: str, hooks: WebhookServer) -> dict:
@@ -44,7 +50,7 @@ def agent(agent_id: str, path: str, hooks: WebhookServer) -> dict:
         "name": "Support",
         "system_prompt": "You help with support tickets. Always check the ticket first.",
         "greeting": "",
-        "llm": {"tool_choice": "check_ticket", "temperature": 0.0, "max_tokens": 24, "max_tool_rounds": 1},
+        "llm": {"tool_choice": "check_ticket", "temperature": 0.0, "max_tokens": 48, "max_tool_rounds": 1},
         "tools": [{**tool, "url": hooks.url + path, "timeout_s": 60}],
     }
 
