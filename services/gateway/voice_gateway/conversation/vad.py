@@ -12,6 +12,9 @@ says the caller has finished. Voiced audio after the pause emits ``SpeechResumed
 is void). The utterance's audio then always ends ``min(pre_roll_ms, pause_ms)`` after the last voiced
 frame, so the audio transcribed at the pause is exactly the audio of the turn, whichever way it ends.
 
+(A little over 400 lines, on purpose: the frame loop, its settings and the four events it emits are one
+state machine, read and changed together.)
+
 A 20 ms frame is voiced when WebRTC's VAD (package ``webrtcvad-wheels``) says speech AND its RMS
 level passes two energy gates: a fixed floor (-55 dBFS) and a margin (6 dB) above a tracked noise
 floor. Measured on Piper speech: the WebRTC model alone (mode 2) calls steady white noise speech in
