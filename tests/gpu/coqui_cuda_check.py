@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-for _src in (ROOT / "libs" / "text", ROOT / "services" / "tts"):
+for _src in (ROOT, ROOT / "libs" / "text", ROOT / "services" / "tts"):
     if str(_src) not in sys.path:
         sys.path.insert(0, str(_src))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from tests.support.vits import TINY_ARGS, build_vits  # noqa: E402
 from voice_text import split_sentences  # noqa: E402
 from voice_tts.coqui_engine import CoquiEngine  # noqa: E402
 
@@ -50,50 +51,9 @@ LONG_TEXT = (
     "Latency to the first chunk matters most for a voice agent."
 )
 
-TINY_ARGS: dict[str, Any] = dict(
-    hidden_channels=16,
-    hidden_channels_ffn_text_encoder=32,
-    num_heads_text_encoder=2,
-    num_layers_text_encoder=1,
-    num_layers_posterior_encoder=1,
-    num_layers_flow=1,
-    resblock_kernel_sizes_decoder=[3],
-    resblock_dilation_sizes_decoder=[[1, 3, 5]],
-    upsample_rates_decoder=[8, 8, 4],
-    upsample_initial_channel_decoder=16,
-    upsample_kernel_sizes_decoder=[16, 16, 8],
-    use_sdp=False,
-    init_discriminator=False,
-)
 # Coqui's VitsArgs defaults are the size of the released VITS models
 # (hidden 192, 6 text-encoder layers, 4 flows, HiFi-GAN decoder of 512 channels, SDP).
 LARGE_ARGS: dict[str, Any] = dict(init_discriminator=False)
-
-
-def build_vits(model_dir: Path, args_kwargs: dict[str, Any], *, multi: bool = False, seed: int = 0) -> Path:
-    """Save a random VITS checkpoint and config.json (same recipe as tests/tts/test_coqui_engine.py)."""
-    from TTS.tts.configs.vits_config import VitsArgs, VitsConfig
-    from TTS.tts.models.vits import Vits
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    args = VitsArgs(**args_kwargs)
-    if multi:
-        speakers_file = model_dir / "speakers.json"
-        speakers_file.write_text(json.dumps({"alice": 0, "bob": 1}))
-        languages_file = model_dir / "language_ids.json"
-        languages_file.write_text(json.dumps({"en": 0, "fr": 1}))
-        args.use_speaker_embedding = True
-        args.num_speakers = 2
-        args.speakers_file = str(speakers_file)
-        args.use_language_embedding = True
-        args.embedded_language_dim = 4
-        args.language_ids_file = str(languages_file)
-    config = VitsConfig(model_args=args, use_phonemes=False, text_cleaner="basic_cleaners")
-    torch.manual_seed(seed)
-    model = Vits(config)
-    torch.save({"model": model.state_dict()}, model_dir / "model.pth")
-    config.save_json(str(model_dir / "config.json"))
-    return model_dir
 
 
 def _sync(device: str) -> None:

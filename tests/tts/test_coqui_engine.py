@@ -9,13 +9,13 @@ chunks is the same as for a trained model.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.support.vits import TINY_ARGS, build_vits
 from voice_text import split_sentences
 from voice_tts.coqui_engine import CoquiEngine, CoquiNotInstalledError
 from voice_tts.engine import SpeechChunk, SynthesisCancelled, UnknownVoiceError
@@ -32,43 +32,7 @@ TEXT = "Hello there. How are you today? I am fine, thanks."
 def _build_tiny_vits(model_dir: Path, *, multi: bool = False) -> Path:
     """Save a tiny random VITS checkpoint and config.json into ``model_dir``."""
     pytest.importorskip("TTS.api", reason="coqui extra not installed")
-    import torch
-    from TTS.tts.configs.vits_config import VitsArgs, VitsConfig
-    from TTS.tts.models.vits import Vits
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    args = VitsArgs(
-        hidden_channels=16,
-        hidden_channels_ffn_text_encoder=32,
-        num_heads_text_encoder=2,
-        num_layers_text_encoder=1,
-        num_layers_posterior_encoder=1,
-        num_layers_flow=1,
-        resblock_kernel_sizes_decoder=[3],
-        resblock_dilation_sizes_decoder=[[1, 3, 5]],
-        upsample_rates_decoder=[8, 8, 4],
-        upsample_initial_channel_decoder=16,
-        upsample_kernel_sizes_decoder=[16, 16, 8],
-        use_sdp=False,
-        init_discriminator=False,
-    )
-    if multi:
-        speakers_file = model_dir / "speakers.json"
-        speakers_file.write_text(json.dumps({"alice": 0, "bob": 1}))
-        languages_file = model_dir / "language_ids.json"
-        languages_file.write_text(json.dumps({"en": 0, "fr": 1}))
-        args.use_speaker_embedding = True
-        args.num_speakers = 2
-        args.speakers_file = str(speakers_file)
-        args.use_language_embedding = True
-        args.embedded_language_dim = 4
-        args.language_ids_file = str(languages_file)
-    config = VitsConfig(model_args=args, use_phonemes=False, text_cleaner="basic_cleaners")
-    torch.manual_seed(0)
-    model = Vits(config)
-    torch.save({"model": model.state_dict()}, model_dir / "model.pth")
-    config.save_json(str(model_dir / "config.json"))
-    return model_dir
+    return build_vits(model_dir, TINY_ARGS, multi=multi)
 
 
 @pytest.fixture(scope="module")
