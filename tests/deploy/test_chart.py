@@ -59,6 +59,7 @@ def test_default_is_the_embedded_cpu_stack(check: ModuleType) -> None:
     env = env_of(gateway)
     assert env["GATEWAY_DEFAULT_AGENT_FILE"] == "/etc/voice/agents/default.json"
     assert env["GATEWAY_API_KEYS"]["secretKeyRef"]["name"] == "voice-platform-secrets"
+    assert env["GATEWAY_OPEN_CHANNELS"] == "false", "sessions' channels need a token or key by default"
     agents = by_kind(objects, "ConfigMap")["voice-platform-agents"]
     assert json.loads(agents["data"]["default.json"])["id"] == "default"
 

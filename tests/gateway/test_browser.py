@@ -124,16 +124,18 @@ def _event_log(page) -> str:
 
 
 def _wait(page, expression: str, what: str, arg=None, timeout_ms: int = TURN_TIMEOUT_MS) -> None:
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    try:
-        page.wait_for_function(expression, arg=arg, timeout=timeout_ms, polling=100)
-    except PlaywrightTimeout:
-        pytest.fail(
-            f"timed out after {timeout_ms / 1000:.0f}s waiting for {what}; state "
-            f"{page.evaluate('document.body.dataset.state')!r}, last error "
-            f"{page.evaluate('document.body.dataset.lastError')!r}\nevent log:\n{_event_log(page)}"
-        )
+    # Polled from here: Playwright's wait_for_function evaluates strings in the page, which the page's
+    # Content-Security-Policy (no 'unsafe-eval') rightly forbids; page.evaluate goes through the
+    # DevTools protocol, which the policy does not govern.
+    deadline = time.monotonic() + timeout_ms / 1000
+    while not page.evaluate(expression, arg):
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"timed out after {timeout_ms / 1000:.0f}s waiting for {what}; state "
+                f"{page.evaluate('document.body.dataset.state')!r}, last error "
+                f"{page.evaluate('document.body.dataset.lastError')!r}\nevent log:\n{_event_log(page)}"
+            )
+        page.wait_for_timeout(100)
 
 
 def _played(page) -> int:

@@ -1,7 +1,9 @@
 """The channels client (``voice_channels.WebSocketService``) against real gateways on one NATS.
 
 Fan-out across two gateway processes, reconnecting and resubscribing across a gateway restart on
-the same port with no message lost once resubscribed, unsubscribe, and a dead port.
+the same port with no message lost once resubscribed, unsubscribe, and a dead port (all on free
+channels, as seed 002 uses them); a session's channel followed with a channel token, sent again when
+the client resubscribes after the gateway closed it for idling, and refused without one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from tests.gateway.test_channels import channel_token, chat_turn
+from tests.support.gateway import API_KEY, TOKEN_SECRET
 from tests.support.workers import _Tee
 from voice_channels import (
     ChannelConnectionError,
@@ -304,3 +308,53 @@ async def test_an_unacknowledged_subscribe_fails_after_max_retries():
             assert "room" not in service.subscribed_channels
         finally:
             await service.close()
+
+
+# -- a session's channel -----------------------------------------------------------------------------------
+
+IDLE_TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(start_bare_gateway):
+    """A gateway without workers (a chat turn gets the fallback message at once, with its statuses), with
+    API keys, the token secret and a short idle timeout."""
+    return start_bare_gateway(
+        GATEWAY_API_KEYS=API_KEY, GATEWAY_TOKEN_SECRET=TOKEN_SECRET, GATEWAY_IDLE_TIMEOUT_SECONDS=str(IDLE_TIMEOUT_S)
+    )
+
+
+async def test_a_token_follows_a_session_and_is_sent_again_after_an_idle_close(keyed_gateway):
+    conversation = fresh_channel("conv")
+    token = await channel_token(keyed_gateway.url, conversation)
+    async with channels_client(channels_url(keyed_gateway.url)) as service:
+        stream = service.messages()
+        await service.subscribe(conversation, token=token)
+        # Nothing to receive and nothing sent: the gateway closes the socket; the client reconnects and
+        # resubscribes with the token.
+        await until(lambda: service.reconnects >= 1, timeout_s=IDLE_TIMEOUT_S + 10)
+        await service.wait_ready(timeout=10)
+        assert service.subscribed_channels == {conversation}
+        await chat_turn(keyed_gateway.url, conversation)
+        statuses: list[ChannelMessage] = []
+        while not statuses or not statuses[-1].payload.get("final_message"):
+            message = await stream.get(RECEIVE_TIMEOUT_S)
+            if message.is_error:
+                assert "idle" in message.payload["error"], message
+                continue
+            statuses.append(message)
+    assert {message.channel for message in statuses} == {conversation}
+    assert statuses[0].payload["status"] == "started" and statuses[-1].payload["status"] == "completed"
+
+
+async def test_subscribing_to_a_sessions_channel_without_a_token_fails(keyed_gateway):
+    conversation = fresh_channel("conv")
+    await chat_turn(keyed_gateway.url, conversation)
+    async with channels_client(channels_url(keyed_gateway.url), max_retries=1, ack_timeout=1.0) as service:
+        with pytest.raises(ChannelSubscriptionError, match="need proof"):
+            await service.subscribe(conversation)
+        assert conversation not in service.subscribed_channels
+        with pytest.raises(ChannelSubscriptionError, match="another channel"):
+            await service.subscribe(conversation, token=await channel_token(keyed_gateway.url, "elsewhere"))
+        await service.subscribe(conversation, token=API_KEY)
+        assert service.subscribed_channels == {conversation}

@@ -20,7 +20,7 @@ import pytest
 import websockets
 
 from tests.gateway.webhooks import WebhookServer
-from tests.support.gateway import API_KEY, api_client
+from tests.support.gateway import API_KEY, WEBHOOK_NETWORKS, api_client
 from tests.support.speech import speak
 from voice_audio import StreamResampler
 
@@ -162,7 +162,9 @@ def answered_before_close(dialect: str, received: list) -> bool:
 async def test_a_turn_in_flight_during_sigterm_is_finished_before_the_socket_closes(
     dialect, start_bare_gateway, stt_worker, llm_worker, tts_worker, hooks
 ):
-    gateway = start_bare_gateway(GATEWAY_API_KEYS=API_KEY, GATEWAY_DRAIN_TIMEOUT_SECONDS="90")
+    gateway = start_bare_gateway(
+        GATEWAY_API_KEYS=API_KEY, GATEWAY_DRAIN_TIMEOUT_SECONDS="90", GATEWAY_TOOL_ALLOWED_NETWORKS=WEBHOOK_NETWORKS
+    )
     hooks.released.clear()
     hooks.resumed.clear()
     async with api_client(gateway.url) as http:

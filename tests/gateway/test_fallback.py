@@ -213,9 +213,8 @@ async def test_chat_reads_the_default_fallback_and_the_channel_shows_the_error(s
     conversation = f"conv_{uuid.uuid4().hex[:8]}"
     url = stack.gateway.url.replace("http://", "ws://") + "/ws/channels"
     async with websockets.connect(url) as dashboard, ChatClient(stack.gateway.url) as client:
-        await dashboard.send(
-            json.dumps({"channel": "subscription", "payload": {"action": "subscribe", "channel": conversation}})
-        )
+        subscribe = {"action": "subscribe", "channel": conversation, "token": API_KEY}
+        await dashboard.send(json.dumps({"channel": "subscription", "payload": subscribe}))
         assert json.loads(await dashboard.recv())["payload"]["action"] == "subscribed"
         await client.send(type="authorize", token=API_KEY)
         assert (await client.next())["type"] == "authorize_success"

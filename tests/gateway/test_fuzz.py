@@ -1,16 +1,22 @@
 """Bad input for every dialect, generated with Hypothesis.
 
 In process, the pure parsers and each dialect's message handling (on a fake socket) get arbitrary and
-adversarial input: nothing may raise, every message gets its answer, and what the gateway sends is
-strict JSON. Then a bounded run against a real gateway process (no workers behind it): every dialect's
+adversarial input: nothing may raise, every message gets its answer, what the gateway sends is strict
+JSON (finite numbers, 64-bit integers, valid Unicode), and no log message carries a raw control
+character. Then a bounded run against a real gateway process (no workers behind it): every dialect's
 socket gets a few dozen sequences of bad and half-valid messages, must answer each as its protocol
-says, must still answer a valid message afterwards, and the gateway's log must stay free of tracebacks.
+says, must still answer a valid message afterwards, must leave the log of a call it did not create
+exactly as it was (its id is among the ids the fuzzer tries), and the gateway's log must stay free of
+tracebacks and forged lines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import re
 import time
 import urllib.parse
 from types import SimpleNamespace
@@ -28,8 +34,12 @@ from voice_gateway.api.limits import MAX_CLOSE_REASON_BYTES, Limits, LimitSettin
 from voice_gateway.api.messages import InvalidJson, parse_json
 from voice_gateway.config import DEFAULT_AGENT_FILE
 from voice_gateway.dialects import browser, carrier, channels, chat, exotel, retell, twilio
+from voice_telemetry.logs import OneLineFormatter
 
 KEY = "fuzz-key"
+# A call log the fuzzing connections did not create: carriers and Retell try its id.
+VICTIM = "victim-call-log"
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 SECRET = "fuzz-secret"
 IN_PROCESS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 END_TO_END = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,6 +64,8 @@ NASTY_TEXT = [
     "{{name}}",
     "default",
     "voice.calls.x",
+    VICTIM,
+    "MZ\nFORGED line",
 ]
 nasty_text = st.sampled_from(NASTY_TEXT) | st.text(max_size=12)
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | nasty_text
@@ -177,6 +189,36 @@ channel_messages = shaped(
         | json_values,
     }
 )
+
+
+class _MessageLines(logging.Handler):
+    """Keeps each record's message as the services' formatter writes it (tracebacks aside)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(OneLineFormatter("%(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.message = record.getMessage()
+        self.lines.append(self.formatter.formatMessage(record))
+
+
+@contextlib.contextmanager
+def one_line_logs():
+    """Asserts that no log message written inside the block holds a raw control character."""
+    handler, root = _MessageLines(), logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    forged = [line for line in handler.lines if CONTROL.search(line)]
+    assert not forged, forged
+
 
 # -- fakes for the in-process runs --------------------------------------------------------------------------
 
@@ -369,7 +411,8 @@ def _signed(claims) -> str:
 def test_carrier_streams_count_bad_frames_and_never_raise(frames, dialect):
     websocket = FakeWebSocket([text_frame(f) for f in frames] + [{"type": "websocket.receive", "bytes": b"\x00"}])
     serve = twilio.serve_twilio if dialect == "twilio" else exotel.serve_exotel
-    run(serve(websocket, context(), Limits(LimitSettings())))
+    with one_line_logs():
+        run(serve(websocket, context(), Limits(LimitSettings())))
     assert websocket.closed is not None and websocket.closed[0] in (1000, 1008)
 
 
@@ -389,7 +432,8 @@ def test_every_browser_message_gets_an_answer(frames, initialised):
         for event in websocket.sent:
             assert event["type"] in ("error", "session_ended"), event
 
-    run(scenario())
+    with one_line_logs():
+        run(scenario())
 
 
 @IN_PROCESS
@@ -416,7 +460,8 @@ def test_every_chat_message_gets_an_answer(frames):
         if connection._close is not None:
             assert connection._close[0] in (4401, 1013)
 
-    run(scenario())
+    with one_line_logs():
+        run(scenario())
 
 
 @IN_PROCESS
@@ -445,7 +490,8 @@ def test_retell_events_never_raise_in_dispatch_or_their_tasks(frames):
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
 
-    run(scenario())
+    with one_line_logs():
+        run(scenario())
 
 
 def _loads(text: str):
@@ -476,9 +522,39 @@ def loop():
 
 
 def no_tracebacks(gateway, since: int = 0) -> None:
-    """The gateway logged no traceback after offset ``since`` of its log."""
+    """The gateway logged no traceback, and no line a client forged, after offset ``since`` of its log."""
     log = gateway.log.getvalue()[since:]
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+    assert not [line for line in log.splitlines() if line.startswith("FORGED")], log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def victim(fuzzed, loop):
+    """A finished Retell call's log, as the REST API shows it; the fuzzing connections must leave it so."""
+
+    async def create() -> dict:
+        async with websockets.connect(ws_url(fuzzed, f"/ws-default/{VICTIM}")) as ws:
+            await ws.send(json.dumps({"interaction_type": "call_details", "call": {}}))
+            await receive_until(ws, lambda e: e.get("response_id") == 0)
+        async with api_client(fuzzed.url, KEY) as http:
+            for _ in range(100):
+                response = await http.get(f"/api/calls/{VICTIM}")
+                if response.status_code == 200 and response.json()["status"] == "completed":
+                    return response.json()
+                await asyncio.sleep(0.1)
+        raise AssertionError("the victim's call log was never completed")
+
+    return loop.run_until_complete(create())
+
+
+def untouched(gateway, loop, log: dict) -> None:
+    """The victim's call log is exactly as it was."""
+
+    async def read() -> dict:
+        async with api_client(gateway.url, KEY) as http:
+            return (await http.get(f"/api/calls/{VICTIM}")).json()
+
+    assert loop.run_until_complete(read()) == log
 
 
 async def receive_until(ws, done, timeout: float = 10.0) -> list:
@@ -499,7 +575,7 @@ def ws_url(gateway, path: str) -> str:
 
 @END_TO_END
 @given(st.lists(frames_of(browser_messages), min_size=1, max_size=6))
-def test_browser_socket_survives_fuzz(fuzzed, loop, frames):
+def test_browser_socket_survives_fuzz(fuzzed, loop, victim, frames):
     since = len(fuzzed.log.getvalue())
 
     async def scenario() -> None:
@@ -512,11 +588,12 @@ def test_browser_socket_survives_fuzz(fuzzed, loop, frames):
 
     loop.run_until_complete(scenario())
     no_tracebacks(fuzzed, since)
+    untouched(fuzzed, loop, victim)
 
 
 @END_TO_END
 @given(st.lists(frames_of(chat_messages), min_size=1, max_size=6))
-def test_chat_socket_survives_fuzz(fuzzed, loop, frames):
+def test_chat_socket_survives_fuzz(fuzzed, loop, victim, frames):
     since = len(fuzzed.log.getvalue())
 
     async def scenario() -> None:
@@ -533,6 +610,7 @@ def test_chat_socket_survives_fuzz(fuzzed, loop, frames):
 
     loop.run_until_complete(scenario())
     no_tracebacks(fuzzed, since)
+    untouched(fuzzed, loop, victim)
 
 
 @END_TO_END
@@ -553,12 +631,13 @@ def test_channels_socket_survives_fuzz(fuzzed, loop, frames):
 
 
 @END_TO_END
-@given(st.lists(frames_of(retell_messages), min_size=1, max_size=6))
-def test_retell_socket_survives_fuzz(fuzzed, loop, frames):
+@given(st.lists(frames_of(retell_messages), min_size=1, max_size=6), st.sampled_from(["call_fuzz", VICTIM]))
+@example([json.dumps({"interaction_type": "call_details", "call": {}})], VICTIM)
+def test_retell_socket_survives_fuzz(fuzzed, loop, victim, frames, call_id):
     since = len(fuzzed.log.getvalue())
 
     async def scenario() -> None:
-        async with websockets.connect(ws_url(fuzzed, "/ws-default/call_fuzz")) as ws:
+        async with websockets.connect(ws_url(fuzzed, f"/ws-default/{call_id}")) as ws:
             for text in frames:
                 await ws.send(text)
             await ws.send(json.dumps({"interaction_type": "ping_pong", "timestamp": 424242}))
@@ -566,11 +645,14 @@ def test_retell_socket_survives_fuzz(fuzzed, loop, frames):
 
     loop.run_until_complete(scenario())
     no_tracebacks(fuzzed, since)
+    untouched(fuzzed, loop, victim)
 
 
 @END_TO_END
 @given(st.lists(frames_of(carrier_messages), min_size=1, max_size=6), st.sampled_from(["twilio", "exotel"]))
-def test_carrier_sockets_survive_fuzz(fuzzed, loop, frames, dialect):
+@example([json.dumps({"event": "start", "streamSid": VICTIM, "stream_sid": VICTIM, "start": {}})], "twilio")
+@example([json.dumps({"event": "start", "streamSid": VICTIM, "stream_sid": VICTIM, "start": {}})], "exotel")
+def test_carrier_sockets_survive_fuzz(fuzzed, loop, victim, frames, dialect):
     since = len(fuzzed.log.getvalue())
 
     async def scenario() -> None:
@@ -587,6 +669,7 @@ def test_carrier_sockets_survive_fuzz(fuzzed, loop, frames, dialect):
 
     loop.run_until_complete(scenario())
     no_tracebacks(fuzzed, since)
+    untouched(fuzzed, loop, victim)
 
 
 @END_TO_END

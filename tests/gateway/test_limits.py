@@ -111,10 +111,19 @@ async def test_the_guard_checks_size_and_rate_and_times_out_the_handshake():
     with pytest.raises(LimitExceeded) as idle:
         await slow.receive()
     assert idle.value.limit == "idle"
-    slow.listening = True
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.3):
-            await slow.receive()
+
+    async def deliver(times: int) -> None:
+        for _ in range(times):
+            await asyncio.sleep(0.05)
+            slow.activity()
+
+    # What a dialect delivers counts as activity where it reports it (channels): the timeout starts again.
+    delivering = asyncio.create_task(deliver(6))
+    started = time.monotonic()
+    with pytest.raises(LimitExceeded) as idle_after_deliveries:
+        await slow.receive()
+    assert idle_after_deliveries.value.limit == "idle" and time.monotonic() - started >= 0.35
+    await delivering
 
 
 def test_frame_size_counts_utf8_bytes_where_it_matters_and_close_reasons_fit_a_frame():
@@ -369,17 +378,27 @@ async def test_slow_clients_are_closed_after_the_handshake_timeout(impatient):
     assert metric_value(counted, "voice_gateway_limit_refusals_total", dialect="twilio", limit="handshake") >= 1
 
 
-async def test_idle_connections_are_closed_but_listening_subscribers_are_kept(impatient):
+async def test_idle_connections_are_closed_but_receiving_subscribers_are_kept(impatient):
     async with (
         websockets.connect(ws_url(impatient, "/ws/channels")) as idle,
         websockets.connect(ws_url(impatient, "/ws/channels")) as listener,
+        websockets.connect(ws_url(impatient, "/ws/channels")) as publisher,
     ):
         await listener.send(json.dumps({"channel": "subscription", "payload": {"action": "subscribe", "channel": "x"}}))
         await asyncio.wait_for(listener.recv(), 5)
+
+        async def publish() -> None:
+            for n in range(8):
+                await publisher.send(json.dumps({"channel": "x", "payload": {"n": n}}))
+                await asyncio.sleep(0.5)
+
+        publishing = asyncio.create_task(publish())
         code, reason, received = await closed(idle)
         assert code == 1008 and "idle" in reason and "idle" in json.loads(received[0])["payload"]["error"]
-        await listener.send(json.dumps({"channel": "x", "payload": {"still": "here"}}))
-        assert json.loads(await asyncio.wait_for(listener.recv(), 5))["payload"] == {"still": "here"}
+        await publishing
+        # The listener never sent anything after subscribing, for twice the idle timeout, but kept receiving.
+        got = [json.loads(await asyncio.wait_for(listener.recv(), 5))["payload"]["n"] for _ in range(8)]
+        assert got == list(range(8))
     sid = "MZidle"
     async with websockets.connect(ws_url(impatient, "/twilio/media")) as ws:
         await ws.send(json.dumps({"event": "start", "streamSid": sid, "start": {"streamSid": sid}}))

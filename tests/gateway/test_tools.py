@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 import uuid
 
-import httpx
 import nats
 import pytest
 import websockets
@@ -19,9 +19,12 @@ from tests.gateway.client import BrowserClient
 from tests.gateway.test_chat import ChatClient
 from tests.gateway.test_retell import RetellPeer, transcript
 from tests.gateway.webhooks import WebhookServer
-from tests.support.gateway import api_client
+from tests.support.gateway import WEBHOOK_NETWORKS, api_client
 from voice.v1 import llm_pb2
+from voice_bus.catalog import status_subject
 from voice_gateway.agents import Agent
+from voice_gateway.agents.egress import EgressPolicy
+from voice_gateway.agents.egress_client import EgressClient
 from voice_gateway.agents.tools import Toolbox
 
 ORDER_SCHEMA = {
@@ -66,6 +69,16 @@ async def put_agent(gateway_url: str, agent: dict) -> None:
         assert response.status_code == 200, response.text
 
 
+@contextlib.asynccontextmanager
+async def loopback_egress():
+    """The webhooks' client, allowed to reach the local webhook server (loopback is refused by default)."""
+    egress = EgressClient(EgressPolicy(allowed_networks=[WEBHOOK_NETWORKS]))
+    try:
+        yield egress
+    finally:
+        await egress.aclose()
+
+
 def call(name: str, arguments: str) -> llm_pb2.ToolCall:
     return llm_pb2.ToolCall(id=f"call_{uuid.uuid4().hex[:8]}", name=name, arguments=arguments)
 
@@ -75,8 +88,8 @@ def call(name: str, arguments: str) -> llm_pb2.ToolCall:
 
 async def test_webhook_tool_posts_the_arguments_and_returns_the_body(webhooks):
     agent = Agent.model_validate(agent_with("a", [order_tool(webhooks.url + "/order")], "auto"))
-    async with httpx.AsyncClient() as http:
-        outcome = await Toolbox(agent, http).run(call("get_order", '{"order_id": "A-42"}'), "session-1")
+    async with loopback_egress() as egress:
+        outcome = await Toolbox(agent, egress).run(call("get_order", '{"order_id": "A-42"}'), "session-1")
     assert outcome.successful
     assert json.loads(outcome.content)["status"] == "shipped"
     sent = webhooks.requests[-1]
@@ -88,17 +101,17 @@ async def test_webhook_tool_posts_the_arguments_and_returns_the_body(webhooks):
 
 async def test_get_webhook_sends_query_parameters(webhooks):
     agent = Agent.model_validate(agent_with("a", [order_tool(webhooks.url + "/order", method="GET")], "auto"))
-    async with httpx.AsyncClient() as http:
-        outcome = await Toolbox(agent, http).run(call("get_order", '{"order_id": "B-7"}'), "s")
+    async with loopback_egress() as egress:
+        outcome = await Toolbox(agent, egress).run(call("get_order", '{"order_id": "B-7"}'), "s")
     assert outcome.successful
     assert webhooks.requests[-1]["method"] == "GET" and webhooks.requests[-1]["query"] == {"order_id": "B-7"}
 
 
 async def test_slow_webhook_is_an_error_result_after_its_timeout(webhooks):
     agent = Agent.model_validate(agent_with("a", [order_tool(webhooks.url + "/slow", timeout_s=0.5)], "auto"))
-    async with httpx.AsyncClient() as http:
+    async with loopback_egress() as egress:
         started = time.monotonic()
-        outcome = await Toolbox(agent, http).run(call("get_order", '{"order_id": "A-42"}'), "s")
+        outcome = await Toolbox(agent, egress).run(call("get_order", '{"order_id": "A-42"}'), "s")
         elapsed = time.monotonic() - started
     assert not outcome.successful
     assert "did not answer within 0.5 s" in json.loads(outcome.content)["error"]
@@ -115,16 +128,16 @@ async def test_slow_webhook_is_an_error_result_after_its_timeout(webhooks):
 )
 async def test_failures_are_error_results(webhooks, url_path, arguments, expected):
     agent = Agent.model_validate(agent_with("a", [order_tool(webhooks.url + url_path)], "auto"))
-    async with httpx.AsyncClient() as http:
-        outcome = await Toolbox(agent, http).run(call("get_order", arguments), "s")
+    async with loopback_egress() as egress:
+        outcome = await Toolbox(agent, egress).run(call("get_order", arguments), "s")
     assert not outcome.successful
     assert expected in json.loads(outcome.content)["error"]
 
 
 async def test_unreachable_webhook_and_unknown_tool_are_error_results():
     agent = Agent.model_validate(agent_with("a", [order_tool("http://127.0.0.1:9/order")], "auto"))
-    async with httpx.AsyncClient() as http:
-        toolbox = Toolbox(agent, http)
+    async with loopback_egress() as egress:
+        toolbox = Toolbox(agent, egress)
         unreachable = await toolbox.run(call("get_order", "{}"), "s")
         unknown = await toolbox.run(call("launch_rocket", "{}"), "s")
     assert not unreachable.successful and "could not be reached" in unreachable.content
@@ -135,8 +148,8 @@ async def test_builtins_ask_for_call_actions():
     agent = Agent.model_validate(
         agent_with("a", [{"name": "end_call"}, {"name": "transfer_call", "transfer_number": "+15550100"}], "auto")
     )
-    async with httpx.AsyncClient() as http:
-        toolbox = Toolbox(agent, http)
+    async with loopback_egress() as egress:
+        toolbox = Toolbox(agent, egress)
         ended = await toolbox.run(call("end_call", '{"reason": "goodbye"}'), "s")
         transferred = await toolbox.run(call("transfer_call", "{}"), "s")
     assert ended.action.kind == "end_call" and ended.action.reason == "goodbye"
@@ -265,7 +278,7 @@ async def test_twilio_transfer_closes_the_stream_and_dials_the_number(gateway_ur
     async def on_event(msg) -> None:
         channel_events.append(json.loads(msg.data))
 
-    await nc.subscribe(f"voice.events.{stream_sid}", cb=on_event)
+    await nc.subscribe(status_subject(stream_sid), cb=on_event)
     url = gateway_url.replace("http://", "ws://") + "/twilio/media"
     try:
         async with websockets.connect(url) as ws:

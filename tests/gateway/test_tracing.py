@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import time
 
 import pytest
+import websockets
 
 from tests.gateway.client import BrowserClient
 from tests.support.otlp import OtlpReceiver
@@ -94,6 +96,7 @@ async def test_one_call_is_one_trace_with_the_expected_tree(traced_stack):
     for name in ("stt.transcribe", "tts.synthesize"):
         for span in (s for s in spans if s["name"] == name):
             assert turn_of(span) is not None, f"{name} is not under a turn"
+
     def warming(span: dict) -> bool:
         while span and span["name"] != "llm.warm":
             span = by_id.get(span["parent_span_id"])
@@ -116,3 +119,33 @@ async def test_one_call_is_one_trace_with_the_expected_tree(traced_stack):
         trace_id
     }
     assert other_traces == set()
+
+
+async def test_query_strings_and_client_ids_stay_out_of_the_spans(traced_stack):
+    """Exotel passes custom parameters in the URL: a key there never reaches a span, and a client's
+    out-of-range id is refused before it could reach one."""
+    receiver, gateway = traced_stack
+    secret, sid = "query-secret-4f1d", "MZtrace-query"
+    url = gateway.url.replace("http", "ws", 1) + f"/exotel/media?sample-rate=8000&agent_id=default&api_key={secret}"
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"event": "start", "stream_sid": sid, "start": {"call_sid": "CA-trace"}}))
+        await asyncio.sleep(1.0)
+        await ws.send(json.dumps({"event": "stop", "stream_sid": sid}))
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+    retell = gateway.url.replace("http", "ws", 1) + "/ws-default/call_huge_id"
+    async with websockets.connect(retell) as ws:
+        await ws.send(json.dumps({"interaction_type": "response_required", "response_id": 10**30, "transcript": []}))
+        await ws.send(json.dumps({"interaction_type": "ping_pong", "timestamp": 7}))
+        while json.loads(await asyncio.wait_for(ws.recv(), 10)).get("response_type") != "ping_pong":
+            pass
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(
+        s["name"] == "session" and s["attributes"].get("voice.session_id") == sid for s in receiver.spans
+    ):
+        await asyncio.sleep(0.2)
+    values = [f"{k}={v}" for s in receiver.spans for k, v in s["attributes"].items()]
+    assert any(f"voice.session_id={sid}" in v for v in values), "the Exotel session's span never arrived"
+    assert not [v for v in values if secret in v or "url.query" in v]
+    assert not [v for v in values if v.startswith("voice.retell.response_id=") and int(v.split("=")[1]) >= 2**63]

@@ -2,7 +2,8 @@
 
 Paths: ``/order`` answers JSON about the order, ``/slow`` answers only after ``slow_s`` seconds,
 ``/hold`` and ``/pause`` answer once :attr:`WebhookServer.released` or :attr:`WebhookServer.resumed` is
-set (at most 60 s), ``/fail`` answers 500, anything else 404.
+set (at most 60 s), ``/fail`` answers 500, ``/redirect?to=URL`` answers 302 to ``URL`` (``status``
+another code), ``/loop`` redirects to itself, ``/endless`` streams a body that never ends, anything else 404.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import count
 from urllib.parse import parse_qs, urlparse
 
 
@@ -42,7 +44,14 @@ class WebhookServer:
                     time.sleep(server.slow_s)
                 if url.path in ("/hold", "/pause"):
                     (server.released if url.path == "/hold" else server.resumed).wait(60)
-                if url.path in ("/order", "/slow", "/hold", "/pause"):
+                query = parse_qs(url.query)
+                if url.path == "/redirect":
+                    self._redirect(int(query.get("status", ["302"])[0]), query.get("to", ["/no-target"])[0])
+                elif url.path == "/loop":
+                    self._redirect(302, "/loop")
+                elif url.path == "/endless":
+                    self._endless()
+                elif url.path in ("/order", "/slow", "/hold", "/pause"):
                     self._reply(200, {"order": "A-42", "status": "shipped", "eta": "tomorrow"})
                 elif url.path == "/fail":
                     self._reply(500, {"error": "database down"})
@@ -60,7 +69,23 @@ class WebhookServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            do_GET = do_POST = do_PUT = _handle  # noqa: N815 (http.server dispatches on these names)
+            def _redirect(self, status: int, location: str) -> None:
+                self.send_response(status)
+                self.send_header("location", location)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def _endless(self) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/plain")
+                self.end_headers()
+                try:
+                    for line in count():
+                        self.wfile.write(f"line {line} of a body that never ends\n".encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle  # noqa: N815 (http.server dispatches on these)
 
             def log_message(self, *args) -> None:
                 pass

@@ -249,7 +249,7 @@ async def test_sigterm_of_a_gateway_hands_its_sessions_to_the_other_one(cluster)
     for subscriber in subscribers:
         subscriber.on_message = lambda message: events.append(message.payload)
         await subscriber.connect()
-        await subscriber.subscribe(call_id)
+        await subscriber.subscribe(call_id, token=API_KEY)
 
     retell = RetellCall(cluster, call_id)
     await retell.connect()

@@ -13,6 +13,8 @@ from voicectl.local import GatewayProcess
 TOKEN_SECRET = "test-token-secret"
 API_KEY = "test-key"
 SECOND_API_KEY = "second-key"
+# GATEWAY_TOOL_ALLOWED_NETWORKS of gateways whose agents call the tests' webhook servers (tests/gateway/webhooks.py).
+WEBHOOK_NETWORKS = "127.0.0.1/32"
 
 
 def api_client(base_url: str, api_key: str = API_KEY, **options) -> httpx.AsyncClient:
@@ -30,6 +32,8 @@ def gateway(nats_url, stt_worker, llm_worker, tts_worker):
         "GATEWAY_TOKEN_SECRET": TOKEN_SECRET,
         "GATEWAY_CHAT_PING_INTERVAL_SECONDS": "1",
         "GATEWAY_CHAT_PONG_TIMEOUT_SECONDS": "1.5",
+        # The tests' webhook servers listen on loopback, which the egress policy refuses by default.
+        "GATEWAY_TOOL_ALLOWED_NETWORKS": WEBHOOK_NETWORKS,
     }
     process = GatewayProcess(nats_url, env, sink=_Tee(log)).start()
     process.log = log

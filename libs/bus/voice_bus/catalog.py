@@ -15,8 +15,10 @@ HEADER_SESSION_ID = "Voice-Session-Id"
 
 CANCEL_PREFIX = "voice.cancel."
 PRESENCE_PREFIX = "voice.workers."
-# Every session's events (status payloads, and whatever a channel client publishes) on ``voice.events.<name>``.
+# What channel clients publish (``/ws/channels`` free channels) on ``voice.events.<name>``.
 EVENTS_PREFIX = "voice.events."
+# A session's status payloads on ``voice.status.<session id>``: published by the gateway alone, never by a client.
+STATUS_PREFIX = "voice.status."
 
 
 @dataclass(frozen=True)
@@ -95,5 +97,12 @@ def cancel_subject(request_id: str) -> str:
 
 
 def events_subject(channel: str) -> str:
-    """Core NATS subject of a session's events, or of any channel of the channels dialect."""
+    """Core NATS subject of a free channel of the channels dialect: what its clients publish to each other."""
     return EVENTS_PREFIX + channel
+
+
+def status_subject(session_id: str) -> str:
+    """Core NATS subject of a session's statuses (seed 002 payloads). Only the gateway publishes there, so no
+    channel client's publish can reach a session's status subscribers (a separate namespace from
+    :func:`events_subject`)."""
+    return STATUS_PREFIX + session_id

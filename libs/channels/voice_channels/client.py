@@ -4,6 +4,9 @@ The protocol is JSON text frames ``{"channel": name, "payload": {...}}``. Subscr
 unsubscribing go through the ``subscription`` channel and are acknowledged by the server with
 ``action`` ``subscribed`` / ``unsubscribed``; anything sent to another channel is published to
 every subscriber of that channel on every gateway replica. Errors arrive on the ``error`` channel.
+A session's channel (named after its session id) is read-only and needs proof to follow: pass
+``subscribe(channel, token=...)`` a channel token from the gateway (or an API key); the token is sent
+in the subscribe payload and again on every resubscription.
 
 The client keeps one connection, sends WebSocket ping frames every ``ping_interval`` (a missing
 pong closes the connection), and when the connection is lost it reconnects by itself with a
@@ -207,6 +210,8 @@ class WebSocketService:
         self.uri = uri
         self.websocket: ClientConnection | None = None
         self.subscribed_channels: set[str] = set()
+        # Proof (channel token or API key) per channel, sent with every (re)subscription; never logged.
+        self._tokens: dict[str, str] = {}
         self.max_retries = max_retries
         self.retry_delay = retry_delay
         self.ping_interval = ping_interval
@@ -300,7 +305,7 @@ class WebSocketService:
                     return
                 await changed.wait()
 
-    async def subscribe(self, channel: str, *, timeout: float | None = None) -> None:
+    async def subscribe(self, channel: str, *, timeout: float | None = None, token: str | None = None) -> None:
         """Subscribes to a channel and waits for the server's acknowledgement.
 
         The channel stays subscribed across reconnects until :meth:`unsubscribe`.
@@ -308,6 +313,8 @@ class WebSocketService:
         Args:
             channel: 1-128 of ``[A-Za-z0-9_-]``, not ``subscription`` or ``error``.
             timeout: Seconds each attempt may take (default ``ack_timeout``).
+            token: Proof of the right to a session's channel: a channel token the gateway issued for
+                it, or an API key. Free channels need none.
 
         Raises:
             ValueError: Invalid channel name.
@@ -316,12 +323,20 @@ class WebSocketService:
             ChannelError: Not connected (``connect()`` first) or closed.
         """
         _check_channel(channel)
+        if token is not None and (not isinstance(token, str) or not token):
+            raise ValueError("token must be a non-empty string")
         self._check_open()
         self.subscribed_channels.add(channel)
+        previous = self._tokens.pop(channel, None)
+        if token is not None:
+            self._tokens[channel] = token
         try:
             await self._request("subscribe", "subscribed", channel, timeout)
         except BaseException:
             self.subscribed_channels.discard(channel)
+            self._tokens.pop(channel, None)
+            if previous is not None:
+                self._tokens[channel] = previous
             raise
 
     async def unsubscribe(self, channel: str, *, timeout: float | None = None) -> None:
@@ -339,6 +354,7 @@ class WebSocketService:
         _check_channel(channel)
         self._check_open()
         self.subscribed_channels.discard(channel)
+        self._tokens.pop(channel, None)
         await self._request("unsubscribe", "unsubscribed", channel, timeout)
 
     async def send_message(self, channel: str, payload: Mapping[str, Any], *, timeout: float = 5.0) -> None:
@@ -524,7 +540,7 @@ class WebSocketService:
         futures = [(channel, self._expect("subscribed", channel)) for channel in channels]
         try:
             for channel in channels:
-                await websocket.send(_subscription_frame("subscribe", channel))
+                await websocket.send(_subscription_frame("subscribe", channel, self._tokens.get(channel)))
             async with asyncio.timeout(self.ack_timeout):
                 for _, future in futures:
                     await future
@@ -544,7 +560,7 @@ class WebSocketService:
 
     async def _request(self, action: str, ack: str, channel: str, timeout: float | None) -> None:
         timeout = self.ack_timeout if timeout is None else timeout
-        frame = _subscription_frame(action, channel)
+        frame = _subscription_frame(action, channel, self._tokens.get(channel) if action == "subscribe" else None)
         last: BaseException | None = None
         for attempt in range(1, self._attempts + 1):
             future = self._expect(ack, channel)
@@ -637,5 +653,8 @@ def _check_channel(channel: str) -> None:
         raise ValueError(f"{channel!r} is reserved by the protocol")
 
 
-def _subscription_frame(action: str, channel: str) -> str:
-    return json.dumps({"channel": SUBSCRIPTION_CHANNEL, "payload": {"action": action, "channel": channel}})
+def _subscription_frame(action: str, channel: str, token: str | None = None) -> str:
+    payload = {"action": action, "channel": channel}
+    if token is not None:
+        payload["token"] = token
+    return json.dumps({"channel": SUBSCRIPTION_CHANNEL, "payload": payload})

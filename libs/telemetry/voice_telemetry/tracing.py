@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Mapping, MutableMapping
 
@@ -120,3 +121,30 @@ def set_content_attribute(span: trace.Span, key: str, value: str) -> None:
     """
     if capture_content():
         span.set_attribute(key, value)
+
+
+# OTLP carries integer attributes as int64; larger values make the exporter fail the whole batch.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_CLIENT_STRING = 256
+
+
+def clamp_attribute(value: object) -> str | int | float | bool:
+    """A span attribute value made from client input, clamped to what OTLP can carry.
+
+    Integers are clamped to int64, non-finite floats become strings (``"inf"``), strings are cut to
+    :data:`MAX_CLIENT_STRING` characters, and anything else becomes its ``repr`` (cut the same way).
+
+    Args:
+        value: A value a client chose (an id, a counter, a name).
+
+    Returns:
+        A value every exporter accepts.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return min(max(value, INT64_MIN), INT64_MAX)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    text = value if isinstance(value, str) else repr(value)
+    return text[:MAX_CLIENT_STRING]

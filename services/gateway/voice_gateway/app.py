@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -27,16 +26,20 @@ from prometheus_client import Histogram, make_asgi_app
 from voice_bus.client import BusClient
 from voice_bus.connection import connect, ensure_streams
 from voice_gateway.agents import AgentStore
-from voice_gateway.api.auth import Authenticator
+from voice_gateway.agents.egress import EgressPolicy
+from voice_gateway.agents.egress_client import EgressClient
+from voice_gateway.api.auth import Authenticator, ChannelTokens
+from voice_gateway.api.http_security import HttpSecurity
 from voice_gateway.api.limits import Limits
 from voice_gateway.api.middleware import RefuseWhileDraining, RequestBodyLimit
 from voice_gateway.api.redaction import install_log_redaction
 from voice_gateway.api.rest import rest_router
+from voice_gateway.api.triggers import PendingTriggers
 from voice_gateway.config import DEFAULT_RETELL_WS_PATH, Settings
 from voice_gateway.conversation.engine import TurnEngine
 from voice_gateway.conversation.runner import TURNS_IN_FLIGHT
 from voice_gateway.conversation.session import GatewayContext
-from voice_gateway.dialects import browser, channels, chat, exotel, pcm, retell, twilio
+from voice_gateway.dialects import browser, channel_status, channels, chat, exotel, pcm, retell, twilio
 from voice_gateway.storage.call_log import CallLogStore
 from voice_gateway.storage.registry import CallRegistry
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
@@ -97,6 +100,16 @@ def warn_about_unsafe_settings(settings: Settings) -> None:
         logger.warning("GATEWAY_API_KEYS is not set: the REST API (/api/agents, /api/calls) refuses every request")
     if not settings.twilio_auth_token and not is_loopback(settings.host):
         logger.warning("TWILIO_AUTH_TOKEN is not set: Twilio webhooks are accepted without checking their signature")
+    if settings.open_channels:
+        logger.warning(
+            "GATEWAY_OPEN_CHANNELS=true: anyone who can reach /ws/channels can follow any session's live statuses "
+            "without a channel token or API key"
+        )
+    if not settings.allowed_hosts and not is_loopback(settings.host):
+        logger.warning(
+            "GATEWAY_ALLOWED_HOSTS is not set: requests naming any Host are served; set it to the gateway's public "
+            "host names (and GATEWAY_PUBLIC_URL for Twilio's TwiML)"
+        )
 
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/metrics/"})
@@ -118,6 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
     logging.getLogger("uvicorn.access").addFilter(QuietProbes())
     warn_about_unsafe_settings(settings)
     limits = Limits(settings.limits)
+    triggers = PendingTriggers(settings.max_pending_triggers_per_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -129,7 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
         agents = await AgentStore.open(js, replicas=streams.replicas)
         await agents.load_default(settings.default_agent_file)
         bus = BusClient(nc)
-        http = httpx.AsyncClient(follow_redirects=False)
+        egress = EgressClient(EgressPolicy(settings.tool_allowed_networks, settings.tool_allowed_hosts))
         app.state.context = GatewayContext(
             bus=bus,
             agents=agents,
@@ -139,33 +153,39 @@ def create_app(settings: Settings) -> FastAPI:
                 stt_timeout_s=settings.stt_timeout_s,
                 llm_timeout_s=settings.llm_timeout_s,
                 tts_timeout_s=settings.tts_timeout_s,
-                http=http,
+                egress=egress,
             ),
             registry=await CallRegistry.open(js, replicas=streams.replicas),
-            observers=[functools.partial(channels.SessionStatus, nc)],
+            observers=[functools.partial(channel_status.SessionStatus, nc)],
         )
         app.state.nc = nc
         app.state.registry = app.state.context.registry
+        app.state.registry.on_claim = triggers.connected
         lag_monitor = asyncio.create_task(monitor_event_loop_lag())
         logger.info("gateway ready on :%d (NATS %s)", settings.port, settings.nats_url)
         try:
             yield
         finally:
             lag_monitor.cancel()
-            await http.aclose()
+            await egress.aclose()
             with contextlib.suppress(Exception):
                 await nc.drain()
             shutdown_tracing()
 
-    app = FastAPI(title="Voice platform gateway", version="0.1.0", lifespan=lifespan)
+    docs = {} if settings.api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Voice platform gateway", version="0.1.0", lifespan=lifespan, **docs)
     app.add_middleware(RequestBodyLimit, max_bytes=settings.limits.max_frame_bytes)
     app.add_middleware(RefuseWhileDraining, limits=limits)
+    app.add_middleware(
+        HttpSecurity, routes=lambda: app.routes, allowed_hosts=settings.allowed_hosts, any_host_paths=PROBE_PATHS
+    )
     app.state.limits = limits
     app.mount("/metrics", http_only(make_asgi_app()))
     if STATIC.is_dir():
         app.mount("/static", http_only(StaticFiles(directory=STATIC)), name="static")
     authenticator = Authenticator(settings.api_keys, settings.token_secret)
-    app.include_router(rest_router(authenticator, limits))
+    channel_tokens = ChannelTokens.from_settings(settings.token_secret, settings.api_keys)
+    app.include_router(rest_router(authenticator, limits, triggers, channel_tokens=channel_tokens))
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -211,11 +231,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/twilio/voice")
     async def twilio_voice(request: Request):
-        return await twilio.voice_webhook(request, settings.twilio_auth_token)
+        return await twilio.voice_webhook(request, settings.twilio_auth_token, settings.public_url)
 
     @app.post("/twilio/after-stream")
     async def twilio_after_stream(request: Request):
-        return await twilio.after_stream_webhook(request, settings.twilio_auth_token, app.state.context.registry)
+        return await twilio.after_stream_webhook(
+            request, settings.twilio_auth_token, app.state.context.registry, settings.public_url
+        )
 
     @app.websocket("/twilio/media")
     async def twilio_media(websocket: WebSocket) -> None:
@@ -246,7 +268,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.websocket("/ws/channels")
     async def channels_socket(websocket: WebSocket) -> None:
-        await channels.serve_channels(websocket, app.state.nc, limits)
+        access = channels.ChannelAccess(
+            calls=app.state.context.calls,
+            authenticator=authenticator,
+            tokens=channel_tokens,
+            open_channels=settings.open_channels,
+        )
+        await channels.serve_channels(websocket, app.state.nc, limits, access)
 
     @app.websocket("/ws")
     async def browser_socket(websocket: WebSocket) -> None:
@@ -256,6 +284,7 @@ def create_app(settings: Settings) -> FastAPI:
             limits,
             max_message_bytes=settings.max_message_bytes,
             max_utterance_s=settings.max_utterance_s,
+            channel_tokens=channel_tokens,
         )
 
     retell_path_secret = settings.retell_ws_path.encode()

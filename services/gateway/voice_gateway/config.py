@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from voice_gateway.api.http_security import host_name, valid_host
 from voice_gateway.api.limits import LimitSettings
 from voice_runtime.config import ConfigError, StreamSettings, env_float, env_int, env_str
 
@@ -31,6 +34,9 @@ class Settings:
         twilio_auth_token: ``TWILIO_AUTH_TOKEN``: when set, Twilio webhooks must carry a valid signature.
         api_keys: ``GATEWAY_API_KEYS``: comma-separated keys accepted by the chat stream's ``authorize``.
         token_secret: ``GATEWAY_TOKEN_SECRET``: HMAC secret of signed tokens (see ``voice_gateway.api.auth``).
+        open_channels: ``GATEWAY_OPEN_CHANNELS``: ``true`` lets any ``/ws/channels`` client follow any session's
+            statuses without a channel token or API key (legacy deployments; off by default, see
+            ``voice_gateway.dialects.channels``).
         chat_ping_interval_s: ``GATEWAY_CHAT_PING_INTERVAL_SECONDS``: how often the chat stream pings.
         chat_pong_timeout_s: ``GATEWAY_CHAT_PONG_TIMEOUT_SECONDS``: how long past a ping without a pong closes it.
         retell_ws_path: ``OBFUSCATED_WS_PATH`` (seed 000's name; ``RETELL_WS_PATH`` is an alias): the
@@ -44,6 +50,17 @@ class Settings:
             KV ``sessions`` and stream ``CALLS`` are declared (see :class:`voice_runtime.config.StreamSettings`).
         drain_timeout_s: ``GATEWAY_DRAIN_TIMEOUT_SECONDS``: after SIGTERM, how long the turns in flight
             may run on before the sockets are closed with 1012 for their clients to reconnect elsewhere.
+        allowed_hosts: ``GATEWAY_ALLOWED_HOSTS``: comma-separated host names requests may name in
+            ``Host``; empty accepts any well-formed host (see ``voice_gateway.api.http_security``).
+        public_url: ``GATEWAY_PUBLIC_URL``: the gateway's public base URL (``https://voice.example.com``);
+            when set, TwiML and Twilio's signature check use it instead of the request's Host.
+        api_docs: ``GATEWAY_API_DOCS``: ``true`` serves ``/docs``, ``/redoc`` and ``/openapi.json``.
+        tool_allowed_networks: ``GATEWAY_TOOL_ALLOWED_NETWORKS``: comma-separated CIDRs that webhook tools may
+            reach although they are loopback, private, link-local… (see ``voice_gateway.agents.egress``).
+        tool_allowed_hosts: ``GATEWAY_TOOL_ALLOWED_HOSTS``: comma-separated host names that webhook tools may
+            reach whatever they resolve to.
+        max_pending_triggers_per_key: ``GATEWAY_MAX_PENDING_TRIGGERS_PER_KEY``: calls one API key may
+            have triggered and not yet connected, on this gateway process (429 beyond).
     """
 
     nats_url: str
@@ -59,11 +76,18 @@ class Settings:
     retell_ws_path: str = DEFAULT_RETELL_WS_PATH
     api_keys: tuple[str, ...] = ()
     token_secret: str | None = None
+    open_channels: bool = False
     chat_ping_interval_s: float = 20.0
     chat_pong_timeout_s: float = 10.0
     limits: LimitSettings = field(default_factory=LimitSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
     drain_timeout_s: float = 20.0
+    allowed_hosts: tuple[str, ...] = ()
+    public_url: str | None = None
+    api_docs: bool = False
+    max_pending_triggers_per_key: int = 100
+    tool_allowed_networks: tuple[str, ...] = ()
+    tool_allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -84,6 +108,7 @@ class Settings:
             twilio_auth_token=env_str("TWILIO_AUTH_TOKEN", "") or None,
             api_keys=tuple(key.strip() for key in env_str("GATEWAY_API_KEYS", "").split(",") if key.strip()),
             token_secret=env_str("GATEWAY_TOKEN_SECRET", "") or None,
+            open_channels=env_str("GATEWAY_OPEN_CHANNELS", "false", choices=("true", "false")) == "true",
             chat_ping_interval_s=_finite("GATEWAY_CHAT_PING_INTERVAL_SECONDS", 20.0, minimum=0.1),
             chat_pong_timeout_s=_finite("GATEWAY_CHAT_PONG_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             retell_ws_path=_path_segment(
@@ -93,6 +118,12 @@ class Settings:
             limits=_limits_from_env(),
             streams=StreamSettings.from_env(),
             drain_timeout_s=_finite("GATEWAY_DRAIN_TIMEOUT_SECONDS", 20.0, minimum=0.0),
+            allowed_hosts=_allowed_hosts(),
+            public_url=_public_url(),
+            api_docs=env_str("GATEWAY_API_DOCS", "false", choices=("true", "false")) == "true",
+            max_pending_triggers_per_key=env_int("GATEWAY_MAX_PENDING_TRIGGERS_PER_KEY", 100, minimum=1),
+            tool_allowed_networks=_tool_allowed_networks(),
+            tool_allowed_hosts=_tool_allowed_hosts(),
         )
 
 
@@ -101,6 +132,44 @@ def _finite(name: str, default: float, *, minimum: float) -> float:
     value = env_float(name, default, minimum=minimum)
     if not math.isfinite(value):
         raise ConfigError(f"{name}={value}: must be a finite number")
+    return value
+
+
+def _tool_allowed_networks() -> tuple[str, ...]:
+    networks = []
+    for value in env_str("GATEWAY_TOOL_ALLOWED_NETWORKS", "").split(","):
+        if value.strip():
+            try:
+                networks.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+            except ValueError:
+                raise ConfigError(f"GATEWAY_TOOL_ALLOWED_NETWORKS: {value.strip()!r} is not a CIDR") from None
+    return tuple(networks)
+
+
+def _tool_allowed_hosts() -> tuple[str, ...]:
+    values = env_str("GATEWAY_TOOL_ALLOWED_HOSTS", "").split(",")
+    hosts = tuple(value.strip().lower().rstrip(".") for value in values if value.strip())
+    for host in hosts:
+        if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|[0-9a-f:.]+", host):
+            raise ConfigError(f"GATEWAY_TOOL_ALLOWED_HOSTS: {host!r} is not a host name (no port, scheme or path)")
+    return hosts
+
+
+def _allowed_hosts() -> tuple[str, ...]:
+    hosts = tuple(host.strip().lower() for host in env_str("GATEWAY_ALLOWED_HOSTS", "").split(",") if host.strip())
+    for host in hosts:
+        if not valid_host(host) or host_name(host) != host:
+            raise ConfigError(f"GATEWAY_ALLOWED_HOSTS: {host!r} is not a host name (no port, scheme or path)")
+    return hosts
+
+
+def _public_url() -> str | None:
+    value = env_str("GATEWAY_PUBLIC_URL", "").rstrip("/")
+    if not value:
+        return None
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not valid_host(parts.netloc) or parts.path or parts.query:
+        raise ConfigError(f"GATEWAY_PUBLIC_URL={value!r}: must be http(s)://host[:port], with no path")
     return value
 
 

@@ -71,7 +71,11 @@ TRANSFER_NUMBER_PARAMETERS = {
 
 class Tool(_Strict):
     """A tool the model may call: a built-in (``end_call``, ``transfer_call``: no ``url``) or an HTTP
-    webhook (``url``). Built-ins get a description and parameters when none are given."""
+    webhook (``url``). Built-ins get a description and parameters when none are given.
+
+    A tool's result is for the model. ``expose_result`` also shows it to the clients of the browser
+    socket (``/ws``, unauthenticated): its ``llm_tool_result`` then carries the result itself instead of
+    ``{"successful": …}``. Set it only for tools whose answers any caller may read."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str = Field(default="", max_length=2000)
@@ -81,6 +85,7 @@ class Tool(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = Field(default=5.0, gt=0, le=60)
     transfer_number: str = Field(default="", max_length=32)
+    expose_result: bool = Field(default=False, description="show the result to unauthenticated /ws clients")
 
     @model_validator(mode="after")
     def _builtin_or_webhook(self) -> Tool:

@@ -10,7 +10,10 @@ Webhook tools are called with ``POST`` (or ``PUT``/``PATCH``) and a JSON body::
     {"name": "get_order", "arguments": {...}, "tool_call_id": "...", "session_id": "...", "agent_id": "..."}
 
 or with ``GET``/``DELETE`` and the arguments as query parameters. The response body (JSON or text,
-at most :data:`MAX_RESULT_CHARS` characters) is the result the model sees.
+at most :data:`MAX_RESULT_CHARS` characters; the rest is never read) is the result the model sees.
+Requests go through :class:`~voice_gateway.agents.egress_client.EgressClient`: a URL (or a redirect) to a
+loopback, private, link-local or cluster-internal destination is refused with an error result, unless
+the gateway's allow-list (``GATEWAY_TOOL_ALLOWED_NETWORKS``, ``GATEWAY_TOOL_ALLOWED_HOSTS``) admits it.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from voice.v1 import llm_pb2
+from voice_gateway.agents.egress import EgressError, EgressRefused
+from voice_gateway.agents.egress_client import MAX_BODY_CHARS, EgressClient
 from voice_gateway.agents.store import Agent, Tool
 
 logger = logging.getLogger(__name__)
 
-MAX_RESULT_CHARS = 4000
+MAX_RESULT_CHARS = MAX_BODY_CHARS
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -123,17 +126,18 @@ class WebhookTool(AgentTool):
 
     Args:
         config: The tool's entry in the agent (``url``, ``method``, ``headers``, ``timeout_s``).
-        http: The gateway's shared HTTP client.
+        egress: The gateway's client for webhooks, which enforces its egress policy.
     """
 
-    def __init__(self, config: Tool, http: httpx.AsyncClient) -> None:
+    def __init__(self, config: Tool, egress: EgressClient) -> None:
         super().__init__(config)
-        self._http = http
+        self._egress = egress
 
     async def run(self, invocation: Invocation) -> ToolOutcome:
         config = self.config
         method = config.method.upper()
         request: dict[str, Any] = {"headers": config.headers}
+        name = invocation.name
         if method in BODY_METHODS:
             request["json"] = {
                 "name": invocation.name,
@@ -146,15 +150,18 @@ class WebhookTool(AgentTool):
             request["params"] = {k: _query_value(v) for k, v in invocation.arguments.items()}
         try:
             async with asyncio.timeout(config.timeout_s):
-                response = await self._http.request(method, config.url, **request)
+                response = await self._egress.request(method, config.url, **request)
         except TimeoutError:
-            return _error(f"the {invocation.name} service did not answer within {config.timeout_s:g} s")
-        except httpx.HTTPError as exc:
-            return _error(f"the {invocation.name} service could not be reached ({type(exc).__name__})")
-        body = response.text[:MAX_RESULT_CHARS]
+            return _error(f"the {name} service did not answer within {config.timeout_s:g} s")
+        except EgressRefused as exc:
+            message = exc.describe(name)
+            logger.warning("agent %s, session %s: %s", invocation.agent_id, invocation.session_id, message)
+            return _error(message)
+        except EgressError as exc:
+            return _error(f"the {name} service {exc}")
         if response.is_error:
-            return _error(f"the {invocation.name} service answered HTTP {response.status_code}", body)
-        return ToolOutcome(body or json.dumps({"status": response.status_code}), True)
+            return _error(f"the {name} service answered HTTP {response.status_code}", response.text)
+        return ToolOutcome(response.text or json.dumps({"status": response.status_code}), True)
 
 
 def _query_value(value: Any) -> str:
@@ -173,15 +180,15 @@ class Toolbox:
 
     Args:
         agent: The agent whose ``tools`` are used.
-        http: The gateway's shared HTTP client for webhook tools.
+        egress: The gateway's client for webhook tools.
     """
 
-    def __init__(self, agent: Agent, http: httpx.AsyncClient) -> None:
+    def __init__(self, agent: Agent, egress: EgressClient) -> None:
         self._agent = agent
         self._tools: dict[str, AgentTool] = {}
         for config in agent.tools:
             if config.url:
-                self._tools[config.name] = WebhookTool(config, http)
+                self._tools[config.name] = WebhookTool(config, egress)
             elif config.name == "end_call":
                 self._tools[config.name] = EndCallTool(config)
             elif config.name == "transfer_call":
@@ -192,6 +199,11 @@ class Toolbox:
 
     def specs(self) -> list[llm_pb2.Tool]:
         return [tool.spec() for tool in self._tools.values()]
+
+    def exposes_result(self, name: str) -> bool:
+        """Whether the agent lets unauthenticated clients see the results of tool ``name`` (``expose_result``)."""
+        tool = self._tools.get(name)
+        return tool is not None and tool.config.expose_result
 
     async def run(self, call: llm_pb2.ToolCall, session_id: str) -> ToolOutcome:
         """Runs one of the model's tool calls; unknown tools and bad arguments are error results."""

@@ -280,8 +280,10 @@ class ConnectionGuard:
     Attributes:
         dialect: For metrics and messages.
         max_frame_bytes: This connection's frame limit.
-        listening: Set by a dialect while the connection only listens (channel subscriptions): the
-            idle timeout does not apply then.
+
+    The idle timeout counts inbound frames only, unless the dialect also reports what it sends with
+    :meth:`activity` (the channels dialect does, for the messages it delivers): then a connection is
+    idle only when nothing went either way for the timeout.
     """
 
     def __init__(
@@ -297,7 +299,8 @@ class ConnectionGuard:
         self._handshake_deadline = limits.clock() + settings.handshake_timeout_s
         self._key: str | None = None
         self._released = False
-        self.listening = False
+        # The timeout of the receive in progress while it waits on the idle timeout, for activity().
+        self._idle_scope: asyncio.Timeout | None = None
 
     @property
     def settings(self) -> LimitSettings:
@@ -329,18 +332,23 @@ class ConnectionGuard:
         """The dialect's opening message has arrived: from now on only the idle timeout applies."""
         self._awaiting_handshake = False
 
+    def activity(self) -> None:
+        """The dialect sent the client something it counts as activity: the idle timeout starts again, as if
+        a frame had been received. Safe to call from any task of the connection's event loop."""
+        scope = self._idle_scope
+        if scope is not None and not scope.expired():
+            scope.reschedule(asyncio.get_running_loop().time() + self._limits.settings.idle_timeout_s)
+
     def _refuse(self, error: LimitExceeded) -> LimitExceeded:
         REFUSALS.labels(self.dialect, error.limit).inc()
         return error
 
-    def _timeout(self) -> tuple[float | None, LimitExceeded | None]:
+    def _timeout(self) -> tuple[float, LimitExceeded]:
         settings = self._limits.settings
         if self._awaiting_handshake:
             reason = f"no opening message within {settings.handshake_timeout_s:g} s of connecting"
             remaining = max(0.0, self._handshake_deadline - self._limits.clock())
             return remaining, LimitExceeded(HANDSHAKE, CLOSE_POLICY_VIOLATION, reason)
-        if self.listening:
-            return None, None
         reason = f"idle: no message for {settings.idle_timeout_s:g} s"
         return settings.idle_timeout_s, LimitExceeded(IDLE, CLOSE_POLICY_VIOLATION, reason)
 
@@ -357,8 +365,13 @@ class ConnectionGuard:
         """
         timeout, on_timeout = self._timeout()
         try:
-            async with asyncio.timeout(timeout):
-                frame = await self._ws.receive()
+            async with asyncio.timeout(timeout) as scope:
+                if on_timeout.limit == IDLE:
+                    self._idle_scope = scope
+                try:
+                    frame = await self._ws.receive()
+                finally:
+                    self._idle_scope = None
         except TimeoutError:
             raise self._refuse(on_timeout) from None
         if frame["type"] != "websocket.receive":

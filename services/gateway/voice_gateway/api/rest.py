@@ -1,6 +1,8 @@
-"""The REST API: agents (``GET/PUT/DELETE /api/agents/{id}``), call logs (``GET /api/calls/{id}``) and
-seed 003's trigger (``POST /api/calls/trigger``). Every route needs one of ``GATEWAY_API_KEYS`` as
-``Authorization: Bearer <key>`` or ``X-API-Key``; bodies are parsed strictly (:mod:`voice_gateway.api.messages`)."""
+"""The REST API: agents (``GET/PUT/DELETE /api/agents/{id}``), call logs (``GET /api/calls/{id}``),
+seed 003's trigger (``POST /api/calls/trigger``, whose answer carries the session's ``channel_token``)
+and channel tokens (``POST /api/channels/token``, see :mod:`voice_gateway.dialects.channels`). Every
+route needs one of ``GATEWAY_API_KEYS`` as ``Authorization: Bearer <key>`` or ``X-API-Key``; bodies are
+parsed strictly (:mod:`voice_gateway.api.messages`)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import ValidationError
 
 from voice_gateway.agents import AGENT_ID, Agent
-from voice_gateway.api.auth import Authenticator, api_key_dependency
+from voice_gateway.api.auth import Authenticator, ChannelTokens, api_key_dependency
 from voice_gateway.api.limits import LimitExceeded, Limits
 from voice_gateway.api.messages import InvalidJson, parse_json
+from voice_gateway.api.triggers import PendingTriggers
+from voice_gateway.dialects.channels import CHANNEL as CHANNEL_NAME
+from voice_gateway.dialects.channels import RESERVED as RESERVED_CHANNELS
 
 PCM_DIALECT = "pcm"
 
@@ -28,8 +33,21 @@ async def json_object_body(request: Request) -> dict:
     return body
 
 
-def rest_router(authenticator: Authenticator, limits: Limits) -> APIRouter:
-    """The REST routes; they read the stores from ``request.app.state.context``."""
+def rest_router(
+    authenticator: Authenticator,
+    limits: Limits,
+    triggers: PendingTriggers,
+    *,
+    channel_tokens: ChannelTokens,
+) -> APIRouter:
+    """The REST routes; they read the stores from ``request.app.state.context``.
+
+    Args:
+        authenticator: Checks the API keys.
+        limits: The gateway's session limits (a trigger counts against its key's sessions).
+        triggers: Triggered calls not yet connected, per key (429 beyond its limit).
+        channel_tokens: Issues the channel tokens of ``/ws/channels`` (trigger and ``/api/channels/token``).
+    """
     router = APIRouter()
     api_key = Depends(api_key_dependency(authenticator))
 
@@ -78,6 +96,13 @@ def rest_router(authenticator: Authenticator, limits: Limits) -> APIRouter:
             limits.check_key_capacity(PCM_DIALECT, identity)
         except LimitExceeded as exc:
             raise HTTPException(429, exc.reason, headers={"Retry-After": "5"}) from None
+        if triggers.full(identity):
+            raise HTTPException(
+                429,
+                f"this API key already has {triggers.limit} triggered calls waiting to connect; connect or let "
+                "them expire first",
+                headers={"Retry-After": "5"},
+            )
         agent_id = body.get("agent_id")
         if not isinstance(agent_id, str) or not agent_id:
             raise HTTPException(422, "agent_id (string) is required")
@@ -88,10 +113,25 @@ def rest_router(authenticator: Authenticator, limits: Limits) -> APIRouter:
             raise HTTPException(422, "template variables must be strings, numbers or booleans")
         session_id = str(uuid.uuid4())
         await request.app.state.registry.announce(session_id, agent_id, variables, owner=identity)
+        triggers.add(identity, session_id)
+        channel_token, _ = channel_tokens.issue(session_id)
         return {
             "session_id": session_id,
             "websocket_url": f"/api/pipecat/websocket/{session_id}",
+            "channel_token": channel_token,
             "status": "initialized",
         }
+
+    @router.post("/api/channels/token")
+    async def issue_channel_token(body: dict = Depends(json_object_body), _: str = api_key) -> dict:
+        """A channel token for ``channel`` (a session id): the right to follow that session's statuses on
+        ``/ws/channels`` without the API key, e.g. for a dashboard; valid on every replica (see
+        :class:`~voice_gateway.api.auth.ChannelTokens`). Any valid channel name may be asked for, so a
+        token can be handed out before the session starts."""
+        channel = body.get("channel")
+        if not isinstance(channel, str) or not CHANNEL_NAME.fullmatch(channel) or channel in RESERVED_CHANNELS:
+            raise HTTPException(422, "channel (string) is required: 1-128 letters, digits, '-' or '_'")
+        token, expires = channel_tokens.issue(channel)
+        return {"channel": channel, "token": token, "expires_at": expires}
 
     return router

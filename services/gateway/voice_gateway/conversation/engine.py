@@ -23,13 +23,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import httpx
 from opentelemetry import trace
 
 from voice.v1 import audio_pb2, llm_pb2, stt_pb2
 from voice_bus.client import BusClient
 from voice_bus.errors import BusError
 from voice_gateway.agents import Agent
+from voice_gateway.agents.egress_client import EgressClient
 from voice_gateway.agents.tools import Toolbox
 from voice_gateway.conversation.events import (
     CallActionRequested,
@@ -87,7 +87,8 @@ class TurnEngine:
     Args:
         bus: Client of the STT, LLM and TTS workers.
         stt_timeout_s, llm_timeout_s, tts_timeout_s: Budgets of each bus request.
-        http: Client for the agents' webhook tools (one is made when not given).
+        egress: Client for the agents' webhook tools, with the gateway's egress policy (one with the
+            default policy, no allow-list, is made when not given).
     """
 
     def __init__(
@@ -97,10 +98,10 @@ class TurnEngine:
         stt_timeout_s: float,
         llm_timeout_s: float,
         tts_timeout_s: float,
-        http: httpx.AsyncClient | None = None,
+        egress: EgressClient | None = None,
     ) -> None:
         self._bus = bus
-        self._http = http or httpx.AsyncClient()
+        self._egress = egress or EgressClient()
         self._stt_timeout_s = stt_timeout_s
         self._llm_timeout_s = llm_timeout_s
         self._tts_timeout_s = tts_timeout_s
@@ -174,7 +175,7 @@ class TurnEngine:
         """
         agent = conversation.agent
         conversation.history.append({"role": "user", "content": user_text})
-        toolbox = Toolbox(agent, self._http)
+        toolbox = Toolbox(agent, self._egress)
         result = TurnResult(user_text=user_text)
         speaker = self.speaker(conversation, output, emit, started) if output is not None else None
         sentences = SentenceSplitter(min_chars=MIN_SENTENCE_CHARS, first_clause_min_words=FIRST_CLAUSE_WORDS)
@@ -344,7 +345,11 @@ class TurnEngine:
                 result.action = outcome.action
             await emit(
                 ToolFinished(
-                    tool_call_id=call.id, name=call.name, content=outcome.content, successful=outcome.successful
+                    tool_call_id=call.id,
+                    name=call.name,
+                    content=outcome.content,
+                    successful=outcome.successful,
+                    expose_result=toolbox.exposes_result(call.name),
                 )
             )
 

@@ -80,12 +80,14 @@ class ToolCalled(Event):
 
 @dataclass(frozen=True)
 class ToolFinished(Event):
-    """A tool's result, as the model will read it."""
+    """A tool's result, as the model will read it; ``expose_result``: the agent lets unauthenticated
+    clients see ``content`` (the tool's ``expose_result``)."""
 
     tool_call_id: str = ""
     name: str = ""
     content: str = ""
     successful: bool = True
+    expose_result: bool = False
     kind: str = "tool_result"
 
 

@@ -48,6 +48,7 @@ from voice_gateway.conversation.events import (
 )
 from voice_gateway.conversation.metrics import ERRORS, FIRST_AUDIO, TURNS, TURNS_RUNNING
 from voice_runtime.tasks import cancel_and_wait, wait_quietly
+from voice_telemetry.tracing import clamp_attribute
 
 if TYPE_CHECKING:
     from voice_gateway.conversation.session import Session
@@ -250,7 +251,7 @@ class TurnRunner:
         emit = self._emitter(turn)
         with session.turn_span(turn.kind) as span:
             for name, value in turn.attributes.items():
-                span.set_attribute(name, value)
+                span.set_attribute(name, clamp_attribute(value))
             if turn.endpointing_s is not None:
                 result.timings["endpointing_s"] = turn.endpointing_s
                 result.endpointing = turn.endpointing

@@ -4,6 +4,13 @@ A dialect opens a :class:`Session` on its ``init`` (or connect), hands it :class
 :meth:`Session.submit` (or :attr:`Session.runner` to cancel), and gets each turn's events through the
 turn's ``emit``. The session's observers (the channels' status payloads) see every event of every turn.
 Closing the session cancels the running turn, which cancels its requests on the bus.
+
+A session's id is its call log's id, and it is settled by :meth:`Session.start`: a new log is created
+create-only (:meth:`~voice_gateway.storage.call_log.CallLogStore.create`), never written over another
+log. When its id is taken, the session either gets a fresh random id (``on_collision=FRESH``: the
+default, for ids a carrier chose) or is refused with :class:`CallLogExists` (``REFUSE``: ids the
+gateway issued, chat conversations). Only then are the session's trace, conversation and observers
+made, so they all carry the id it ends up with. A session that was never started writes nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from voice_gateway.conversation.engine import Conversation, TurnEngine
 from voice_gateway.conversation.events import Emit, OutputFormat, TurnResult
 from voice_gateway.conversation.metrics import ACTIVE_SESSIONS, OBSERVED_STAGES, STAGE
 from voice_gateway.conversation.runner import Turn, TurnRunner
-from voice_gateway.storage.call_log import CallLog, CallLogStore, TurnRecord
+from voice_gateway.storage.call_log import CallLog, CallLogExists, CallLogStore, TurnRecord
 from voice_gateway.storage.registry import CallRegistry
 from voice_runtime.tasks import cancel_and_wait
 from voice_telemetry.tracing import set_content_attribute
@@ -39,6 +46,12 @@ tracer = trace.get_tracer("voice_gateway")
 
 # Makes a session's observer: called with the new session, returns a function every event goes to.
 ObserverFactory = Callable[["Session"], Emit]
+
+# What a new session does when a log with its id exists: take a fresh random id, or refuse.
+FRESH = "fresh"
+REFUSE = "refuse"
+# Fresh ids tried before giving up (random 128-bit ids: the first one is all but certain to be free).
+FRESH_ID_TRIES = 3
 
 
 @dataclass
@@ -61,8 +74,12 @@ class Session:
         context: Shared gateway services.
         agent: The agent the client asked for.
         dialect: Name of the wire protocol, for metrics, traces and the call log.
-        call_log: An existing call log to continue, or ``None`` for a new call.
-        session_id: Id of a new call (e.g. announced by the trigger endpoint); a random one if ``None``.
+        call_log: An existing call log to continue (the dialect checked that this client may), or
+            ``None`` for a new call.
+        session_id: The id a new call asks for (a carrier's stream id, one the trigger endpoint issued, a
+            chat conversation id); a random one if ``None``. :meth:`start` settles it.
+        on_collision: When a log with ``session_id`` already exists: ``FRESH`` gives the new call a random
+            id instead, ``REFUSE`` makes :meth:`start` raise :class:`CallLogExists`.
     """
 
     def __init__(
@@ -72,37 +89,35 @@ class Session:
         dialect: str,
         call_log: CallLog | None = None,
         session_id: str | None = None,
+        *,
+        on_collision: str = FRESH,
     ) -> None:
+        if on_collision not in (FRESH, REFUSE):
+            raise ValueError(f"on_collision must be {FRESH!r} or {REFUSE!r}, not {on_collision!r}")
         self._context = context
         self.dialect = dialect
         self.agent = agent
+        self._continues = call_log is not None
+        self._on_collision = on_collision
         self.call_log = call_log or CallLog(
             call_log_id=session_id or uuid.uuid4().hex, agent_id=agent.id, agent_name=agent.name, dialect=dialect
         )
         self.call_log.status = "active"
         self.call_log.ended_at = None
-        self.conversation = Conversation(session_id=self.call_log.call_log_id, agent=agent)
+        history: list[dict] = []
         for turn in self.call_log.turns:
             if turn.user:
-                self.conversation.history.append({"role": "user", "content": turn.user})
+                history.append({"role": "user", "content": turn.user})
             if turn.assistant:
-                self.conversation.history.append({"role": "assistant", "content": turn.assistant})
-        self.span = tracer.start_span(
-            "session",
-            attributes={
-                "voice.session_id": self.id,
-                "voice.dialect": dialect,
-                "voice.agent_id": agent.id,
-                "gen_ai.request.model": agent.llm.model or "default",
-                "voice.tts.voice": agent.voice or "default",
-                "voice.agent.tools": len(agent.tools),
-            },
-        )
-        self.observers: list[Emit] = [make(self) for make in context.observers]
+                history.append({"role": "assistant", "content": turn.assistant})
+        # start() settles the id (the conversation's too), then opens the trace and makes the observers.
+        self.conversation = Conversation(session_id=self.id, agent=agent, history=history)
+        self.span: trace.Span = trace.INVALID_SPAN
+        self.observers: list[Emit] = []
         self.runner = TurnRunner(self)
         self._warming: asyncio.Task | None = None
+        self._started = False
         self._closed = False
-        ACTIVE_SESSIONS.labels(dialect).inc()
 
     @property
     def id(self) -> str:
@@ -112,9 +127,66 @@ class Session:
     def engine(self) -> TurnEngine:
         return self._context.engine
 
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` settled the session's id and recorded its start."""
+        return self._started
+
     async def start(self) -> None:
-        """Records the call's start."""
-        await self._context.calls.save(self.call_log)
+        """Records the call's start, then opens its trace and observers under the id it settled.
+
+        A new log is created, never written over another: when its id is taken the session gets a
+        fresh one (``FRESH``, logged) or is refused (``REFUSE``). A continued log is saved as it is.
+
+        Raises:
+            CallLogExists: ``REFUSE`` and the id is taken. The session is closed: it wrote nothing.
+            RuntimeError: The session was already started or closed.
+        """
+        if self._started or self._closed:
+            raise RuntimeError(f"session {self.id} was already {'started' if self._started else 'closed'}")
+        try:
+            if self._continues:
+                await self._context.calls.save(self.call_log)
+            else:
+                await self._create_log()
+        except BaseException:
+            # Never opened: nothing to record, no trace, nothing counted; only the runner to stop.
+            self._closed = True
+            await self.runner.close(CLOSE_GRACE_S)
+            raise
+        self._started = True
+        self.conversation.session_id = self.id
+        self.span = tracer.start_span(
+            "session",
+            attributes={
+                "voice.session_id": self.id,
+                "voice.dialect": self.dialect,
+                "voice.agent_id": self.agent.id,
+                "gen_ai.request.model": self.agent.llm.model or "default",
+                "voice.tts.voice": self.agent.voice or "default",
+                "voice.agent.tools": len(self.agent.tools),
+            },
+        )
+        self.observers = [make(self) for make in self._context.observers]
+        ACTIVE_SESSIONS.labels(self.dialect).inc()
+
+    async def _create_log(self) -> None:
+        """Creates the new call log, under a fresh id when the asked one is taken (``FRESH``)."""
+        asked = self.id
+        for _ in range(1 + FRESH_ID_TRIES):
+            if await self._context.calls.create(self.call_log):
+                if self.id != asked:
+                    logger.warning(
+                        "%s session: a call log with id %r already exists; this session's log is %s instead",
+                        self.dialect,
+                        asked,
+                        self.id,
+                    )
+                return
+            if self._on_collision == REFUSE:
+                raise CallLogExists(asked)
+            self.call_log.call_log_id = uuid.uuid4().hex
+        raise CallLogExists(asked)
 
     def submit(self, turn: Turn) -> None:
         """Queues a turn; it runs after the turns queued before it."""
@@ -172,8 +244,9 @@ class Session:
                 endpointing=result.endpointing,
             )
         )
-        with contextlib.suppress(Exception):
-            await self._context.calls.save(self.call_log)
+        if self._started:
+            with contextlib.suppress(Exception):
+                await self._context.calls.save(self.call_log)
 
     async def wait_idle(self) -> None:
         """Waits until every queued turn has run."""
@@ -188,6 +261,10 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        if not self._started:
+            # Never started (or its start failed): there is no log of its own to record.
+            await self.runner.close(CLOSE_GRACE_S)
+            return
         if self._context.draining and status == "completed":
             status = HANDED_OFF
         await cancel_and_wait(self._warming)

@@ -2,14 +2,17 @@
 
 Client → server: ``init`` (``agentId``, optional ``callLogId``), ``audio`` (base64 WebM/Opus, Ogg,
 WAV, MP3 or raw PCM16 16 kHz), ``text`` (``text``), ``end``. Fields are read from ``data`` or the top
-level. Server → client: ``init_success`` then the greeting as ``audio_response``; per audio turn
+level. Server → client: ``init_success`` (seed 001's ``callLogId``, ``agentName``, ``message``, and
+``channelToken``: the right to follow this session's statuses on ``/ws/channels``, see
+:mod:`voice_gateway.dialects.channels`) then the greeting as ``audio_response``; per audio turn
 ``processing_started``, ``stt_start``, ``stt_complete``, ``llm_start``, ``llm_chunk``…,
 ``llm_complete``, ``tts_start``, ``audio_response`` (one per sentence, as soon as it is
 synthesized, so often before ``llm_complete``), ``tts_complete`` (the whole reply), and
 ``processing_complete``; per text turn the ``llm_*`` events, ``text_response`` and the audio; ``end``
 → ``session_ended``. When the agent uses tools, ``llm_tool_call`` (``toolCallId``, ``name``,
-``arguments``: JSON text) and ``llm_tool_result`` (``toolCallId``, ``name``, ``result``,
-``successful``) come between the ``llm_chunk`` events; a built-in ``end_call`` or ``transfer_call``
+``arguments``: JSON text) and ``llm_tool_result`` (``toolCallId``, ``name``, ``result``: the tool's
+answer when its ``expose_result`` is set, else ``{"successful": …}`` as JSON text, ``successful``) come
+between the ``llm_chunk`` events; a built-in ``end_call`` or ``transfer_call``
 ends the session after the answer with ``session_ended`` (``reason``, ``transferNumber``). Any
 invalid message, and one over ``GATEWAY_MAX_MESSAGE_BYTES``, gets an ``error`` event and the session
 goes on. The gateway's limits (:mod:`voice_gateway.api.limits`) are answered with an ``error`` event and
@@ -31,6 +34,7 @@ from starlette.websockets import WebSocket
 from voice.v1 import audio_pb2
 from voice_audio import wav_bytes
 from voice_gateway.agents.tools import CallAction
+from voice_gateway.api.auth import ChannelTokens
 from voice_gateway.api.limits import ConnectionGuard, Limits
 from voice_gateway.conversation.events import (
     Event,
@@ -90,14 +94,23 @@ class BrowserConnection(Connection):
         context: Shared gateway services.
         guard: The connection's limits (its frame limit is the browser's maximum message size).
         max_utterance_s: Longer raw PCM utterances are refused with an ``error`` event.
+        channel_tokens: Issues ``init_success``'s ``channelToken``, the right to follow this session's
+            statuses on ``/ws/channels``; ``None`` leaves the field out.
     """
 
     dialect = DIALECT
 
     def __init__(
-        self, websocket: WebSocket, context: GatewayContext, guard: ConnectionGuard, *, max_utterance_s: float
+        self,
+        websocket: WebSocket,
+        context: GatewayContext,
+        guard: ConnectionGuard,
+        *,
+        max_utterance_s: float,
+        channel_tokens: ChannelTokens | None = None,
     ) -> None:
         super().__init__(websocket, guard)
+        self._channel_tokens = channel_tokens
         self._context = context
         self._max_utterance_s = max_utterance_s
         self._session: Session | None = None
@@ -145,7 +158,8 @@ class BrowserConnection(Connection):
         if call_log_id:
             call_log = await self._context.calls.get(call_log_id)
             # Only a browser call can be continued here: this socket is unauthenticated, and a phone call's
-            # or another user's chat history must not be readable through it.
+            # or another user's chat history must not be readable (nor written) through it. Without a
+            # callLogId the session's log is new, under a random id, created where no log has it.
             if call_log is None or call_log.dialect != DIALECT:
                 await self.error(f"init: unknown callLogId {call_log_id!r}")
                 return
@@ -153,10 +167,11 @@ class BrowserConnection(Connection):
         await session.start()
         self._session = session
         self.guard.handshake_done()
-        await self.send(
-            "init_success",
-            {"callLogId": session.id, "agentName": agent.name, "message": f"Connected to {agent.name}"},
-        )
+        ready = {"callLogId": session.id, "agentName": agent.name, "message": f"Connected to {agent.name}"}
+        if self._channel_tokens is not None:
+            # Beyond seed 001's fields (clients read the ones they know): the right to this session's channel.
+            ready["channelToken"] = self._channel_tokens.issue(session.id)[0]
+        await self.send("init_success", ready)
         session.greet(OUTPUT, self._greeting_events)
 
     async def _audio(self, message: dict) -> None:
@@ -265,12 +280,14 @@ class _TurnEvents:
                 "llm_tool_call", {"toolCallId": event.tool_call_id, "name": event.name, "arguments": event.arguments}
             )
         elif isinstance(event, ToolFinished):
+            # This socket is unauthenticated: a tool's answer is for the model, shown only when the agent says so.
+            result = event.content if event.expose_result else json.dumps({"successful": event.successful})
             await send(
                 "llm_tool_result",
                 {
                     "toolCallId": event.tool_call_id,
                     "name": event.name,
-                    "result": event.content,
+                    "result": result,
                     "successful": event.successful,
                 },
             )
@@ -281,13 +298,21 @@ class _TurnEvents:
 
 
 async def serve_browser(
-    websocket: WebSocket, context: GatewayContext, limits: Limits, *, max_message_bytes: int, max_utterance_s: float
+    websocket: WebSocket,
+    context: GatewayContext,
+    limits: Limits,
+    *,
+    max_message_bytes: int,
+    max_utterance_s: float,
+    channel_tokens: ChannelTokens | None = None,
 ) -> None:
     """Accepts and serves one seed 001 WebSocket; a full gateway answers ``error`` and closes 1013."""
     await serve(
         websocket,
         limits,
         BrowserConnection,
-        lambda guard: BrowserConnection(websocket, context, guard, max_utterance_s=max_utterance_s),
+        lambda guard: BrowserConnection(
+            websocket, context, guard, max_utterance_s=max_utterance_s, channel_tokens=channel_tokens
+        ),
         max_frame_bytes=max_message_bytes,
     )

@@ -6,6 +6,11 @@ Bad frames (malformed JSON, binary frames, unknown events, bad payloads) are cou
 call goes on. The gateway's limits close the stream instead, since a carrier has no error event:
 1013 when the gateway is full, 1009 for a frame over ``GATEWAY_MAX_FRAME_BYTES``, 1008 without a
 ``start`` within the handshake timeout, after the idle timeout, or past the message rate.
+
+The stream id is what the call's log asks to be called, never a way into another log: when a log
+with that id already exists (another call's, a chat conversation's), the call gets a fresh log under
+a random id, a warning is logged, and the wire keeps the carrier's stream id (see
+:mod:`voice_gateway.storage.call_log`).
 """
 
 from __future__ import annotations
@@ -62,7 +67,11 @@ def decode_payload(payload: Any, on_bad: Callable[[str], None]) -> bytes | None:
 
 
 def safe_id(stream_sid: str) -> str | None:
-    """The carrier's stream id as the call's session id (so its call log is found by it), if it is usable."""
+    """The carrier's stream id as the id the call's log asks for (so it is found by it), if it is usable.
+
+    Only asked: a new session creates its log create-only, and takes a fresh random id when a log with
+    this one exists (:data:`~voice_gateway.conversation.session.FRESH`).
+    """
     return stream_sid if stream_sid and _SAFE_ID.fullmatch(stream_sid) else None
 
 

@@ -15,6 +15,9 @@ connection that does not authorize within ``GATEWAY_HANDSHAKE_TIMEOUT_SECONDS`` 
 4401. Conversations persist by ``conversation_id`` (their history is the call log of that id); only
 the credential that opened one may continue it, and a connection keeps at most
 :data:`MAX_OPEN_CONVERSATIONS` open (the least recently used is closed; it can be continued later).
+An id that is another credential's conversation, or any other kind of call log, is answered
+``error`` with code ``forbidden``; a new conversation's log is created atomically, so of two
+credentials racing for one new id only one has it (the other is answered ``forbidden``).
 Invalid messages, and messages over ``GATEWAY_MAX_FRAME_BYTES``, get an ``error`` event and the
 connection goes on. The gateway's other limits answer ``error`` and close: 1013 when the gateway or
 the credential is at its maximum of sessions, 1008 past the message rate or the idle timeout.
@@ -50,8 +53,9 @@ from voice_gateway.conversation.events import (
     TurnStarted,
 )
 from voice_gateway.conversation.runner import INTERRUPTED, Turn
-from voice_gateway.conversation.session import GatewayContext, Session
+from voice_gateway.conversation.session import REFUSE, GatewayContext, Session
 from voice_gateway.dialects.base import Connection, serve
+from voice_gateway.storage.call_log import CallLogExists
 from voice_text import SentenceSplitter
 
 logger = logging.getLogger(__name__)
@@ -220,20 +224,26 @@ class ChatConnection(Connection):
         unknown agent.
 
         Raises:
-            PermissionError: The id belongs to a conversation another credential opened, or to a call.
+            PermissionError: The id belongs to a conversation another credential opened, or to a call
+                (a new conversation's log is created only where no log has its id: atomically).
         """
         session = self._sessions.pop(conversation_id, None)
         if session is None:
             agent = await self._context.agents.get(agent_id)
             if agent is None:
                 return None
+            refused = PermissionError(f"conversation_id {conversation_id!r} belongs to another conversation")
             previous = await self._context.calls.get(conversation_id)
             if previous is not None and (previous.dialect != DIALECT or previous.owner != self._identity):
-                raise PermissionError(f"conversation_id {conversation_id!r} belongs to another conversation")
-            await self._close_least_recently_used()
-            session = Session(self._context, agent, DIALECT, previous, session_id=conversation_id)
+                raise refused
+            session = Session(self._context, agent, DIALECT, previous, session_id=conversation_id, on_collision=REFUSE)
             session.call_log.owner = self._identity
-            await session.start()
+            try:
+                await session.start()
+            except CallLogExists:
+                # Another connection created a log with this id since it was looked up.
+                raise refused from None
+            await self._close_least_recently_used()
         self._sessions[conversation_id] = session
         return session
 

@@ -2,7 +2,9 @@
 ways on ``/ws/pcm/{session_id}`` or the seed's path ``/api/pipecat/websocket/{session_id}``.
 
 A session id that was never announced, has expired (not connected within 5 minutes) or is already
-connected is closed with code **4404** and the reason ``unknown or expired session``. Text frames
+connected is closed with code **4404** and the reason ``unknown or expired session``; one under which
+a call log already exists (the gateway issued the id, so no other log may have it) is closed with
+4404 too, reason ``session id already in use``, and that log is left as it is. Text frames
 and odd-length frames are counted and ignored; the call goes on. The gateway's limits close the
 socket: 1013 when the gateway, or the API key that triggered the call, is at its maximum of
 sessions; 1009 for a frame over ``GATEWAY_MAX_FRAME_BYTES``; 1008 past the message rate or the idle
@@ -18,11 +20,13 @@ import logging
 from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
+from voice_gateway.agents.templates import personalise
 from voice_gateway.agents.tools import CallAction
 from voice_gateway.api.limits import ConnectionGuard, LimitExceeded, Limits, close_socket
-from voice_gateway.conversation.call import CallSession, MediaFormat, open_call
-from voice_gateway.conversation.session import GatewayContext
+from voice_gateway.conversation.call import CallSession, MediaFormat
+from voice_gateway.conversation.session import REFUSE, GatewayContext, Session
 from voice_gateway.dialects.base import Connection, serve
+from voice_gateway.storage.call_log import CallLogExists
 from voice_gateway.storage.registry import CallRegistry
 
 logger = logging.getLogger(__name__)
@@ -68,7 +72,7 @@ class PcmConnection(Connection):
 
     async def opened(self) -> None:
         """Claims the announced call (4404 when it is unknown, expired or already connected), binds the
-        API key that triggered it, and starts the call."""
+        API key that triggered it, and starts the call under the issued id (4404 when a log has it)."""
         pending = await self._registry.claim(self._session_id)
         if pending is None:
             self.close(UNKNOWN_SESSION, "unknown or expired session")
@@ -80,11 +84,26 @@ class PcmConnection(Connection):
                 logger.warning("pcm call %s closed: %s", self._session_id, exc.reason)
                 self.close(exc.close_code, exc.reason)
                 return
-        self._call = await open_call(
-            self._context, DIALECT, pending["agent_id"], pending.get("variables") or {}, MEDIA, self, self._session_id
-        )
-        if self._call is None:
+        agent = await self._context.agents.get(pending["agent_id"])
+        if agent is None:
             self.close(UNKNOWN_AGENT, f"unknown agent {pending['agent_id']!r}")
+            return
+        variables = pending.get("variables") or {}
+        session = Session(
+            self._context, personalise(agent, variables), DIALECT, session_id=self._session_id, on_collision=REFUSE
+        )
+        call = CallSession(session, MEDIA, self)
+        try:
+            await call.start()
+        except CallLogExists:
+            logger.warning("pcm call %s refused: a call log with its id already exists", self._session_id)
+            await call.close("refused")
+            self.close(UNKNOWN_SESSION, "session id already in use")
+            return
+        except BaseException:
+            await call.close("error")
+            raise
+        self._call = call
 
     async def finished(self) -> None:
         if self._call is not None:

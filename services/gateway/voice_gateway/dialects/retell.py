@@ -18,7 +18,11 @@ Retell sends no credentials: the path segment is the socket's only secret (see d
 
 When Retell reconnects (``auto_reconnect``) with a call id whose call log is still open (``active``,
 or ``handed_off`` by a gateway that drained with 1012), the session resumes from that log on
-whichever gateway it reaches: the same call log id, its turns kept, no second greeting.
+whichever gateway it reaches: the same call log id, its turns kept, no second greeting. Only its own
+call: the log must be a Retell log of the agent this connection resolves (the path's secret is the
+same for every call, so the agent is what tells calls apart). A call id that names any other log
+(another agent's call, a finished call, a chat conversation, a phone call) gets a fresh call log
+under a random id instead, with a warning; that log is neither read nor written.
 
 The agent comes from ``?agent_id=`` on the URL, else ``call.metadata.agent_id`` in ``call_details``,
 else ``default``; ``retell_llm_dynamic_variables`` fill the agent's ``{{name}}`` template variables.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from starlette.websockets import WebSocket
 
@@ -134,7 +139,12 @@ class RetellConnection(Connection):
         self.guard.handshake_done()
         kind = message.get("interaction_type")
         if kind == "ping_pong":
-            self._spawn(self.send_json({"response_type": "ping_pong", "timestamp": message.get("timestamp")}))
+            timestamp = message.get("timestamp")
+            if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+                # Retell still needs its pong to keep the call: answer with the gateway's clock.
+                await self.bad_frame("bad_timestamp", "")
+                timestamp = int(time.time() * 1000)
+            self._spawn(self.send_json({"response_type": "ping_pong", "timestamp": timestamp}))
         elif kind == "call_details":
             self._spawn(self._begin(message.get("call") if isinstance(message.get("call"), dict) else {}))
         elif kind == "update_only":
@@ -176,24 +186,35 @@ class RetellConnection(Connection):
             if isinstance(variables, dict)
             else {}
         )
-        previous = await self._resumable(_safe(self._call_id))
+        call_log_id = _safe(self._call_id)
+        previous = await self._resumable(call_log_id, agent.id)
+        # A new call's log is created only where no log has its id; else it gets a fresh id (FRESH).
         session = Session(
-            self._context, personalise(agent, variables), DIALECT, call_log=previous, session_id=_safe(self._call_id)
+            self._context, personalise(agent, variables), DIALECT, call_log=previous, session_id=call_log_id
         )
+        await session.start()
         self.resumed = previous is not None
         if self.resumed:
             logger.info("retell call %s resumed after %d turn(s)", session.id, len(previous.turns))
-        await session.start()
         return session
 
-    async def _resumable(self, call_log_id: str | None) -> CallLog | None:
+    async def _resumable(self, call_log_id: str | None, agent_id: str) -> CallLog | None:
         """The call's log when Retell reconnects (``auto_reconnect``) to continue a call that another
-        gateway, or this one, held and did not end; ``None`` for a new call."""
+        gateway, or this one, held and did not end; ``None`` for a new call.
+
+        Only a call this connection proves is its own: a Retell log, still open, of ``agent_id`` (the agent
+        this connection resolved). Any other log under the id is not this call's.
+        """
         if call_log_id is None:
             return None
         with contextlib.suppress(Exception):
             previous = await self._context.calls.get(call_log_id)
-            if previous is not None and previous.dialect == DIALECT and previous.status in RESUMABLE:
+            if (
+                previous is not None
+                and previous.dialect == DIALECT
+                and previous.status in RESUMABLE
+                and previous.agent_id == agent_id
+            ):
                 return previous
         return None
 

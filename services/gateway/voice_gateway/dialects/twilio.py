@@ -6,6 +6,10 @@
 ``mark`` and ``clear``, each with the ``streamSid``. When ``TWILIO_AUTH_TOKEN`` is set the webhook
 checks ``X-Twilio-Signature`` and refuses a bad one with 403.
 
+The URLs in the TwiML, and the URL the signature covers, start with ``GATEWAY_PUBLIC_URL`` when it
+is set; otherwise with what the request says (``X-Forwarded-Proto``/``X-Forwarded-Host`` from a
+TLS-terminating proxy, else ``Host``), used only when well-formed.
+
 The ``<Connect>`` verb carries ``action="/twilio/after-stream"``: when the agent ends the stream
 (its ``end_call`` or ``transfer_call`` tool), Twilio asks that URL what next, and gets ``<Dial>``
 with the transfer number or ``<Hangup/>``.
@@ -24,6 +28,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
+from voice_gateway.api.http_security import valid_host
 from voice_gateway.api.limits import Limits
 from voice_gateway.conversation.call import MediaFormat
 from voice_gateway.conversation.session import GatewayContext
@@ -45,35 +50,44 @@ def expected_signature(auth_token: str, url: str, params: dict[str, str]) -> str
     return base64.b64encode(digest).decode()
 
 
-def public_url(request: Request) -> str:
-    """The URL Twilio called, honouring a TLS-terminating proxy's X-Forwarded-Proto/Host."""
-    proto = request.headers.get("x-forwarded-proto", request.url.scheme)
-    host = request.headers.get("x-forwarded-host", request.headers.get("host", request.url.netloc))
+def public_base(request: Request, configured: str | None = None) -> str:
+    """The gateway's public ``scheme://host[:port]``: ``configured`` (``GATEWAY_PUBLIC_URL``), else the
+    request's, honouring a TLS-terminating proxy's X-Forwarded-Proto/Host when they are well-formed."""
+    if configured:
+        return configured
+    proto = request.headers.get("x-forwarded-proto", "")
+    proto = proto if proto in ("http", "https") else request.url.scheme
+    host = request.headers.get("x-forwarded-host", "")
+    host = host if valid_host(host) else request.url.netloc
+    return f"{proto}://{host}"
+
+
+def public_url(request: Request, configured: str | None = None) -> str:
+    """The URL Twilio called (what its signature covers); see :func:`public_base`."""
     query = f"?{request.url.query}" if request.url.query else ""
-    return f"{proto}://{host}{request.url.path}{query}"
+    return f"{public_base(request, configured)}{request.url.path}{query}"
 
 
-async def _signed_form(request: Request, auth_token: str | None) -> dict[str, str] | Response:
+async def _signed_form(request: Request, auth_token: str | None, base: str | None) -> dict[str, str] | Response:
     """The webhook's form parameters, or a 403 response when the signature is wrong."""
     form = {key: str(value) for key, value in (await request.form()).items()}
     if auth_token:
         signature = request.headers.get("x-twilio-signature", "")
-        if not hmac.compare_digest(signature, expected_signature(auth_token, public_url(request), form)):
+        if not hmac.compare_digest(signature, expected_signature(auth_token, public_url(request, base), form)):
             logger.warning("twilio webhook %s refused: bad X-Twilio-Signature", request.url.path)
             return Response("invalid X-Twilio-Signature", status_code=403, media_type="text/plain")
     return form
 
 
-async def voice_webhook(request: Request, auth_token: str | None) -> Response:
+async def voice_webhook(request: Request, auth_token: str | None, base: str | None = None) -> Response:
     """Answers Twilio's voice webhook with TwiML that connects the call to the media stream."""
-    form = await _signed_form(request, auth_token)
+    form = await _signed_form(request, auth_token, base)
     if isinstance(form, Response):
         return form
     agent_id = request.query_params.get("agent_id") or form.get("agent_id") or "default"
-    proto = request.headers.get("x-forwarded-proto", request.url.scheme)
-    host = request.headers.get("x-forwarded-host", request.headers.get("host", request.url.netloc))
-    stream_url = f"{'wss' if proto == 'https' else 'ws'}://{host}/twilio/media"
-    action_url = f"{proto}://{host}/twilio/after-stream"
+    origin = public_base(request, base)
+    stream_url = ("wss:" if origin.startswith("https:") else "ws:") + origin.split(":", 1)[1] + "/twilio/media"
+    action_url = f"{origin}/twilio/after-stream"
     parameters = [("agent_id", agent_id)] + [(key, form[key]) for key in FORWARDED_PARAMETERS if key in form]
     body = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters)
     twiml = (
@@ -84,10 +98,12 @@ async def voice_webhook(request: Request, auth_token: str | None) -> Response:
     return Response(twiml, media_type="application/xml")
 
 
-async def after_stream_webhook(request: Request, auth_token: str | None, registry: CallRegistry | None) -> Response:
+async def after_stream_webhook(
+    request: Request, auth_token: str | None, registry: CallRegistry | None, base: str | None = None
+) -> Response:
     """Twilio asks what to do once the media stream has ended: ``<Dial>`` the number the agent's
     ``transfer_call`` tool chose, or hang up."""
-    form = await _signed_form(request, auth_token)
+    form = await _signed_form(request, auth_token, base)
     if isinstance(form, Response):
         return form
     number = await registry.transfer_of(form.get("CallSid", "")) if registry is not None else None

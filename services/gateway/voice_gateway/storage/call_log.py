@@ -2,6 +2,27 @@
 kept in the JetStream stream ``CALLS`` (one subject per session, the latest snapshot wins).
 
 When NATS lost the stream (a restart with an empty store), the store creates it again on its next use.
+
+Who may write a log
+-------------------
+An id chosen by a client never addresses a log that client did not create. A new log is written
+with :meth:`CallLogStore.create`, a create-only publish (``Nats-Expected-Last-Subject-Sequence: 0``
+on the log's subject): the stream refuses it when any snapshot of that id exists, atomically, so two
+gateways racing for one id cannot both create it. Only the session that created a log, or one that
+continues it under the rules below, writes its later snapshots (:meth:`CallLogStore.save`).
+
+When a new log's id is taken, the dialect decides (``Session(on_collision=...)``):
+
+- Ids a carrier or Retell chooses (Twilio ``streamSid``, Exotel ``stream_sid``, Retell's call id in
+  the socket's path): the call gets a fresh log under a new random id (a warning is logged); the wire
+  keeps the carrier's id.
+- Ids the gateway issued, or a client owns: a raw PCM session id (issued by the trigger API) is
+  refused with 4404; a chat ``conversation_id`` is refused with ``forbidden``.
+
+An existing log is continued (and so written again) only by: a chat connection of the credential that
+opened it (chat logs only); the browser socket's ``callLogId`` (browser logs only); a Retell reconnect
+under the same call id whose log is a Retell log still open (``active`` or ``handed_off``) of the
+same agent as the one the reconnect resolves. Anything else never reads nor writes another log.
 """
 
 from __future__ import annotations
@@ -11,8 +32,8 @@ import logging
 import re
 import time
 
-from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import Header, StorageType, StreamConfig
+from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel, Field
 
 from voice_bus.connection import ensure_stream, is_missing
@@ -25,6 +46,19 @@ SUBJECT_PREFIX = "voice.calls."
 # conversation ids); anything else is refused before it reaches a NATS subject.
 CALL_LOG_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 RETENTION_S = 90 * 24 * 3600
+# JetStream's optimistic concurrency on one subject: a publish with Header.EXPECTED_LAST_SUBJECT_SEQUENCE is
+# stored only when the subject's last sequence is that value (0: the subject has none). nats.py raises a
+# mismatch as BadRequestError with one of these err_codes (JSStreamWrongLastSequenceErrF and
+# JSStreamWrongLastSequenceConstantErr), as its own KeyValue.update reads it.
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+
+
+class CallLogExists(Exception):
+    """A new call log's id is taken: nothing was written, the existing log is untouched."""
+
+    def __init__(self, call_log_id: str) -> None:
+        super().__init__(f"a call log with id {call_log_id!r} already exists")
+        self.call_log_id = call_log_id
 
 
 def valid_call_log_id(value: object) -> bool:
@@ -101,16 +135,34 @@ class CallLogStore:
         await ensure_stream(js, config)
         return cls(js, config)
 
+    async def create(self, log: CallLog) -> bool:
+        """Writes the first snapshot of a new log, only if no log has its id; returns whether it did.
+
+        Atomic on the stream: of concurrent creates of one id (on any gateway) exactly one returns
+        ``True``; the others write nothing and return ``False``.
+        """
+        try:
+            await self._publish(log, {Header.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"})
+        except APIError as exc:
+            if exc.err_code in WRONG_LAST_SEQUENCE:
+                return False
+            raise
+        return True
+
     async def save(self, log: CallLog) -> None:
+        """Writes a new snapshot of a log this gateway created, or continues (see the module's docstring)."""
+        await self._publish(log)
+
+    async def _publish(self, log: CallLog, headers: dict[str, str] | None = None) -> None:
         subject, data = SUBJECT_PREFIX + log.call_log_id, log.model_dump_json().encode()
         try:
-            await self._js.publish(subject, data, stream=STREAM)
+            await self._js.publish(subject, data, stream=STREAM, headers=headers)
             return
         except Exception as exc:
             if not is_missing(exc):
                 raise
         await self._recreate()
-        await self._js.publish(subject, data, stream=STREAM)
+        await self._js.publish(subject, data, stream=STREAM, headers=headers)
 
     async def get(self, call_log_id: str) -> CallLog | None:
         """The call's latest log, or ``None`` when there is none (or the id cannot be one)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 from nats.js.api import KeyValueConfig, StorageType
 
@@ -25,6 +26,8 @@ class CallRegistry:
 
     def __init__(self, bucket: Bucket) -> None:
         self._kv = bucket
+        # Told the session id of every call this process connects (the pending-trigger count).
+        self.on_claim: Callable[[str], None] | None = None
 
     @classmethod
     async def open(cls, js, *, replicas: int = 1) -> CallRegistry:
@@ -71,4 +74,6 @@ class CallRegistry:
             await self._kv.update(session_id, json.dumps(record).encode(), last=entry.revision)
         except Exception:
             return None
+        if self.on_claim is not None:
+            self.on_claim(session_id)
         return record
