@@ -45,7 +45,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="a call field for the agent's template (repeatable), e.g. --param driver_name='John Doe'",
     )
     parser.add_argument(
-        "--sample-rate", type=int, choices=EXOTEL_RATES, default=8000, help="Exotel's ?sample-rate= (default 8000)"
+        "--sample-rate",
+        type=int,
+        choices=EXOTEL_RATES,
+        default=8000,
+        help="Exotel's ?sample-rate=; Plivo's (8000: μ-law, 16000: L16); Vonage's L16 rate (default 8000)",
     )
     parser.add_argument(
         "--api-key",

@@ -4,6 +4,10 @@ Starts nats-server (JetStream, max_payload 8 MB), the llama.cpp server with Smol
 and TTS workers and the gateway on :8000, each log line prefixed with its process name. Ctrl-C (or
 SIGTERM) stops the gateway, drains the workers, then stops the LLM backend and NATS.
 
+The gateway listens on loopback (``GATEWAY_HOST`` chooses another address) with the API key ``dev-key``
+(``GATEWAY_API_KEYS`` chooses others); on loopback it also opens seed 003's trigger to clients without a
+key (``GATEWAY_OPEN_ROUTES=trigger``, see :func:`gateway_env`), so the seeds' example clients work unchanged.
+
 Unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) or ``OTEL_TRACES_EXPORTER`` is
 set (or ``OTEL_SDK_DISABLED=true``), it also runs a local OTLP receiver that appends every process's
 spans to ``<state dir>/traces.jsonl`` and points the children's standard ``OTEL_*`` variables at it:
@@ -12,6 +16,7 @@ spans to ``<state dir>/traces.jsonl`` and points the children's standard ``OTEL_
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
@@ -30,6 +35,9 @@ LLAMA_PORT = 8080
 GATEWAY_PORT = 8000
 # The chat stream's key for local use; set GATEWAY_API_KEYS to choose your own.
 DEV_API_KEY = "dev-key"
+LOOPBACK = "127.0.0.1"
+# What unchanged legacy clients may use without a key when the gateway listens on loopback.
+LEGACY_OPEN_ROUTES = "trigger"
 WORKERS = {"stt": (50051, 9101, 36), "llm": (50052, 9102, 32), "tts": (50053, 9103, 35)}
 # Variables that mean the user chose where spans go: then no local receiver.
 _OTEL_CHOICES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")
@@ -44,6 +52,34 @@ def local_trace_receiver(state_dir: str, environ: dict[str, str] | None = None) 
     if any(environ.get(name) for name in _OTEL_CHOICES) or environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
     return OtlpReceiver(Path(state_dir, TRACE_FILE_NAME).resolve(), keep=False).start()
+
+
+def gateway_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The gateway's variables as ``voicectl up`` sets them (tests start a gateway with the same).
+
+    ``GATEWAY_HOST`` defaults to loopback and ``GATEWAY_API_KEYS`` to ``dev-key``. On a loopback address
+    seed 003's trigger is opened to clients without a key (``GATEWAY_OPEN_ROUTES=trigger``, unless the
+    variable is set); on any other address nothing is opened and every route keeps needing its key (the
+    gateway refuses ``GATEWAY_OPEN_ROUTES`` there unless ``GATEWAY_TRUSTED_NETWORK=true``).
+
+    Args:
+        environ: The environment to honour (default ``os.environ``).
+    """
+    environ = os.environ if environ is None else environ
+    host = environ.get("GATEWAY_HOST") or LOOPBACK
+    opened = LEGACY_OPEN_ROUTES if _loopback(host) else ""
+    return {
+        "GATEWAY_HOST": host,
+        "GATEWAY_API_KEYS": environ.get("GATEWAY_API_KEYS", DEV_API_KEY),
+        "GATEWAY_OPEN_ROUTES": environ.get("GATEWAY_OPEN_ROUTES", opened),
+    }
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _port_free(port: int) -> bool:
@@ -100,13 +136,16 @@ def run_stack(state_dir: str = ".run") -> int:
         wait_for_port(LLAMA_PORT, 120, process=llama.process)
         for child, (grpc_port, _, _) in zip(children[1:], WORKERS.values(), strict=True):
             wait_serving(f"127.0.0.1:{grpc_port}", 300, alive=child.running)
-        gateway = GatewayProcess(
-            nats.url,
-            {**otel, "GATEWAY_HOST": "0.0.0.0", "GATEWAY_API_KEYS": os.environ.get("GATEWAY_API_KEYS", DEV_API_KEY)},
-            port=GATEWAY_PORT,
-        )
+        variables = gateway_env()
+        gateway = GatewayProcess(nats.url, {**otel, **variables}, port=GATEWAY_PORT)
         children.append(gateway.child)
         gateway.start()
+        if variables["GATEWAY_OPEN_ROUTES"]:
+            print(
+                f"  legacy | GATEWAY_OPEN_ROUTES={variables['GATEWAY_OPEN_ROUTES']}: open to clients without a key "
+                f"(seed 003's POST /api/calls/trigger), since the gateway listens on {variables['GATEWAY_HOST']} only",
+                flush=True,
+            )
         print(
             "\n  ready: open http://localhost:8000 and talk (WebSocket ws://localhost:8000/ws)\n"
             "         chat stream ws://localhost:8000/v1/chat/stream (token: $GATEWAY_API_KEYS or dev-key)\n"

@@ -36,8 +36,11 @@ def test_value_set_renders_lints_and_validates(check: ModuleType, value_set: str
     report = check.validate_values(value_set, values)
     assert report.errors == []
     assert report.objects > 10
-    kinds = {m.kind for m in rendered(check, values)}
+    objects = rendered(check, values)
+    kinds = {m.kind for m in objects}
     assert {"Deployment", "Service", "NetworkPolicy", "ConfigMap"} <= kinds
+    gateway_env = env_of(by_kind(objects, "Deployment")["voice-platform-gateway"])
+    assert not gateway_env.get("GATEWAY_OPEN_ROUTES") and gateway_env.get("GATEWAY_TRUSTED_NETWORK") != "true"
 
 
 def test_default_is_the_embedded_cpu_stack(check: ModuleType) -> None:
@@ -60,6 +63,8 @@ def test_default_is_the_embedded_cpu_stack(check: ModuleType) -> None:
     assert env["GATEWAY_DEFAULT_AGENT_FILE"] == "/etc/voice/agents/default.json"
     assert env["GATEWAY_API_KEYS"]["secretKeyRef"]["name"] == "voice-platform-secrets"
     assert env["GATEWAY_OPEN_CHANNELS"] == "false", "sessions' channels need a token or key by default"
+    assert env["GATEWAY_OPEN_ROUTES"] == "" and env["GATEWAY_TRUSTED_NETWORK"] == "false", "keys stay required"
+    assert env["GATEWAY_HOST"] == "0.0.0.0", "so the gateway itself would refuse open routes"
     agents = by_kind(objects, "ConfigMap")["voice-platform-agents"]
     assert json.loads(agents["data"]["default.json"])["id"] == "default"
 

@@ -1,4 +1,4 @@
-"""Real-time calls through the Twilio, Exotel and raw PCM dialects, with simulated carriers that
+"""Real-time calls through the Twilio, Exotel, Telnyx and raw PCM dialects, with simulated carriers that
 stream Piper speech in real time and play the agent's audio back as a phone would."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ LONG_GREETING = (
 def session_id_of(result: CallResult, dialect: str) -> str:
     for _, what, details in result.timeline.events:
         if what == "sent start":
-            return details.get("streamSid") or details.get("stream_sid")
+            return details.get("streamSid") or details.get("stream_sid") or details.get("stream_id")
         if what == "connected" and dialect == "pcm":
             return details["url"].rstrip("/").rsplit("/", 1)[1]
     raise AssertionError("no session id in the timeline")
@@ -72,7 +72,7 @@ async def bus_is_idle(nats_url: str, timeout_s: float = 5.0) -> bool:
         await nc.close()
 
 
-@pytest.mark.parametrize("dialect", ["twilio", "exotel", "pcm"])
+@pytest.mark.parametrize("dialect", ["twilio", "exotel", "telnyx", "pcm"])
 async def test_a_whole_call(gateway_url, dialect):
     samples, rate = speak(SENTENCE)
     result = await call(dialect, gateway_url, samples, rate, speech_at_s=4.0, listen_s=10.0, api_key=API_KEY)
@@ -99,6 +99,11 @@ async def test_a_whole_call(gateway_url, dialect):
         assert sizes and all(size % 320 == 0 and size >= 3200 for size in sizes)
         assert all(m.get("stream_sid") for m in received if "event" in m)
         assert result.marks_echoed
+    elif dialect == "telnyx":
+        sizes = [len(base64.b64decode(m["media"]["payload"])) for m in received if m.get("event") == "media"]
+        assert sizes and all(160 <= size <= 1600 for size in sizes) and max(sizes) == 1600
+        assert not [m for m in received if "stream_id" in m or "streamSid" in m or "stream_sid" in m]
+        assert result.sample_rate == 8000 and result.marks_echoed
     else:
         sizes = [m["binary"] for m in received if "binary" in m]
         assert sizes and all(size % 2 == 0 for size in sizes)
@@ -111,7 +116,7 @@ async def _put_agent(gateway_url: str, agent_id: str, **fields) -> None:
         assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("dialect", ["twilio", "exotel", "pcm"])
+@pytest.mark.parametrize("dialect", ["twilio", "exotel", "telnyx", "pcm"])
 async def test_barge_in_stops_the_agent_within_500_ms_and_keeps_only_what_was_heard(gateway_url, nats_url, dialect):
     await _put_agent(gateway_url, "talker", greeting=LONG_GREETING, system_prompt="Answer in one short sentence.")
     samples, rate = speak("Wait, stop please, I have a question.")
@@ -295,7 +300,7 @@ async def test_twilio_signature_is_checked_when_a_token_is_set(signed_gateway):
     assert [forged.status_code, unsigned.status_code, tampered.status_code] == [403, 403, 403]
 
 
-@pytest.mark.parametrize("dialect", ["twilio", "exotel"])
+@pytest.mark.parametrize("dialect", ["twilio", "exotel", "telnyx"])
 async def test_dtmf_reaches_the_agent(gateway_url, dialect):
     silence = np.zeros(1600, dtype=np.int16)
     result = await call(

@@ -148,7 +148,7 @@ def answered_before_close(dialect: str, received: list) -> bool:
     """Whether the client got the end of its turn (or, on a call, the answer's audio)."""
     texts = [m for m in received if isinstance(m, dict)]
     if dialect == "browser":
-        return any(m.get("type") == "tts_complete" for m in texts)
+        return any(m.get("type") == "processing_complete" for m in texts)
     if dialect == "chat":
         return any(m.get("type") == "stream_end" and m["interrupted"] is False for m in texts)
     if dialect == "retell":

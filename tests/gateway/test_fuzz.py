@@ -33,7 +33,7 @@ from voice_gateway.api.auth import Authenticator, _b64, sign_token
 from voice_gateway.api.limits import MAX_CLOSE_REASON_BYTES, Limits, LimitSettings
 from voice_gateway.api.messages import InvalidJson, parse_json
 from voice_gateway.config import DEFAULT_AGENT_FILE
-from voice_gateway.dialects import browser, carrier, channels, chat, exotel, retell, twilio
+from voice_gateway.dialects import browser, carrier, channels, chat, exotel, plivo, retell, telnyx, twilio, vonage
 from voice_telemetry.logs import OneLineFormatter
 
 KEY = "fuzz-key"
@@ -153,6 +153,98 @@ carrier_messages = shaped(
         "mark": shaped({"name": json_values}) | json_values,
         "dtmf": shaped({"digit": json_values}) | json_values,
     }
+)
+plivo_messages = shaped(
+    {
+        "event": st.sampled_from(["start", "media", "dtmf", "playedStream", "clearedAudio", "stop", "mark", "dance"])
+        | json_values,
+        "sequenceNumber": st.integers() | json_values,
+        "streamId": nasty_text | json_values,
+        "name": nasty_text | json_values,
+        "extra_headers": st.sampled_from(["agent_id=default", "a=1,b", '{"agent_id": 1}', "=,="]) | json_values,
+        "start": shaped(
+            {
+                "streamId": nasty_text | json_values,
+                "callId": nasty_text | json_values,
+                "extra_headers": nasty_text | json_values,
+                "mediaFormat": shaped(
+                    {
+                        "encoding": st.sampled_from(["audio/x-mulaw", "audio/x-l16", "AUDIO/X-L16 "]) | json_values,
+                        "sampleRate": st.sampled_from([8000, 16000, "16000", 8000.0, 24000, True]) | json_values,
+                    }
+                )
+                | json_values,
+            }
+        )
+        | json_values,
+        "media": shaped(
+            {
+                "payload": st.sampled_from(["", "%%%", "AAAA", "AAA", "/w==", "é"]) | nasty_text | json_values,
+                "track": st.sampled_from(["inbound", "outbound"]) | json_values,
+                "chunk": st.integers() | json_values,
+            }
+        )
+        | json_values,
+        "dtmf": shaped({"digit": json_values}) | json_values,
+    }
+)
+telnyx_messages = shaped(
+    {
+        "event": st.sampled_from(["connected", "start", "media", "mark", "dtmf", "error", "stop", "dance"])
+        | json_values,
+        "sequence_number": st.sampled_from(["1", "2", "3", "0", "-1", "99999999999999999999"])
+        | st.integers()
+        | json_values,
+        "stream_id": nasty_text | json_values,
+        "start": shaped(
+            {
+                "call_control_id": nasty_text | json_values,
+                "custom_parameters": shaped({"agent_id": nasty_text | json_values})
+                | st.lists(shaped({"name": nasty_text | json_values, "value": json_values}), max_size=3)
+                | json_values,
+                "media_format": shaped(
+                    {
+                        "encoding": st.sampled_from(["PCMU", "PCMA", "L16", "G722", "pcmu"]) | json_values,
+                        "sample_rate": st.sampled_from([8000, "8000", 16000, 8000.0, True]) | json_values,
+                        "channels": st.sampled_from([1, "1", 2]) | json_values,
+                    }
+                )
+                | json_values,
+            }
+        )
+        | json_values,
+        "media": shaped(
+            {
+                "payload": st.sampled_from(["", "%%%", "AAAA", "AAA", "/w==", "é"]) | nasty_text | json_values,
+                "track": st.sampled_from(["inbound", "outbound"]) | json_values,
+                "chunk": nasty_text | json_values,
+            }
+        )
+        | json_values,
+        "payload": shaped({"code": json_values, "title": nasty_text | json_values}) | json_values,
+        "mark": shaped({"name": json_values}) | json_values,
+        "dtmf": shaped({"digit": json_values}) | json_values,
+    }
+)
+vonage_messages = shaped(
+    {
+        "event": st.sampled_from(
+            ["websocket:connected", "websocket:dtmf", "websocket:notify", "websocket:cleared", "start", "dance"]
+        )
+        | json_values,
+        "content-type": st.sampled_from(["audio/l16;rate=16000", "audio/l16;rate=8000", "audio/L16; rate=8000"])
+        | json_values,
+        "uuid": nasty_text | json_values,
+        "agent_id": nasty_text | json_values,
+        "digit": nasty_text | json_values,
+        "dtmf": shaped({"digit": json_values}) | json_values,
+        "payload": shaped({"mark": json_values}) | json_values,
+    }
+)
+# Vonage's audio: binary frames of any size (odd ones included) among its text events.
+vonage_frames = st.one_of(
+    frames_of(vonage_messages).map(lambda text: {"type": "websocket.receive", "text": text}),
+    st.binary(max_size=700).map(lambda data: {"type": "websocket.receive", "bytes": data}),
 )
 retell_messages = shaped(
     {
@@ -417,6 +509,63 @@ def test_carrier_streams_count_bad_frames_and_never_raise(frames, dialect):
 
 
 @IN_PROCESS
+@given(plivo_messages, st.dictionaries(nasty_text, nasty_text, max_size=3))
+def test_plivo_start_events_always_parse(message, query):
+    start = plivo.parse_start(message, lambda kind: None, query)
+    assert isinstance(start.stream_sid, str) and isinstance(start.agent_id, str) and start.agent_id
+    assert isinstance(start.call_sid, str) and isinstance(start.variables, dict)
+    assert (start.media is None) == bool(start.refusal)
+
+
+@IN_PROCESS
+@given(st.lists(frames_of(plivo_messages), max_size=8))
+def test_plivo_streams_count_bad_frames_and_never_raise(frames):
+    websocket = FakeWebSocket([text_frame(f) for f in frames] + [{"type": "websocket.receive", "bytes": b"\x00"}])
+    with one_line_logs():
+        run(plivo.serve_plivo(websocket, context(), Limits(LimitSettings())))
+    # 1000 when the socket closes; 1008 when a start named an agent that does not exist.
+    assert websocket.closed is not None and websocket.closed[0] in (1000, 1008)
+
+
+@IN_PROCESS
+@given(telnyx_messages, st.dictionaries(nasty_text, nasty_text, max_size=3))
+def test_telnyx_start_events_always_parse(message, query):
+    start = telnyx.parse_start(message, lambda kind: None, query)
+    assert isinstance(start.stream_sid, str) and isinstance(start.agent_id, str) and start.agent_id
+    assert isinstance(start.call_sid, str) and isinstance(start.variables, dict)
+    assert (start.media is None) == bool(start.refusal)
+
+
+@IN_PROCESS
+@given(st.lists(frames_of(telnyx_messages), max_size=8))
+def test_telnyx_streams_count_bad_frames_and_never_raise(frames):
+    websocket = FakeWebSocket([text_frame(f) for f in frames] + [{"type": "websocket.receive", "bytes": b"\x00"}])
+    with one_line_logs():
+        run(telnyx.serve_telnyx(websocket, context(), Limits(LimitSettings())))
+    # 1000 when the socket closes or after stop; 1008 when a start named an agent that does not exist.
+    assert websocket.closed is not None and websocket.closed[0] in (1000, 1008)
+
+
+@IN_PROCESS
+@given(vonage_messages, st.dictionaries(nasty_text, nasty_text, max_size=3))
+def test_vonage_connected_events_always_parse(message, query):
+    start = vonage.parse_connected(message, lambda kind: None, query)
+    assert isinstance(start.stream_sid, str) and isinstance(start.agent_id, str) and start.agent_id
+    assert isinstance(start.call_sid, str) and isinstance(start.variables, dict)
+    assert (start.media is None) == bool(start.refusal)
+
+
+@IN_PROCESS
+@given(st.lists(vonage_frames, max_size=8))
+def test_vonage_streams_count_bad_frames_and_never_raise(frames):
+    websocket = FakeWebSocket(frames)
+    with one_line_logs():
+        run(vonage.serve_vonage(websocket, context(), Limits(LimitSettings())))
+    # 1000 when the socket closes; 1008 when the headers named an agent that does not exist.
+    assert websocket.closed is not None and websocket.closed[0] in (1000, 1008)
+
+
+@IN_PROCESS
 @given(st.lists(frames_of(browser_messages), min_size=1, max_size=6), st.booleans())
 def test_every_browser_message_gets_an_answer(frames, initialised):
     async def scenario() -> None:
@@ -666,6 +815,81 @@ def test_carrier_sockets_survive_fuzz(fuzzed, loop, victim, frames, dialect):
         code = closed.value.rcvd.code
         # 1000 after stop; 1008 when a start named an agent that does not exist.
         assert code == 1000 or (code == 1008 and "unknown agent" in closed.value.rcvd.reason), closed.value
+
+    loop.run_until_complete(scenario())
+    no_tracebacks(fuzzed, since)
+    untouched(fuzzed, loop, victim)
+
+
+@END_TO_END
+@given(st.lists(frames_of(plivo_messages), min_size=1, max_size=6))
+@example([json.dumps({"event": "start", "start": {"streamId": VICTIM}})])
+@example(
+    [json.dumps({"event": "start", "start": {"streamId": VICTIM, "mediaFormat": {"encoding": "x", "sampleRate": 1}}})]
+)
+def test_plivo_socket_survives_fuzz(fuzzed, loop, victim, frames):
+    since = len(fuzzed.log.getvalue())
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(fuzzed, "/plivo/media")) as ws:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for text in frames:
+                    await ws.send(text)
+                await ws.send(json.dumps({"event": "stop"}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await receive_until(ws, lambda e: False)
+        code, reason = closed.value.rcvd.code, closed.value.rcvd.reason
+        # 1000 after stop; 1008 for an agent that does not exist; 1003 for a mediaFormat the gateway cannot serve.
+        assert code == 1000 or (code, reason[:7]) in ((1008, "unknown"), (1003, "unsuppo")), closed.value
+
+    loop.run_until_complete(scenario())
+    no_tracebacks(fuzzed, since)
+    untouched(fuzzed, loop, victim)
+
+
+@END_TO_END
+@given(st.lists(frames_of(telnyx_messages), min_size=1, max_size=6))
+@example([json.dumps({"event": "start", "sequence_number": "1", "stream_id": VICTIM, "start": {}})])
+@example([json.dumps({"event": "start", "stream_id": VICTIM, "start": {"media_format": {"encoding": "G722"}}})])
+def test_telnyx_socket_survives_fuzz(fuzzed, loop, victim, frames):
+    since = len(fuzzed.log.getvalue())
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(fuzzed, "/telnyx/media")) as ws:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for text in frames:
+                    await ws.send(text)
+                await ws.send(json.dumps({"event": "stop", "stop": {}}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await receive_until(ws, lambda e: False)
+        code, reason = closed.value.rcvd.code, closed.value.rcvd.reason
+        # 1000 after stop; 1008 for an agent that does not exist; 1003 for a media_format the gateway cannot speak.
+        assert code == 1000 or (code, reason[:7]) in ((1008, "unknown"), (1003, "unsuppo")), closed.value
+
+    loop.run_until_complete(scenario())
+    no_tracebacks(fuzzed, since)
+    untouched(fuzzed, loop, victim)
+
+
+@END_TO_END
+@given(st.lists(vonage_frames, min_size=1, max_size=6))
+@example([{"type": "websocket.receive", "text": json.dumps({"event": "websocket:connected", "uuid": VICTIM})}])
+def test_vonage_socket_survives_fuzz(fuzzed, loop, victim, frames):
+    since = len(fuzzed.log.getvalue())
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(fuzzed, "/vonage/media")) as ws:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for frame in frames:
+                    await ws.send(frame["text"] if "text" in frame else frame["bytes"])
+                await ws.send(json.dumps({"event": "websocket:cleared"}))
+                await ws.close()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await receive_until(ws, lambda e: False)
+        rcvd = closed.value.rcvd
+        code, reason = (rcvd.code, rcvd.reason) if rcvd is not None else (1000, "")
+        # 1000 on hang-up; 1008 for an agent that does not exist; 1003 for a content-type it cannot serve.
+        assert code == 1000 or (code, reason[:7]) in ((1008, "unknown"), (1003, "unsuppo")), closed.value
 
     loop.run_until_complete(scenario())
     no_tracebacks(fuzzed, since)

@@ -54,7 +54,7 @@ async def test_one_call_is_one_trace_with_the_expected_tree(traced_stack):
         await client.send("audio", audio=base64.b64encode(wav_bytes(samples, rate)).decode())
         await client.until("processing_complete")
         await client.send("text", text="Thank you.")
-        await client.until("tts_complete")
+        await client.until("processing_complete")
         await client.send("end")
         await client.until("session_ended")
 

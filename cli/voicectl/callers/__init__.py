@@ -5,6 +5,10 @@ Exotel also share the JSON carrier loop in ``carrier.py``):
 
 * ``twilio``: Twilio Media Streams, bidirectional, μ-law 8 kHz in 20 ms ``media`` messages (``twilio.py``).
 * ``exotel``: Exotel Voicebot (AgentStream), PCM16 at 8, 16 or 24 kHz in 100 ms chunks (``exotel.py``).
+* ``telnyx``: Telnyx Media Streaming (RTP mode), PCMU 8 kHz in 20 ms ``media`` messages, no stream id on the
+  agent's messages (``telnyx.py``, over ``carrier.py``).
+* ``plivo``: Plivo Audio Streaming, μ-law 8 kHz or L16 8/16 kHz in 20 ms ``media`` messages (``plivo.py``).
+* ``vonage``: the Vonage Voice API WebSocket, binary L16 8 or 16 kHz in 20 ms frames (``vonage.py``).
 * ``pcm``: the raw PCM transport: ``POST /api/calls/trigger``, then binary PCM16 16 kHz frames (``pcm.py``).
 
 The caller's audio is streamed in real time on a fixed frame clock that starts when the WebSocket opens.

@@ -1,7 +1,7 @@
 """``call()``: place one simulated phone call of any dialect and play the caller's part in real time.
 
 It resamples the caller's speech to the dialect's rate, works out when the caller hangs up, builds the
-dialect's caller (Twilio, Exotel, or PCM after its trigger request) and runs it.
+dialect's caller (Twilio, Exotel, Plivo, Telnyx, or PCM after its trigger request) and runs it.
 """
 
 from __future__ import annotations
@@ -18,20 +18,24 @@ from voicectl.callers.audio import as_int16, last_voiced_s
 from voicectl.callers.base import SimulatedCall
 from voicectl.callers.exotel import EXOTEL_RATES, ExotelCall
 from voicectl.callers.pcm import PCM_RATE, PcmCall
+from voicectl.callers.plivo import PlivoCall, plivo_content_type
 from voicectl.callers.result import CallResult
 from voicectl.callers.script import CallScript
+from voicectl.callers.telnyx import TELNYX_RATE, TelnyxCall
 from voicectl.callers.track import Segment
 from voicectl.callers.twilio import TWILIO_RATE, TwilioCall
 from voicectl.callers.urls import dialect_url, trigger
+from voicectl.callers.vonage import VONAGE_RATES, VonageCall
 
 __all__ = ["DIALECTS", "call", "dialect_rate"]
 
-DIALECTS = ("twilio", "exotel", "pcm")
+DIALECTS = ("twilio", "exotel", "pcm", "plivo", "telnyx", "vonage")
 
 
 def dialect_rate(dialect: str, sample_rate: int = 8000) -> int:
-    """The sample rate a caller of ``dialect`` speaks and hears at (``sample_rate`` is Exotel's)."""
-    return {"twilio": TWILIO_RATE, "exotel": sample_rate, "pcm": PCM_RATE}[dialect]
+    """The sample rate a caller of ``dialect`` speaks and hears at (``sample_rate`` is Exotel's and Plivo's)."""
+    rates = {"twilio": TWILIO_RATE, "exotel": sample_rate, "pcm": PCM_RATE, "plivo": sample_rate}
+    return {**rates, "telnyx": TELNYX_RATE, "vonage": sample_rate}[dialect]
 
 
 async def call(
@@ -67,7 +71,9 @@ async def call(
         dtmf: ``(at_s, digit)`` key presses (Twilio and Exotel; noted and skipped for PCM).
         hang_up_after_s: Hang up this many seconds after connect, whatever is happening.
         listen_s: Otherwise, stay on the line this long after the last caller speech ends.
-        sample_rate: Exotel's sample rate (8000, 16000 or 24000); ignored for the other dialects.
+        sample_rate: Exotel's sample rate (8000, 16000 or 24000); Plivo's (8000: μ-law, 16000: L16, unless
+            the URL's ``?content_type=`` names one, e.g. ``audio/x-l16;rate=8000``); Vonage's (8000 or 16000);
+            ignored for the others.
         parameters: More call fields (the agent's template variables, e.g. ``{"driver_name": "John"}``):
             Twilio ``customParameters``, Exotel custom parameters (query string and ``custom_parameters``),
             extra fields of the PCM trigger body.
@@ -88,6 +94,13 @@ async def call(
         raise ValueError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     if dialect == "exotel" and sample_rate not in EXOTEL_RATES:
         raise ValueError(f"Exotel sample rate must be one of {EXOTEL_RATES}, got {sample_rate}")
+    if dialect == "vonage" and sample_rate not in VONAGE_RATES:
+        raise ValueError(f"Vonage sample rate must be one of {VONAGE_RATES}, got {sample_rate}")
+    content_type = ""
+    if dialect == "plivo":
+        asked = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)).get("content_type")
+        content_type = plivo_content_type(sample_rate, asked)
+        sample_rate = int(content_type.rsplit("=", 1)[1])
     rate = dialect_rate(dialect, sample_rate)
     utterances = [(speech_at_s, as_int16(caller_audio, "caller_audio"))]
     utterances += [(at, as_int16(samples, "extra_speech audio")) for at, samples in extra_speech]
@@ -106,6 +119,22 @@ async def call(
     runner: SimulatedCall
     if dialect == "twilio":
         runner = TwilioCall(dialect_url("twilio", url), *common, custom_parameters=fields, **options)
+    elif dialect == "telnyx":
+        runner = TelnyxCall(dialect_url("telnyx", url), *common, custom_parameters=fields, **options)
+    elif dialect == "plivo":
+        ws_url = dialect_url("plivo", url, parameters={"agent_id": agent_id})
+        parts = urllib.parse.urlsplit(ws_url)
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        query = urllib.parse.urlencode([(key, value) for key, value in query if key != "content_type"])
+        runner = PlivoCall(
+            urllib.parse.urlunsplit(parts._replace(query=query)),
+            *common,
+            custom_parameters=fields,
+            content_type=content_type,
+            **options,
+        )
+    elif dialect == "vonage":
+        runner = VonageCall(dialect_url("vonage", url), *common, headers=fields, **options)
     elif dialect == "exotel":
         ws_url = dialect_url("exotel", url, sample_rate=sample_rate, parameters=fields)
         query = urllib.parse.parse_qsl(urllib.parse.urlsplit(ws_url).query)

@@ -18,7 +18,13 @@ from voicectl.gateway_api import http_base
 
 __all__ = ["BROWSER_PATH", "DEFAULT_PATHS", "browser_url", "dialect_url", "trigger"]
 
-DEFAULT_PATHS = {"twilio": "/twilio/media", "exotel": "/exotel/media"}
+DEFAULT_PATHS = {
+    "twilio": "/twilio/media",
+    "exotel": "/exotel/media",
+    "plivo": "/plivo/media",
+    "telnyx": "/telnyx/media",
+    "vonage": "/vonage/media",
+}
 BROWSER_PATH = "/ws"
 TRIGGER_PATH = "/api/calls/trigger"
 
@@ -47,10 +53,12 @@ def dialect_url(dialect: str, url: str, *, sample_rate: int = 8000, parameters: 
 
     A URL with no path (``http://127.0.0.1:8000``) gets the dialect's default path; a path given is kept.
     Twilio URLs carry no query string (Twilio does not support one). Exotel URLs get ``sample-rate`` and
-    the custom ``parameters`` (Exotel passes custom parameters in the query string) unless already there.
+    the custom ``parameters`` (Exotel passes custom parameters in the query string) unless already there;
+    Plivo URLs get the ``parameters`` (the gateway's answer XML puts ``agent_id`` there). Telnyx URLs are
+    kept as given (its custom parameters travel in ``start``).
 
     Args:
-        dialect: ``"twilio"`` or ``"exotel"``.
+        dialect: ``"twilio"``, ``"exotel"`` or ``"plivo"``.
         url: ``http(s)://`` or ``ws(s)://`` URL.
         sample_rate: Exotel's sample rate.
         parameters: Exotel's custom parameters, e.g. ``{"agent_id": "default"}``.
@@ -63,9 +71,9 @@ def dialect_url(dialect: str, url: str, *, sample_rate: int = 8000, parameters: 
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     if dialect == "twilio":
         query = []
-    else:
+    elif dialect != "telnyx":
         keys = {key for key, _ in query}
-        if "sample-rate" not in keys and "sample_rate" not in keys:
+        if dialect == "exotel" and "sample-rate" not in keys and "sample_rate" not in keys:
             query.append(("sample-rate", str(sample_rate)))
         query += [(key, str(value)) for key, value in (parameters or {}).items() if key not in keys]
     return urllib.parse.urlunsplit((_ws_scheme(parts.scheme), parts.netloc, path, urllib.parse.urlencode(query), ""))

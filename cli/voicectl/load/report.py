@@ -66,7 +66,7 @@ def build_report(options: LoadOptions, stats: LoadStats, elapsed_s: float) -> di
             "ramp_s": options.ramp_s,
             "barge_in_rate": options.barge_in_rate if carrier else 0.0,
             "agent": options.agent,
-            "sample_rate": options.sample_rate if options.dialect == "exotel" else None,
+            "sample_rate": options.sample_rate if options.dialect in ("exotel", "plivo", "vonage") else None,
         },
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": elapsed_s,

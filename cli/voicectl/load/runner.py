@@ -37,7 +37,7 @@ from voicectl.load.scenario import (
 
 __all__ = ["DIALECTS", "Progress", "run_load"]
 
-DIALECTS = ("twilio", "exotel", "pcm", "browser")
+DIALECTS = ("twilio", "exotel", "pcm", "plivo", "telnyx", "vonage", "browser")
 BROWSER_RATE = 16000
 # A replacement call is placed only when at least this much of the run is left (a first call: 1 s).
 MIN_CALL_S = 5.0

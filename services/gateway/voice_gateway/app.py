@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -35,11 +34,24 @@ from voice_gateway.api.middleware import RefuseWhileDraining, RequestBodyLimit
 from voice_gateway.api.redaction import install_log_redaction
 from voice_gateway.api.rest import rest_router
 from voice_gateway.api.triggers import PendingTriggers
-from voice_gateway.config import DEFAULT_RETELL_WS_PATH, Settings
+from voice_gateway.config import DEFAULT_RETELL_WS_PATH, Settings, is_loopback
 from voice_gateway.conversation.engine import TurnEngine
 from voice_gateway.conversation.runner import TURNS_IN_FLIGHT
 from voice_gateway.conversation.session import GatewayContext
-from voice_gateway.dialects import browser, channel_status, channels, chat, exotel, pcm, retell, twilio
+from voice_gateway.dialects import (
+    browser,
+    channel_status,
+    channels,
+    chat,
+    exotel,
+    pcm,
+    plivo,
+    retell,
+    telnyx,
+    twilio,
+    vonage,
+)
+from voice_gateway.dialects.router import serve_first_message
 from voice_gateway.storage.call_log import CallLogStore
 from voice_gateway.storage.registry import CallRegistry
 from voice_telemetry.tracing import setup_tracing, shutdown_tracing
@@ -62,16 +74,6 @@ async def monitor_event_loop_lag() -> None:
         started = time.perf_counter()
         await asyncio.sleep(LAG_PROBE_S)
         EVENT_LOOP_LAG.observe(max(0.0, time.perf_counter() - started - LAG_PROBE_S))
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a listen address) only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def http_only(app):
@@ -100,10 +102,23 @@ def warn_about_unsafe_settings(settings: Settings) -> None:
         logger.warning("GATEWAY_API_KEYS is not set: the REST API (/api/agents, /api/calls) refuses every request")
     if not settings.twilio_auth_token and not is_loopback(settings.host):
         logger.warning("TWILIO_AUTH_TOKEN is not set: Twilio webhooks are accepted without checking their signature")
+    if not settings.telnyx_public_key and not is_loopback(settings.host):
+        logger.warning("TELNYX_PUBLIC_KEY is not set: Telnyx webhooks are accepted without checking their signature")
+    if not settings.plivo_auth_token and not is_loopback(settings.host):
+        logger.warning("PLIVO_AUTH_TOKEN is not set: Plivo's answer webhook is accepted without checking its signature")
+    if not settings.vonage_signature_secret and not is_loopback(settings.host):
+        logger.warning("VONAGE_SIGNATURE_SECRET is not set: Vonage's answer webhook is accepted unsigned")
+    if "trigger" in settings.open_routes:
+        logger.warning(
+            "GATEWAY_OPEN_ROUTES=%s: POST /api/calls/trigger accepts calls without an API key on %s (legacy clients); "
+            "they count against the pseudo-identity open:<client address>",
+            ",".join(settings.open_routes),
+            settings.host if is_loopback(settings.host) else f"{settings.host} (GATEWAY_TRUSTED_NETWORK=true)",
+        )
     if settings.open_channels:
         logger.warning(
-            "GATEWAY_OPEN_CHANNELS=true: anyone who can reach /ws/channels can follow any session's live statuses "
-            "without a channel token or API key"
+            "open channels (GATEWAY_OPEN_CHANNELS=true or GATEWAY_OPEN_ROUTES=channels): anyone who can reach "
+            "/ws/channels can follow any session's live statuses without a channel token or API key"
         )
     if not settings.allowed_hosts and not is_loopback(settings.host):
         logger.warning(
@@ -185,7 +200,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.mount("/static", http_only(StaticFiles(directory=STATIC)), name="static")
     authenticator = Authenticator(settings.api_keys, settings.token_secret)
     channel_tokens = ChannelTokens.from_settings(settings.token_secret, settings.api_keys)
-    app.include_router(rest_router(authenticator, limits, triggers, channel_tokens=channel_tokens))
+    app.include_router(
+        rest_router(authenticator, limits, triggers, channel_tokens=channel_tokens, open_routes=settings.open_routes)
+    )
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -243,9 +260,37 @@ def create_app(settings: Settings) -> FastAPI:
     async def twilio_media(websocket: WebSocket) -> None:
         await twilio.serve_twilio(websocket, app.state.context, limits)
 
+    @app.api_route("/plivo/answer", methods=["GET", "POST"])
+    async def plivo_answer(request: Request):
+        return await plivo.answer_webhook(request, settings.plivo_auth_token, settings.public_url)
+
+    @app.websocket("/plivo/media")
+    async def plivo_media(websocket: WebSocket) -> None:
+        await plivo.serve_plivo(websocket, app.state.context, limits)
+
+    @app.api_route("/vonage/answer", methods=["GET", "POST"])
+    async def vonage_answer(request: Request):
+        return await vonage.answer_webhook(request, settings.vonage_signature_secret, settings.public_url)
+
+    @app.websocket("/vonage/media")
+    async def vonage_media(websocket: WebSocket) -> None:
+        await vonage.serve_vonage(websocket, app.state.context, limits)
+
     @app.websocket("/exotel/media")
     async def exotel_media(websocket: WebSocket) -> None:
         await exotel.serve_exotel(websocket, app.state.context, limits)
+
+    @app.get("/exotel/transfer")
+    async def exotel_transfer(request: Request):
+        return await exotel.transfer_webhook(request, app.state.context.registry)
+
+    @app.post("/telnyx/voice")
+    async def telnyx_voice(request: Request):
+        return await telnyx.voice_webhook(request, settings.telnyx_public_key, settings.public_url)
+
+    @app.websocket("/telnyx/media")
+    async def telnyx_media(websocket: WebSocket) -> None:
+        await telnyx.serve_telnyx(websocket, app.state.context, limits)
 
     @app.websocket("/ws/pcm/{session_id}")
     async def pcm_media(websocket: WebSocket, session_id: str) -> None:
@@ -266,26 +311,30 @@ def create_app(settings: Settings) -> FastAPI:
             pong_timeout_s=settings.chat_pong_timeout_s,
         )
 
-    @app.websocket("/ws/channels")
-    async def channels_socket(websocket: WebSocket) -> None:
-        access = channels.ChannelAccess(
+    def channel_access() -> channels.ChannelAccess:
+        return channels.ChannelAccess(
             calls=app.state.context.calls,
             authenticator=authenticator,
             tokens=channel_tokens,
             open_channels=settings.open_channels,
         )
-        await channels.serve_channels(websocket, app.state.nc, limits, access)
 
+    @app.websocket("/ws/channels")
+    async def channels_socket(websocket: WebSocket) -> None:
+        await channels.serve_channels(websocket, app.state.nc, limits, channel_access())
+
+    # Seed 001's browser clients and seed 002's channel clients, told apart by their first message.
     @app.websocket("/ws")
-    async def browser_socket(websocket: WebSocket) -> None:
-        await browser.serve_browser(
+    async def shared_socket(websocket: WebSocket) -> None:
+        browser_route = browser.route(
             websocket,
             app.state.context,
-            limits,
             max_message_bytes=settings.max_message_bytes,
             max_utterance_s=settings.max_utterance_s,
             channel_tokens=channel_tokens,
         )
+        channels_route = channels.route(websocket, app.state.nc, channel_access())
+        await serve_first_message(websocket, limits, browser=browser_route, channels=channels_route)
 
     retell_path_secret = settings.retell_ws_path.encode()
 

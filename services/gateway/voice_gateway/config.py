@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
 import re
@@ -15,6 +17,8 @@ from voice_runtime.config import ConfigError, StreamSettings, env_float, env_int
 
 DEFAULT_AGENT_FILE = Path(__file__).parent / "agents" / "default.json"
 DEFAULT_RETELL_WS_PATH = "ws-default"
+# Routes GATEWAY_OPEN_ROUTES may open to clients without credentials (docs/security.md, "Legacy clients").
+OPEN_ROUTE_NAMES = ("trigger", "channels")
 # Real-time carrier media arrives as 50 frames per second (20 ms each); the rate limit must let it through.
 MIN_MESSAGES_PER_SECOND = 50.0
 
@@ -32,11 +36,22 @@ class Settings:
         max_utterance_s: ``GATEWAY_MAX_UTTERANCE_SECONDS``: cap on one utterance's audio.
         stt_timeout_s, llm_timeout_s, tts_timeout_s: ``GATEWAY_<STAGE>_TIMEOUT_SECONDS``: bus request budgets.
         twilio_auth_token: ``TWILIO_AUTH_TOKEN``: when set, Twilio webhooks must carry a valid signature.
+        plivo_auth_token: ``PLIVO_AUTH_TOKEN``: when set, Plivo's answer webhook must carry a valid V3 signature.
+        vonage_signature_secret: ``VONAGE_SIGNATURE_SECRET``: when set, Vonage's answer webhook must carry a
+            valid signed-callback JWT.
+        telnyx_public_key: ``TELNYX_PUBLIC_KEY`` (base64, 32 bytes): when set, Telnyx's voice webhook must carry a
+            valid, fresh Ed25519 signature.
         api_keys: ``GATEWAY_API_KEYS``: comma-separated keys accepted by the chat stream's ``authorize``.
         token_secret: ``GATEWAY_TOKEN_SECRET``: HMAC secret of signed tokens (see ``voice_gateway.api.auth``).
         open_channels: ``GATEWAY_OPEN_CHANNELS``: ``true`` lets any ``/ws/channels`` client follow any session's
             statuses without a channel token or API key (legacy deployments; off by default, see
-            ``voice_gateway.dialects.channels``).
+            ``voice_gateway.dialects.channels``); ``channels`` in ``GATEWAY_OPEN_ROUTES`` sets it too.
+        open_routes: ``GATEWAY_OPEN_ROUTES``: comma-separated names from :data:`OPEN_ROUTE_NAMES` that unchanged
+            legacy clients may use without credentials: ``trigger`` is ``POST /api/calls/trigger`` (its calls count
+            against the pseudo-identity ``open:<client address>``), ``channels`` is ``GATEWAY_OPEN_CHANNELS``.
+            Refused at start unless the gateway listens on loopback or ``trusted_network`` is set.
+        trusted_network: ``GATEWAY_TRUSTED_NETWORK``: ``true`` lets ``GATEWAY_OPEN_ROUTES`` apply on a
+            non-loopback listen address (only where every client that can reach the port is trusted).
         chat_ping_interval_s: ``GATEWAY_CHAT_PING_INTERVAL_SECONDS``: how often the chat stream pings.
         chat_pong_timeout_s: ``GATEWAY_CHAT_PONG_TIMEOUT_SECONDS``: how long past a ping without a pong closes it.
         retell_ws_path: ``OBFUSCATED_WS_PATH`` (seed 000's name; ``RETELL_WS_PATH`` is an alias): the
@@ -73,10 +88,15 @@ class Settings:
     llm_timeout_s: float
     tts_timeout_s: float
     twilio_auth_token: str | None = None
+    plivo_auth_token: str | None = None
+    vonage_signature_secret: str | None = None
+    telnyx_public_key: bytes | None = None
     retell_ws_path: str = DEFAULT_RETELL_WS_PATH
     api_keys: tuple[str, ...] = ()
     token_secret: str | None = None
     open_channels: bool = False
+    open_routes: tuple[str, ...] = ()
+    trusted_network: bool = False
     chat_ping_interval_s: float = 20.0
     chat_pong_timeout_s: float = 10.0
     limits: LimitSettings = field(default_factory=LimitSettings)
@@ -95,9 +115,12 @@ class Settings:
         agent_file = Path(env_str("GATEWAY_DEFAULT_AGENT_FILE", str(DEFAULT_AGENT_FILE)))
         if not agent_file.is_file():
             raise ConfigError(f"GATEWAY_DEFAULT_AGENT_FILE={str(agent_file)!r}: no such file")
+        host = env_str("GATEWAY_HOST", "0.0.0.0")
+        trusted_network = env_str("GATEWAY_TRUSTED_NETWORK", "false", choices=("true", "false")) == "true"
+        open_routes = _open_routes(host, trusted_network)
         return cls(
             nats_url=env_str("NATS_URL", "nats://127.0.0.1:4222"),
-            host=env_str("GATEWAY_HOST", "0.0.0.0"),
+            host=host,
             port=env_int("GATEWAY_PORT", 8000, minimum=0, maximum=65535),
             default_agent_file=agent_file,
             max_message_bytes=env_int("GATEWAY_MAX_MESSAGE_BYTES", 6 * 1024 * 1024, minimum=1024),
@@ -106,9 +129,15 @@ class Settings:
             llm_timeout_s=_finite("GATEWAY_LLM_TIMEOUT_SECONDS", 60.0, minimum=1.0),
             tts_timeout_s=_finite("GATEWAY_TTS_TIMEOUT_SECONDS", 30.0, minimum=1.0),
             twilio_auth_token=env_str("TWILIO_AUTH_TOKEN", "") or None,
+            plivo_auth_token=env_str("PLIVO_AUTH_TOKEN", "") or None,
+            vonage_signature_secret=env_str("VONAGE_SIGNATURE_SECRET", "") or None,
+            telnyx_public_key=_telnyx_public_key(),
             api_keys=tuple(key.strip() for key in env_str("GATEWAY_API_KEYS", "").split(",") if key.strip()),
             token_secret=env_str("GATEWAY_TOKEN_SECRET", "") or None,
-            open_channels=env_str("GATEWAY_OPEN_CHANNELS", "false", choices=("true", "false")) == "true",
+            open_channels=env_str("GATEWAY_OPEN_CHANNELS", "false", choices=("true", "false")) == "true"
+            or "channels" in open_routes,
+            open_routes=open_routes,
+            trusted_network=trusted_network,
             chat_ping_interval_s=_finite("GATEWAY_CHAT_PING_INTERVAL_SECONDS", 20.0, minimum=0.1),
             chat_pong_timeout_s=_finite("GATEWAY_CHAT_PONG_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             retell_ws_path=_path_segment(
@@ -125,6 +154,33 @@ class Settings:
             tool_allowed_networks=_tool_allowed_networks(),
             tool_allowed_hosts=_tool_allowed_hosts(),
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _open_routes(host: str, trusted_network: bool) -> tuple[str, ...]:
+    """``GATEWAY_OPEN_ROUTES``, checked: known names only, and only on loopback or a trusted network."""
+    names = tuple(dict.fromkeys(name.strip() for name in env_str("GATEWAY_OPEN_ROUTES", "").split(",") if name.strip()))
+    for name in names:
+        if name not in OPEN_ROUTE_NAMES:
+            raise ConfigError(
+                f"GATEWAY_OPEN_ROUTES: unknown route {name!r} (choose from {', '.join(OPEN_ROUTE_NAMES)})"
+            )
+    if names and not is_loopback(host) and not trusted_network:
+        raise ConfigError(
+            f"GATEWAY_OPEN_ROUTES={','.join(names)} opens routes without credentials, but GATEWAY_HOST={host!r} is not "
+            "a loopback address: listen on 127.0.0.1, or set GATEWAY_TRUSTED_NETWORK=true if every client that can "
+            "reach the port is trusted (docs/security.md, Legacy clients)"
+        )
+    return names
 
 
 def _finite(name: str, default: float, *, minimum: float) -> float:
@@ -163,6 +219,19 @@ def _allowed_hosts() -> tuple[str, ...]:
     return hosts
 
 
+def _telnyx_public_key() -> bytes | None:
+    value = env_str("TELNYX_PUBLIC_KEY", "").strip()
+    if not value:
+        return None
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ConfigError("TELNYX_PUBLIC_KEY: expected the base64 32-byte Ed25519 public key from the Telnyx portal")
+    return key
+
+
 def _public_url() -> str | None:
     value = env_str("GATEWAY_PUBLIC_URL", "").rstrip("/")
     if not value:
@@ -195,6 +264,9 @@ def _path_segment(name: str, value: str) -> str:
         "static",
         "twilio",
         "exotel",
+        "telnyx",
+        "plivo",
+        "vonage",
         "metrics",
     ):
         raise ConfigError(

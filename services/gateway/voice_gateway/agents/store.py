@@ -61,6 +61,14 @@ BUILTIN_TOOLS: dict[str, tuple[str, dict[str, Any]]] = {
         "Transfer the caller to a human agent.",
         {"type": "object", "properties": {"reason": {"type": "string"}}},
     ),
+    "press_digit": (
+        "Press a key on the phone keypad, to navigate an automated phone menu (IVR).",
+        {
+            "type": "object",
+            "properties": {"digit": {"type": "string", "description": "One key: 0-9, * or #"}},
+            "required": ["digit"],
+        },
+    ),
 }
 TRANSFER_NUMBER_PARAMETERS = {
     "type": "object",
@@ -70,8 +78,10 @@ TRANSFER_NUMBER_PARAMETERS = {
 
 
 class Tool(_Strict):
-    """A tool the model may call: a built-in (``end_call``, ``transfer_call``: no ``url``) or an HTTP
-    webhook (``url``). Built-ins get a description and parameters when none are given.
+    """A tool the model may call: a built-in (``end_call``, ``transfer_call``, ``press_digit``: no ``url``)
+    or an HTTP webhook (``url``). Built-ins get a description and parameters when none are given.
+    ``press_digit`` presses a keypad key after the answer is spoken; only Retell's socket can (elsewhere
+    it is recorded in the call log and nothing is pressed).
 
     A tool's result is for the model. ``expose_result`` also shows it to the clients of the browser
     socket (``/ws``, unauthenticated): its ``llm_tool_result`` then carries the result itself instead of
@@ -85,6 +95,9 @@ class Tool(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = Field(default=5.0, gt=0, le=60)
     transfer_number: str = Field(default="", max_length=32)
+    show_transferee_as_caller: bool = Field(
+        default=False, description="transfer_call only: the transferee sees the caller's number (Retell)"
+    )
     expose_result: bool = Field(default=False, description="show the result to unauthenticated /ws clients")
 
     @model_validator(mode="after")
@@ -105,6 +118,8 @@ class Tool(_Strict):
                 parameters = TRANSFER_NUMBER_PARAMETERS
             self.description = self.description or description
             self.parameters = self.parameters or parameters
+        if self.show_transferee_as_caller and (self.url or self.name != "transfer_call"):
+            raise ValueError(f"tool {self.name!r}: show_transferee_as_caller is an option of transfer_call only")
         if not self.parameters:
             self.parameters = {"type": "object", "properties": {}}
         if self.parameters.get("type") != "object":

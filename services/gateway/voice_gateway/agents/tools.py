@@ -1,7 +1,7 @@
 """Agent tools: what the gateway runs when the model calls a function.
 
-An agent's tools are built-ins that act on the call (``end_call``, ``transfer_call``) and HTTP
-webhook tools. Every run ends in a :class:`ToolOutcome` whose ``content`` goes back to the model as
+An agent's tools are built-ins that act on the call (``end_call``, ``transfer_call``, ``press_digit``)
+and HTTP webhook tools. Every run ends in a :class:`ToolOutcome` whose ``content`` goes back to the model as
 the ``tool`` message: a webhook that fails, answers an error status or takes longer than its
 ``timeout_s`` yields an error result (``successful`` false), never an exception or a stuck turn.
 
@@ -40,15 +40,35 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 class CallAction:
     """Something a built-in tool asks of the call, done once the answer has been spoken.
 
+    When one turn's tools ask for several, the first in :data:`ACTION_PRECEDENCE` wins (Retell's rule:
+    ``end_call`` > ``transfer_number`` > ``digit_to_press``); among equals, the first asked.
+
     Attributes:
-        kind: ``end_call`` or ``transfer_call``.
+        kind: ``end_call``, ``transfer_call`` or ``press_digit``.
         number: The number to transfer to (``transfer_call`` only).
         reason: Why, in the model's words (for the call log).
+        digit: The key to press (``press_digit`` only).
+        show_transferee_as_caller: The transferee sees the caller's number (``transfer_call``, Retell).
     """
 
     kind: str
     number: str = ""
     reason: str = ""
+    digit: str = ""
+    show_transferee_as_caller: bool = False
+
+    @property
+    def ends_call(self) -> bool:
+        """Whether the call ends with it (``press_digit`` goes on)."""
+        return self.kind in ("end_call", "transfer_call")
+
+    def outranks(self, other: CallAction | None) -> bool:
+        """Whether this action wins over ``other`` (which was asked first) by :data:`ACTION_PRECEDENCE`."""
+        return other is None or ACTION_PRECEDENCE.index(self.kind) < ACTION_PRECEDENCE.index(other.kind)
+
+
+ACTION_PRECEDENCE = ("end_call", "transfer_call", "press_digit")
+KEYPAD = frozenset("0123456789*#")
 
 
 @dataclass(frozen=True)
@@ -114,10 +134,24 @@ class TransferCallTool(AgentTool):
         if not number:
             return ToolOutcome(json.dumps({"error": "no number to transfer to"}), False)
         reason = str(invocation.arguments.get("reason") or "")
+        action = CallAction(
+            "transfer_call",
+            number=number,
+            reason=reason,
+            show_transferee_as_caller=self.config.show_transferee_as_caller,
+        )
+        return ToolOutcome(f"The caller will be transferred to {number} after your reply.", True, action)
+
+
+class PressDigitTool(AgentTool):
+    """Presses one keypad key (``0``-``9``, ``*``, ``#``) once the agent's answer has been spoken."""
+
+    async def run(self, invocation: Invocation) -> ToolOutcome:
+        digit = str(invocation.arguments.get("digit") or "").strip()
+        if digit not in KEYPAD:
+            return _error(f"digit must be one key: 0-9, * or #, not {digit!r}")
         return ToolOutcome(
-            f"The caller will be transferred to {number} after your reply.",
-            True,
-            CallAction("transfer_call", number=number, reason=reason),
+            f"The key {digit} will be pressed after your reply.", True, CallAction("press_digit", digit=digit)
         )
 
 
@@ -193,6 +227,8 @@ class Toolbox:
                 self._tools[config.name] = EndCallTool(config)
             elif config.name == "transfer_call":
                 self._tools[config.name] = TransferCallTool(config)
+            elif config.name == "press_digit":
+                self._tools[config.name] = PressDigitTool(config)
 
     def __bool__(self) -> bool:
         return bool(self._tools)

@@ -299,6 +299,7 @@ class ConnectionGuard:
         self._handshake_deadline = limits.clock() + settings.handshake_timeout_s
         self._key: str | None = None
         self._released = False
+        self._replayed: dict | None = None
         # The timeout of the receive in progress while it waits on the idle timeout, for activity().
         self._idle_scope: asyncio.Timeout | None = None
 
@@ -332,6 +333,21 @@ class ConnectionGuard:
         """The dialect's opening message has arrived: from now on only the idle timeout applies."""
         self._awaiting_handshake = False
 
+    def relabel(self, dialect: str) -> None:
+        """Counts this connection under ``dialect`` from now on: a socket that several dialects share is
+        admitted under one and handed to the dialect its first message speaks (:mod:`voice_gateway.dialects.router`)."""
+        if dialect == self.dialect:
+            return
+        if not self._released:
+            CONNECTIONS.labels(self.dialect).dec()
+            CONNECTIONS.labels(dialect).inc()
+        self.dialect = dialect
+
+    def replay(self, frame: dict) -> None:
+        """Makes the next :meth:`receive` return ``frame`` (a frame already received, and counted against the
+        message rate, by a router that read it to choose the dialect), checked then against the frame limit."""
+        self._replayed = frame
+
     def activity(self) -> None:
         """The dialect sent the client something it counts as activity: the idle timeout starts again, as if
         a frame had been received. Safe to call from any task of the connection's event loop."""
@@ -363,6 +379,9 @@ class ConnectionGuard:
             LimitExceeded: The handshake or idle timeout passed, or the message rate was exceeded.
             WebSocketDisconnect: As ``WebSocket.receive``.
         """
+        if self._replayed is not None:
+            frame, self._replayed = self._replayed, None
+            return self._check_size(frame)
         timeout, on_timeout = self._timeout()
         try:
             async with asyncio.timeout(timeout) as scope:
@@ -386,6 +405,9 @@ class ConnectionGuard:
                     f"(bursts of {settings.message_burst})",
                 )
             )
+        return self._check_size(frame)
+
+    def _check_size(self, frame: dict) -> dict:
         size = frame_size(frame, self.max_frame_bytes)
         if size > self.max_frame_bytes:
             raise self._refuse(MessageTooLarge(size, self.max_frame_bytes))

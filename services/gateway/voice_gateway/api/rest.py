@@ -1,8 +1,9 @@
 """The REST API: agents (``GET/PUT/DELETE /api/agents/{id}``), call logs (``GET /api/calls/{id}``),
 seed 003's trigger (``POST /api/calls/trigger``, whose answer carries the session's ``channel_token``)
 and channel tokens (``POST /api/channels/token``, see :mod:`voice_gateway.dialects.channels`). Every
-route needs one of ``GATEWAY_API_KEYS`` as ``Authorization: Bearer <key>`` or ``X-API-Key``; bodies are
-parsed strictly (:mod:`voice_gateway.api.messages`)."""
+route needs one of ``GATEWAY_API_KEYS`` as ``Authorization: Bearer <key>`` or ``X-API-Key`` (but the trigger
+when ``GATEWAY_OPEN_ROUTES`` names ``trigger``, see :func:`open_trigger_identity`); bodies are parsed strictly
+(:mod:`voice_gateway.api.messages`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import ValidationError
 
 from voice_gateway.agents import AGENT_ID, Agent
-from voice_gateway.api.auth import Authenticator, ChannelTokens, api_key_dependency
+from voice_gateway.api.auth import API_KEY_HEADER, Authenticator, ChannelTokens, api_key_dependency
 from voice_gateway.api.limits import LimitExceeded, Limits
 from voice_gateway.api.messages import InvalidJson, parse_json
 from voice_gateway.api.triggers import PendingTriggers
@@ -20,6 +21,8 @@ from voice_gateway.dialects.channels import CHANNEL as CHANNEL_NAME
 from voice_gateway.dialects.channels import RESERVED as RESERVED_CHANNELS
 
 PCM_DIALECT = "pcm"
+# The pseudo-identity of calls triggered without a key (GATEWAY_OPEN_ROUTES=trigger), followed by the client's address.
+OPEN_IDENTITY = "open:"
 
 
 async def json_object_body(request: Request) -> dict:
@@ -33,12 +36,31 @@ async def json_object_body(request: Request) -> dict:
     return body
 
 
+def open_trigger_identity(authenticator: Authenticator):
+    """The trigger's dependency when ``GATEWAY_OPEN_ROUTES`` names ``trigger`` (unchanged seed 003 clients).
+
+    A request that presents a key is checked as everywhere else (a wrong key is still a 401, never a
+    silent downgrade); one that presents none is admitted under the pseudo-identity
+    ``open:<client address>``, so its calls still count against ``GATEWAY_MAX_SESSIONS_PER_KEY`` and
+    ``GATEWAY_MAX_PENDING_TRIGGERS_PER_KEY``.
+    """
+    require_api_key = api_key_dependency(authenticator)
+
+    async def identity(request: Request) -> str:
+        if "authorization" in request.headers or API_KEY_HEADER in request.headers:
+            return await require_api_key(request)
+        return OPEN_IDENTITY + (request.client.host if request.client else "unknown")
+
+    return identity
+
+
 def rest_router(
     authenticator: Authenticator,
     limits: Limits,
     triggers: PendingTriggers,
     *,
     channel_tokens: ChannelTokens,
+    open_routes: tuple[str, ...] = (),
 ) -> APIRouter:
     """The REST routes; they read the stores from ``request.app.state.context``.
 
@@ -47,9 +69,12 @@ def rest_router(
         limits: The gateway's session limits (a trigger counts against its key's sessions).
         triggers: Triggered calls not yet connected, per key (429 beyond its limit).
         channel_tokens: Issues the channel tokens of ``/ws/channels`` (trigger and ``/api/channels/token``).
+        open_routes: ``GATEWAY_OPEN_ROUTES``: with ``trigger``, the trigger needs no key
+            (:func:`open_trigger_identity`).
     """
     router = APIRouter()
     api_key = Depends(api_key_dependency(authenticator))
+    trigger_identity = Depends(open_trigger_identity(authenticator)) if "trigger" in open_routes else api_key
 
     @router.get("/api/agents/{agent_id}")
     async def get_agent(request: Request, agent_id: str, _: str = api_key) -> dict:
@@ -86,11 +111,13 @@ def rest_router(
         return log.model_dump(by_alias=True)
 
     @router.post("/api/calls/trigger")
-    async def trigger_call(request: Request, body: dict = Depends(json_object_body), identity: str = api_key) -> dict:
+    async def trigger_call(
+        request: Request, body: dict = Depends(json_object_body), identity: str = trigger_identity
+    ) -> dict:
         """Seed 003: announces a raw PCM call; extra body fields become the agent's template variables.
 
-        The call will count against the caller's API key; a key already at its maximum of sessions on
-        this gateway is answered 429.
+        The call will count against the caller's API key (or, without one on an open trigger, against
+        ``open:<client address>``); one already at its maximum of sessions on this gateway is answered 429.
         """
         try:
             limits.check_key_capacity(PCM_DIALECT, identity)
@@ -99,7 +126,8 @@ def rest_router(
         if triggers.full(identity):
             raise HTTPException(
                 429,
-                f"this API key already has {triggers.limit} triggered calls waiting to connect; connect or let "
+                f"this {'client' if identity.startswith(OPEN_IDENTITY) else 'API key'} already has {triggers.limit} "
+                "triggered calls waiting to connect; connect or let "
                 "them expire first",
                 headers={"Retry-After": "5"},
             )

@@ -247,7 +247,7 @@ class TurnEngine:
                 result.timings.update(speaker.timings)
             if failure is not None:
                 FALLBACKS.labels(failure.code_name.lower()).inc()
-            if result.action is not None:
+            if result.action is not None and result.action.ends_call:
                 await emit(CallActionRequested(action=result.action))
         except BusError as exc:
             if failure is not None:
@@ -341,7 +341,7 @@ class TurnEngine:
                     "successful": outcome.successful,
                 }
             )
-            if outcome.action is not None and result.action is None:
+            if outcome.action is not None and outcome.action.outranks(result.action):
                 result.action = outcome.action
             await emit(
                 ToolFinished(

@@ -45,6 +45,7 @@ class MediaFormat:
         chunk_bytes: Outbound chunk size (the dialect's rules, e.g. Exotel's multiples of 320 B).
         pad_to: Outbound chunks are zero-padded to a multiple of this many bytes (0: no padding).
         min_chunk_bytes: A shorter last chunk is zero-padded up to this size.
+        pad_byte: The byte padding is made of: silence in the encoding (0 for PCM16, 0xFF for μ-law).
         lead_s: How far ahead of real time audio may be sent (the far end buffers it).
     """
 
@@ -54,6 +55,7 @@ class MediaFormat:
     pad_to: int = 0
     min_chunk_bytes: int = 0
     lead_s: float = 0.3
+    pad_byte: int = 0
 
     @property
     def bytes_per_second(self) -> int:
@@ -201,4 +203,4 @@ class Playout:
         size = max(len(piece), media.min_chunk_bytes)
         if media.pad_to and size % media.pad_to:
             size += media.pad_to - size % media.pad_to
-        return piece + b"\x00" * (size - len(piece)) if size > len(piece) else piece
+        return piece + bytes([media.pad_byte]) * (size - len(piece)) if size > len(piece) else piece

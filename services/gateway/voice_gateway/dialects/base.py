@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -157,6 +158,35 @@ class Connection:
             code, reason = self._close or (NORMAL, "")
             async with self._send_lock:
                 await close_socket(self.ws, code, reason)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How to serve one dialect on an accepted socket: what :func:`serve` takes, for a socket that several
+    dialects share (:mod:`voice_gateway.dialects.router`).
+
+    Attributes:
+        connection: The dialect's class (its ``dialect`` label and error event).
+        make: Builds the connection on the socket's guard.
+        max_frame_bytes: The dialect's frame limit; ``None``: the gateway's.
+        handshake: Whether the dialect waits for an opening message (else only the idle timeout applies).
+    """
+
+    connection: type[Connection]
+    make: Callable[[ConnectionGuard], Connection]
+    max_frame_bytes: int | None = None
+    handshake: bool = True
+
+    async def serve(self, websocket: WebSocket, limits: Limits) -> None:
+        """Serves ``websocket`` as this dialect alone (:func:`serve`)."""
+        await serve(
+            websocket,
+            limits,
+            self.connection,
+            self.make,
+            max_frame_bytes=self.max_frame_bytes,
+            handshake=self.handshake,
+        )
 
 
 async def serve(

@@ -1,15 +1,24 @@
 """The browser voice pipeline protocol (seed 001) at ``/ws``: JSON ``{type, data}`` messages.
 
-Client → server: ``init`` (``agentId``, optional ``callLogId``), ``audio`` (base64 WebM/Opus, Ogg,
-WAV, MP3 or raw PCM16 16 kHz), ``text`` (``text``), ``end``. Fields are read from ``data`` or the top
-level. Server → client: ``init_success`` (seed 001's ``callLogId``, ``agentName``, ``message``, and
-``channelToken``: the right to follow this session's statuses on ``/ws/channels``, see
-:mod:`voice_gateway.dialects.channels`) then the greeting as ``audio_response``; per audio turn
-``processing_started``, ``stt_start``, ``stt_complete``, ``llm_start``, ``llm_chunk``…,
-``llm_complete``, ``tts_start``, ``audio_response`` (one per sentence, as soon as it is
-synthesized, so often before ``llm_complete``), ``tts_complete`` (the whole reply), and
-``processing_complete``; per text turn the ``llm_*`` events, ``text_response`` and the audio; ``end``
-→ ``session_ended``. When the agent uses tools, ``llm_tool_call`` (``toolCallId``, ``name``,
+``/ws`` is shared with seed 002's channel clients: a socket whose first message is ``{"type": …}`` is
+this dialect's (:mod:`voice_gateway.dialects.router`). Client → server: ``init`` (``agentId``, optional
+``callLogId``), ``audio`` (base64 WebM/Opus, Ogg, WAV, MP3 or raw PCM16 16 kHz), ``text`` (``text``),
+``end``. Fields are read from ``data`` or the top level. Server → client: ``init_success`` (seed 001's
+``callLogId``, ``agentName``, ``message``, and ``channelToken``: the right to follow this session's
+statuses on ``/ws/channels``, see :mod:`voice_gateway.dialects.channels`) then the greeting as one
+``audio_response``; per audio turn ``processing_started``, ``stt_start``, ``stt_complete``,
+``llm_start``, ``llm_chunk``…, ``llm_complete``, then the reply's speech, and ``processing_complete``;
+per text turn the ``llm_*`` events and ``text_response``, then the speech and ``processing_complete``
+when the agent speaks its replies (a text turn that is not spoken ends at ``text_response``); ``end``
+→ ``session_ended``.
+
+The speech goes out sentence by sentence, in the seed's order for each: ``tts_start``, ``tts_complete``
+(``audio``: the sentence's WAV) and ``audio_response`` (``audio``: the same WAV, ``text``: the
+sentence). A client plays one of the two, as with the seed's server; no message carries the whole reply
+again. The first sentence leaves as soon as it is synthesized (often before ``llm_complete``); each
+next one no earlier than :data:`PLAYBACK_LEAD_S` before the client, playing every sentence on arrival,
+would finish the ones before it, so sentences never overlap. ``processing_complete`` follows the last
+sentence. When the agent uses tools, ``llm_tool_call`` (``toolCallId``, ``name``,
 ``arguments``: JSON text) and ``llm_tool_result`` (``toolCallId``, ``name``, ``result``: the tool's
 answer when its ``expose_result`` is set, else ``{"successful": …}`` as JSON text, ``successful``) come
 between the ``llm_chunk`` events; a built-in ``end_call`` or ``transfer_call``
@@ -35,7 +44,7 @@ from voice.v1 import audio_pb2
 from voice_audio import wav_bytes
 from voice_gateway.agents.tools import CallAction
 from voice_gateway.api.auth import ChannelTokens
-from voice_gateway.api.limits import ConnectionGuard, Limits
+from voice_gateway.api.limits import ConnectionGuard
 from voice_gateway.conversation.events import (
     Event,
     LlmCompleted,
@@ -53,12 +62,15 @@ from voice_gateway.conversation.events import (
 )
 from voice_gateway.conversation.runner import Turn
 from voice_gateway.conversation.session import GatewayContext, Session
-from voice_gateway.dialects.base import Connection, serve
+from voice_gateway.dialects.base import Connection, Route
 from voice_runtime.tasks import cancel_and_wait
 
 DIALECT = "browser"
 OUTPUT = OutputFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=0)
 RAW_PCM_RATE = 16000
+# How long before the client would finish playing the sentences sent so far the next one leaves: enough to
+# arrive and be decoded in time, so the speech has no gaps, and short enough that sentences never overlap.
+PLAYBACK_LEAD_S = 0.3
 CONTAINER_MAGIC = (b"RIFF", b"OggS", b"\x1a\x45\xdf\xa3", b"ID3", b"fLaC", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
 
 
@@ -241,13 +253,31 @@ class BrowserConnection(Connection):
             await self.error(event.error)
 
 
+class _Playback:
+    """When a client that plays each sentence on arrival, one after another, will have played what it got."""
+
+    def __init__(self) -> None:
+        self._ends_at = 0.0
+
+    async def wait(self) -> None:
+        """Waits until the next sentence may leave: :data:`PLAYBACK_LEAD_S` before the last one would end."""
+        delay = self._ends_at - PLAYBACK_LEAD_S - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def sent(self, seconds: float) -> None:
+        """``seconds`` of audio were sent now."""
+        self._ends_at = max(self._ends_at, asyncio.get_running_loop().time()) + seconds
+
+
 class _TurnEvents:
     """Translates one turn's events into seed 001 messages."""
 
     def __init__(self, connection: BrowserConnection) -> None:
         self._connection = connection
         self._spoken = False
-        self._tts_started = False
+        self._said = False
+        self._playback = _Playback()
 
     async def __call__(self, event: Event) -> None:
         send = self._connection.send
@@ -256,9 +286,9 @@ class _TurnEvents:
             if self._spoken:
                 await send("processing_started")
         elif isinstance(event, TurnEnded):
-            if self._spoken:
+            if self._spoken or self._said:
                 await send("processing_complete")
-            if event.result.action is not None and event.outcome != "cancelled":
+            if event.result.action is not None and event.result.action.ends_call and event.outcome != "cancelled":
                 self._connection.end_after_turn(event.result.action)
         elif isinstance(event, SttCompleted):
             await send("stt_complete", {"text": event.text})
@@ -269,12 +299,14 @@ class _TurnEvents:
             if not self._spoken:
                 await send("text_response", {"text": event.text})
         elif isinstance(event, SpeechAudio):
-            if not self._tts_started:
-                self._tts_started = True
-                await send("tts_start")
-            await send("audio_response", {"audio": wav_base64(event.audio, event.sample_rate), "text": event.text})
-        elif isinstance(event, SpeechCompleted):
-            await send("tts_complete", {"audio": wav_base64(event.audio, event.sample_rate)})
+            await self._playback.wait()
+            audio = wav_base64(event.audio, event.sample_rate)
+            self._said = True
+            await send("tts_start")
+            await send("tts_complete", {"audio": audio})
+            await send("audio_response", {"audio": audio, "text": event.text})
+            if event.sample_rate > 0:
+                self._playback.sent(len(event.audio) / (2 * event.sample_rate))
         elif isinstance(event, ToolCalled):
             await send(
                 "llm_tool_call", {"toolCallId": event.tool_call_id, "name": event.name, "arguments": event.arguments}
@@ -297,19 +329,16 @@ class _TurnEvents:
             await send(event.kind)
 
 
-async def serve_browser(
+def route(
     websocket: WebSocket,
     context: GatewayContext,
-    limits: Limits,
     *,
     max_message_bytes: int,
     max_utterance_s: float,
     channel_tokens: ChannelTokens | None = None,
-) -> None:
-    """Accepts and serves one seed 001 WebSocket; a full gateway answers ``error`` and closes 1013."""
-    await serve(
-        websocket,
-        limits,
+) -> Route:
+    """How to serve ``websocket`` as seed 001 (see :class:`BrowserConnection` for the arguments)."""
+    return Route(
         BrowserConnection,
         lambda guard: BrowserConnection(
             websocket, context, guard, max_utterance_s=max_utterance_s, channel_tokens=channel_tokens

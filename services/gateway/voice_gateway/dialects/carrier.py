@@ -5,7 +5,8 @@ stream id under the carrier's key; a carrier module only says how its ``start`` 
 Bad frames (malformed JSON, binary frames, unknown events, bad payloads) are counted and skipped: the
 call goes on. The gateway's limits close the stream instead, since a carrier has no error event:
 1013 when the gateway is full, 1009 for a frame over ``GATEWAY_MAX_FRAME_BYTES``, 1008 without a
-``start`` within the handshake timeout, after the idle timeout, or past the message rate.
+``start`` within the handshake timeout, after the idle timeout, or past the message rate; 1003 for a
+``start`` whose media format the gateway cannot serve (the call's log records the reason).
 
 The stream id is what the call's log asks to be called, never a way into another log: when a log
 with that id already exists (another call's, a chat conversation's), the call gets a fresh log under
@@ -27,17 +28,19 @@ from typing import Any, ClassVar
 from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
+from voice_gateway.agents.templates import personalise
 from voice_gateway.agents.tools import CallAction
 from voice_gateway.api.limits import ConnectionGuard, close_socket
 from voice_gateway.conversation.call import CallSession, MediaFormat, open_call
 from voice_gateway.conversation.metrics import BAD_FRAMES, ERRORS
-from voice_gateway.conversation.session import GatewayContext
+from voice_gateway.conversation.session import GatewayContext, Session
 from voice_gateway.dialects.base import Connection
 from voice_gateway.storage.registry import CallRegistry
 
 logger = logging.getLogger(__name__)
 
 MAX_MEDIA_PAYLOAD_BYTES = 64 * 1024
+CLOSE_UNSUPPORTED = 1003
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -49,6 +52,10 @@ class StreamStart:
     agent_id: str
     variables: dict
     call_sid: str = ""
+    # The call's audio when the ``start`` chooses it (Plivo's ``mediaFormat``), else the connection's.
+    media: MediaFormat | None = None
+    # Why the gateway cannot serve this stream (e.g. an unsupported encoding): recorded, then closed 1003.
+    refusal: str = ""
 
 
 def decode_payload(payload: Any, on_bad: Callable[[str], None]) -> bytes | None:
@@ -116,14 +123,18 @@ class MediaStreamConnection(Connection):
     its ``start`` (:meth:`parse_start`)."""
 
     sid_key: ClassVar[str] = "streamSid"
+    # How the carrier's verbs go out (Plivo's ``playAudio``, Vonage's binary frames override it).
+    transport_class: ClassVar[type[CarrierTransport]] = CarrierTransport
+    # The call's status when the socket closes without a ``stop`` (Plivo and Vonage have none: "completed").
+    closed_status: ClassVar[str] = "disconnected"
 
     def __init__(self, websocket: WebSocket, context: GatewayContext, guard: ConnectionGuard, media: MediaFormat):
         super().__init__(websocket, guard)
         self._context = context
         self._media = media
-        self._transport = CarrierTransport(self, context.registry)
+        self._transport = self.transport_class(self, context.registry)
         self._call: CallSession | None = None
-        self._status = "disconnected"
+        self._status = self.closed_status
 
     def parse_start(self, message: dict, on_bad: Callable[[str], None]) -> StreamStart:
         """What the carrier's ``start`` event says; malformed parts are counted through ``on_bad``."""
@@ -176,6 +187,11 @@ class MediaStreamConnection(Connection):
         if self._call is not None:
             self.count_bad("duplicate_start")
             return
+        if start.refusal:
+            await self._refuse(start)
+            return
+        if start.media is not None:
+            self._media = start.media
         self._transport.stream_sid = start.stream_sid
         self._transport.call_sid = start.call_sid if _SAFE_ID.fullmatch(start.call_sid) else ""
         self._call = await open_call(
@@ -192,3 +208,20 @@ class MediaStreamConnection(Connection):
             self.close(1008, f"unknown agent {start.agent_id!r}")
             return
         self.guard.handshake_done()
+
+    async def _refuse(self, start: StreamStart) -> None:
+        """A stream the gateway cannot serve: the call's log records why (status ``refused``, ``reason``),
+        then the stream closes with 1003 and the reason."""
+        agent = await self._context.agents.get(start.agent_id)
+        if agent is None:
+            self.close(1008, f"unknown agent {start.agent_id!r}")
+            return
+        logger.warning("%s stream %s refused: %s", self.dialect, start.stream_sid, start.refusal)
+        agent = personalise(agent, start.variables)
+        session = Session(self._context, agent, self.dialect, session_id=safe_id(start.stream_sid))
+        session.call_log.reason = start.refusal
+        try:
+            await session.start()
+            await session.close("refused")
+        finally:
+            self.close(CLOSE_UNSUPPORTED, start.refusal)

@@ -1,4 +1,5 @@
-"""Channel pub/sub (seed 002) at ``/ws/channels``: dashboards follow a session's live status.
+"""Channel pub/sub (seed 002) at ``/ws/channels``, and at ``/ws`` for a client whose first message is a
+channel message (:mod:`voice_gateway.dialects.router`): dashboards follow a session's live status.
 
 ``{"channel": "subscription", "payload": {"action": "subscribe" | "unsubscribe", "channel": name}}``
 subscribes a connection to a channel (acknowledged with ``action`` ``subscribed`` /
@@ -63,7 +64,7 @@ from voice_bus.catalog import events_subject, status_subject
 from voice_gateway.api.auth import Authenticator, ChannelTokens
 from voice_gateway.api.limits import ConnectionGuard, Limits
 from voice_gateway.api.messages import InvalidJson, parse_json
-from voice_gateway.dialects.base import Connection, serve
+from voice_gateway.dialects.base import Connection, Route
 
 logger = logging.getLogger(__name__)
 
@@ -327,12 +328,11 @@ class ChannelConnection(Connection):
             await subscription.unsubscribe()
 
 
+def route(websocket: WebSocket, nc, access: ChannelAccess | None = None) -> Route:
+    """How to serve ``websocket`` as a channels connection (here, or on ``/ws`` after its first message)."""
+    return Route(ChannelConnection, lambda guard: ChannelConnection(websocket, nc, guard, access), handshake=False)
+
+
 async def serve_channels(websocket: WebSocket, nc, limits: Limits, access: ChannelAccess | None = None) -> None:
     """Accepts and serves one channels connection; a full gateway answers an error and closes 1013."""
-    await serve(
-        websocket,
-        limits,
-        ChannelConnection,
-        lambda guard: ChannelConnection(websocket, nc, guard, access),
-        handshake=False,
-    )
+    await route(websocket, nc, access).serve(websocket, limits)

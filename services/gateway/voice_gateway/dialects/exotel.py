@@ -6,12 +6,23 @@ Exotel sends ``connected``, ``start``, ``media`` (base64 PCM16 little-endian mon
 are multiples of 320 bytes and at least 3200 bytes (the tail zero-padded), ``mark`` and ``clear``,
 with the documented ``stream_sid``. The agent comes from ``agent_id`` in the query string (Exotel
 passes custom parameters there) or in ``start.custom_parameters``.
+
+Transfer: Exotel cannot be told to transfer over the stream; its Voicebot applet ends when the server
+closes the socket, and the call flow goes on to the next applet. So the agent's ``transfer_call`` notes
+the number under the call's ``call_sid`` in the gateway's registry and closes the stream (1000, reason
+``transfer_call``), and ``GET /exotel/transfer?CallSid=…`` tells the flow what next: 200 with the Connect
+applet's dynamic-URL answer (``{"fetch_after_attempt": false, "destination": {"numbers": ["+91…"]}}``)
+when the agent transferred the call, 404 when it did not (or the id is malformed). Build the flow as
+Voicebot → Passthru (this URL; 200 goes on) → Connect (dynamic URL: this URL), with Passthru's other
+branch to Hangup, so that a call the agent ended hangs up and a transferred one is dialled through.
 """
 
 from __future__ import annotations
 
 import logging
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from voice_audio import Encoding
@@ -20,6 +31,7 @@ from voice_gateway.conversation.call import MediaFormat
 from voice_gateway.conversation.session import GatewayContext
 from voice_gateway.dialects.base import serve
 from voice_gateway.dialects.carrier import MediaStreamConnection, StreamStart
+from voice_gateway.storage.registry import CallRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +97,13 @@ async def serve_exotel(websocket: WebSocket, context: GatewayContext, limits: Li
         return
     media = media_format(int(raw_rate))
     await serve(websocket, limits, ExotelConnection, lambda guard: ExotelConnection(websocket, context, guard, media))
+
+
+async def transfer_webhook(request: Request, registry: CallRegistry | None) -> Response:
+    """Exotel's Passthru / Connect dynamic URL after the Voicebot applet: the number the agent's
+    ``transfer_call`` chose for ``CallSid``, as the Connect applet reads it, else 404."""
+    call_sid = request.query_params.get("CallSid", "")
+    number = await registry.transfer_of(call_sid) if registry is not None else None
+    if not number:
+        return Response("no transfer for this call", status_code=404, media_type="text/plain")
+    return JSONResponse({"fetch_after_attempt": False, "destination": {"numbers": [number]}})

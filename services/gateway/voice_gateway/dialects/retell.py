@@ -1,18 +1,46 @@
 """Retell's custom-LLM WebSocket (seed 000, protocols.md §1) at ``/{OBFUSCATED_WS_PATH}/{call_id}``.
 
 Retell connects per call and talks text only. On connect the gateway sends ``config``
-(``auto_reconnect``, ``call_details``); after ``call_details`` it sends the begin message
-(``response`` with ``response_id`` 0: the agent's greeting). ``ping_pong`` is echoed at once;
-``update_only`` transcripts are recorded; ``response_required`` and ``reminder_required`` are
-answered by streaming ``response`` events (``content``, ``content_complete``, ``response_id``) from
-the LLM. Retell's transcript is the conversation's history (it knows what was actually heard). A
-newer ``response_id`` cancels the older answer at once, including its LLM request on the bus, and
-nothing more is sent under the old id. Every message is handled in its own task; all of them are
-cancelled on disconnect. A binary frame closes the socket with 1007; a server error with 1011; an
-unknown agent (when even ``default`` is gone) with 1008. The gateway's limits close it too: 1013 when
-the gateway is full, 1009 for a frame over ``GATEWAY_MAX_FRAME_BYTES``, 1008 when no message at all
-arrives within the handshake timeout (Retell sends ``call_details`` and pings right away), after the
-idle timeout, or past the message rate.
+(``auto_reconnect``, ``call_details``, ``transcript_with_tool_calls``); after ``call_details`` it
+sends the begin message (``response`` with ``response_id`` 0: the agent's greeting). ``ping_pong``
+is echoed at once; ``update_only`` transcripts are recorded; ``response_required`` and
+``reminder_required`` are answered by streaming ``response`` events (``content``,
+``content_complete``, ``response_id``) from the LLM. Retell's transcript is the conversation's
+history (it knows what was actually heard): ``transcript_with_tool_calls`` (``config`` asks for it)
+when present, so earlier tool calls and their results are in it
+(:mod:`~voice_gateway.dialects.retell_transcript`). A newer ``response_required`` cancels the older
+answer at once, including its LLM request on the bus, and nothing more is sent under the old id.
+
+Every response type of the socket (protocols.md §1.4):
+
+- ``response``: the answer's chunks, the last with ``content_complete: true``; that last one carries
+  the turn's call action, at most one by Retell's precedence: ``end_call`` (built-in ``end_call``) >
+  ``transfer_number`` (``transfer_call``; with ``show_transferee_as_caller: true`` when the tool sets
+  it) > ``digit_to_press`` (``press_digit``). A failed turn ends with an apology as its content.
+- ``agent_interrupt``: sent unprompted only when a ``reminder_required`` arrives while the previous
+  answer is still being made (a slow webhook tool, a slow LLM): the caller said nothing new, so that
+  answer is not cancelled. The reminder is answered at once with an empty, complete ``response``, and
+  the rest of the running answer goes out as ``agent_interrupt`` under a new ``interrupt_id`` (one per
+  such answer, counting from 1; a newer id discards the older ones on Retell's side), its last chunk
+  with ``content_complete`` and the action (``show_transferee_as_caller`` is not part of this event).
+  A ``response_required`` (the caller spoke) still cancels it, and nothing more is sent under it.
+- ``no_interruption_allowed: true``: on every ``response`` chunk (the begin message too) of an agent
+  whose ``pipeline.enable_interruptions`` is false, and on every ``agent_interrupt`` chunk (Retell
+  recommends it there: the agent speaks over whatever happens).
+- ``tool_call_invocation`` / ``tool_call_result``: each tool call of the answer and its result, as
+  they happen (bookkeeping for ``transcript_with_tool_calls``).
+- ``metadata``: after each answer's last chunk, ``{"call_log_id", "response_id", "interrupt_id"?,
+  "tools"?: [{"tool_call_id", "name", "successful", "result"?}], "action"?}`` for the web call's
+  frontend; a tool's ``result`` only when the agent's ``expose_result`` allows it (that frontend is as
+  unauthenticated as ``/ws``). Not sent for a cancelled answer.
+- ``config``, ``ping_pong``: as above. ``update_agent`` is not sent.
+
+Every message is handled in its own task; all of them are cancelled on disconnect. A binary frame
+closes the socket with 1007; a server error with 1011; an unknown agent (when even ``default`` is
+gone) with 1008. The gateway's limits close it too: 1013 when the gateway is full, 1009 for a frame
+over ``GATEWAY_MAX_FRAME_BYTES``, 1008 when no message at all arrives within the handshake timeout
+(Retell sends ``call_details`` and pings right away), after the idle timeout, or past the message
+rate.
 
 Retell sends no credentials: the path segment is the socket's only secret (see docs/security.md).
 
@@ -38,14 +66,18 @@ import time
 from starlette.websockets import WebSocket
 
 from voice_gateway.agents.templates import personalise
+from voice_gateway.agents.tools import CallAction
 from voice_gateway.api.limits import CLOSE_POLICY_VIOLATION, ConnectionGuard, Limits, close_socket
 from voice_gateway.conversation.events import Event, LlmDelta, ToolCalled, ToolFinished, TurnEnded, TurnFailed
 from voice_gateway.conversation.runner import Turn
 from voice_gateway.conversation.session import HANDED_OFF, GatewayContext, Session
 from voice_gateway.dialects.base import Connection, serve
+from voice_gateway.dialects.retell_transcript import history_from_transcript
 from voice_gateway.storage.call_log import CallLog, valid_call_log_id
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["RetellConnection", "history_from_transcript", "serve_retell"]
 
 DIALECT = "retell"
 CALL_DETAILS_WAIT_S = 5.0
@@ -54,44 +86,6 @@ RESUMABLE = frozenset({"active", HANDED_OFF})
 INVALID_FRAME = 1007
 REMINDER_HINT = "(The user has not responded in a while. Gently check whether they are still there.)"
 SORRY = "Sorry, I had a problem there."
-
-
-def history_from_transcript(transcript: object) -> list[dict]:
-    """Chat messages from Retell's transcript: ``agent`` → assistant, anything else → user.
-
-    ``transcript_with_tool_calls`` items are understood too: a ``tool_call_invocation`` becomes an
-    assistant message carrying the call, a ``tool_call_result`` the ``tool`` message answering it.
-    """
-    messages: list[dict] = []
-    for utterance in transcript if isinstance(transcript, list) else []:
-        if not isinstance(utterance, dict):
-            continue
-        if utterance.get("role") == "tool_call_invocation":
-            call = {
-                "id": str(utterance.get("tool_call_id") or ""),
-                "name": str(utterance.get("name") or ""),
-                "arguments": str(utterance.get("arguments") or "{}"),
-            }
-            if call["id"] and call["name"]:
-                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
-            continue
-        if utterance.get("role") == "tool_call_result":
-            call_id = str(utterance.get("tool_call_id") or "")
-            if any(call_id == c["id"] for m in messages for c in m.get("tool_calls", ())):
-                messages.append({"role": "tool", "tool_call_id": call_id, "content": str(utterance.get("content"))})
-            continue
-        if not isinstance(utterance.get("content"), str):
-            continue
-        role = "assistant" if utterance.get("role") == "agent" else "user"
-        content = utterance["content"].strip()
-        if not content:
-            continue
-        if messages and messages[-1]["role"] == role and "tool_calls" not in messages[-1]:
-            messages[-1]["content"] += " " + content
-        else:
-            messages.append({"role": role, "content": content})
-    answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
-    return [m for m in messages if not m.get("tool_calls") or m["tool_calls"][0]["id"] in answered]
 
 
 class RetellConnection(Connection):
@@ -106,6 +100,9 @@ class RetellConnection(Connection):
         self._session: Session | None = None
         self._tasks: set[asyncio.Task] = set()
         self._current_response_id = -1
+        # The latest response turn's translation, and the latest agent_interrupt id handed out.
+        self._answering: _ResponseEvents | None = None
+        self._interrupt_id = 0
         self._begin_lock = asyncio.Lock()
         self._begun = False
         self._details_timer: asyncio.Task | None = None
@@ -148,8 +145,7 @@ class RetellConnection(Connection):
         elif kind == "call_details":
             self._spawn(self._begin(message.get("call") if isinstance(message.get("call"), dict) else {}))
         elif kind == "update_only":
-            if isinstance(message.get("transcript"), list):
-                self.transcript = message["transcript"]
+            self.transcript = _transcript(message) or self.transcript
         elif kind in ("response_required", "reminder_required"):
             response_id = message.get("response_id")
             if not isinstance(response_id, int) or isinstance(response_id, bool) or response_id < 0:
@@ -158,7 +154,16 @@ class RetellConnection(Connection):
             if response_id <= self._current_response_id:
                 return
             self._current_response_id = response_id
-            transcript = message.get("transcript") if isinstance(message.get("transcript"), list) else self.transcript
+            answering = self._answering
+            if kind == "reminder_required" and answering is not None and not answering.finished:
+                # The caller said nothing new: the answer still being made goes on, as agent_interrupt.
+                if answering.interrupt_id is None:
+                    self._interrupt_id += 1
+                    answering.interrupt_id = self._interrupt_id
+                self._spawn(self.send_json(_chunk("response", response_id, "", True)))
+                return
+            self._answering = None
+            transcript = _transcript(message) or self.transcript
             self._spawn(self._respond(response_id, transcript, reminder=kind == "reminder_required"))
         else:
             await self.bad_frame("unknown_event", "")
@@ -232,10 +237,10 @@ class RetellConnection(Connection):
             return
         if self.resumed:
             return
-        greeting = self._session.agent.greeting
-        await self.send_json(
-            {"response_type": "response", "response_id": 0, "content": greeting, "content_complete": True}
-        )
+        begin = _chunk("response", 0, self._session.agent.greeting, True)
+        if not self._session.agent.pipeline.enable_interruptions:
+            begin["no_interruption_allowed"] = True
+        await self.send_json(begin)
 
     async def _begin_without_details(self) -> None:
         await asyncio.sleep(CALL_DETAILS_WAIT_S)
@@ -252,41 +257,57 @@ class RetellConnection(Connection):
             user_text = REMINDER_HINT
         else:
             user_text = history.pop()["content"]
+        events = _ResponseEvents(self, session, response_id)
         turn = Turn(
             kind="response",
             text=user_text,
             history=history,
             keep_if_cut_off=False,
             attributes={"voice.retell.response_id": response_id},
-            emit=_ResponseEvents(self, response_id),
+            emit=events,
         )
+        self._answering = events
         session.runner.replace(turn)
 
-    def is_current(self, response_id: int) -> bool:
-        return response_id == self._current_response_id
+    def is_current(self, events: _ResponseEvents) -> bool:
+        """Whether ``events`` may still send: its ``response_id`` is the latest one, or it goes on as the
+        latest ``agent_interrupt`` and no response was asked for since."""
+        if events.interrupt_id is None:
+            return events.response_id == self._current_response_id
+        return events is self._answering and events.interrupt_id == self._interrupt_id
 
 
 class _ResponseEvents:
-    """Translates one response's events into Retell ``response`` events under its ``response_id``; nothing
-    is sent once a newer response_id has arrived."""
+    """Translates one response turn's events into Retell events: ``response`` chunks under its
+    ``response_id`` or, once Retell moved on with a reminder, ``agent_interrupt`` chunks under its
+    ``interrupt_id``; then ``metadata``. Nothing is sent once a newer request superseded it."""
 
-    def __init__(self, connection: RetellConnection, response_id: int) -> None:
+    def __init__(self, connection: RetellConnection, session: Session, response_id: int) -> None:
         self._connection = connection
-        self._response_id = response_id
+        self._session = session
+        self.response_id = response_id
+        self.interrupt_id: int | None = None
+        self.finished = False
+        self._tools: list[dict] = []
+        self._uninterruptible = not session.agent.pipeline.enable_interruptions
+
+    def _chunk(self, content: str, complete: bool) -> dict:
+        if self.interrupt_id is None:
+            chunk = _chunk("response", self.response_id, content, complete)
+        else:
+            chunk = _chunk("agent_interrupt", self.interrupt_id, content, complete)
+        if self._uninterruptible or self.interrupt_id is not None:
+            chunk["no_interruption_allowed"] = True
+        return chunk
 
     async def __call__(self, event: Event) -> None:
-        connection, response_id = self._connection, self._response_id
-        if not connection.is_current(response_id):
+        if isinstance(event, TurnEnded):
+            self.finished = True
+        connection = self._connection
+        if not connection.is_current(self):
             return
         if isinstance(event, LlmDelta):
-            await connection.send_json(
-                {
-                    "response_type": "response",
-                    "response_id": response_id,
-                    "content": event.chunk,
-                    "content_complete": False,
-                }
-            )
+            await connection.send_json(self._chunk(event.chunk, False))
         elif isinstance(event, ToolCalled):
             await connection.send_json(
                 {
@@ -305,18 +326,62 @@ class _ResponseEvents:
                     "successful": event.successful,
                 }
             )
+            tool = {"tool_call_id": event.tool_call_id, "name": event.name, "successful": event.successful}
+            if event.expose_result:
+                tool["result"] = event.content
+            self._tools.append(tool)
         elif isinstance(event, TurnFailed):
-            logger.warning("retell response %d: %s", response_id, event.error)
+            logger.warning("retell response %d: %s", self.response_id, event.error)
         elif isinstance(event, TurnEnded) and not event.cancelled:
             result = event.result
-            final = {"response_type": "response", "response_id": response_id, "content": "", "content_complete": True}
-            if result.error and not result.fallback:
-                final["content"] = SORRY
-            elif result.action is not None and result.action.kind == "end_call":
-                final["end_call"] = True
-            elif result.action is not None and result.action.kind == "transfer_call":
-                final["transfer_number"] = result.action.number
+            final = self._chunk(SORRY if result.error and not result.fallback else "", True)
+            final.update(action_fields(result.action, agent_interrupt=self.interrupt_id is not None))
             await connection.send_json(final)
+            await connection.send_json({"response_type": "metadata", "metadata": self._metadata(result.action)})
+
+    def _metadata(self, action: CallAction | None) -> dict:
+        """What the web call's frontend learns of the answer: the call log, the tools (their results only
+        where the agent's ``expose_result`` allows) and the call action."""
+        metadata: dict = {"call_log_id": self._session.id, "response_id": self.response_id}
+        if self.interrupt_id is not None:
+            metadata["interrupt_id"] = self.interrupt_id
+        if self._tools:
+            metadata["tools"] = self._tools
+        if action is not None:
+            metadata["action"] = action.kind
+        return metadata
+
+
+def action_fields(action: CallAction | None, *, agent_interrupt: bool = False) -> dict:
+    """The final chunk's action: one of ``end_call``, ``transfer_number`` (with ``show_transferee_as_caller``
+    when set; ``response`` only) and ``digit_to_press``. The engine already kept the one that wins by
+    Retell's precedence (``end_call`` > ``transfer_number`` > ``digit_to_press``)."""
+    if action is None:
+        return {}
+    if action.kind == "end_call":
+        return {"end_call": True}
+    if action.kind == "transfer_call":
+        fields: dict = {"transfer_number": action.number}
+        if action.show_transferee_as_caller and not agent_interrupt:
+            fields["show_transferee_as_caller"] = True
+        return fields
+    if action.kind == "press_digit":
+        return {"digit_to_press": action.digit}
+    return {}
+
+
+def _chunk(response_type: str, id_: int, content: str, complete: bool) -> dict:
+    id_key = "interrupt_id" if response_type == "agent_interrupt" else "response_id"
+    return {"response_type": response_type, id_key: id_, "content": content, "content_complete": complete}
+
+
+def _transcript(message: dict) -> list | None:
+    """The request's transcript: ``transcript_with_tool_calls`` (asked for in ``config``) when it is a list,
+    else ``transcript``; ``None`` when neither is."""
+    for key in ("transcript_with_tool_calls", "transcript"):
+        if isinstance(message.get(key), list):
+            return message[key]
+    return None
 
 
 def _safe(call_id: str) -> str | None:

@@ -146,6 +146,52 @@
     return null;
   }
 
+  /**
+   * One PCM WAV of several (the sentences of a reply, each a WAV of its own), or null when they are not
+   * all PCM WAVs of one format.
+   */
+  function joinWavs(clips) {
+    const parts = [];
+    let format = null;
+    for (const bytes of clips) {
+      if (bytes.length < 44) return null;
+      const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+      const tag = (o) => String.fromCharCode(bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]);
+      if (tag(0) !== "RIFF" || tag(8) !== "WAVE") return null;
+      let fmt = null;
+      let data = null;
+      for (let offset = 12; offset + 8 <= bytes.length && !data; ) {
+        const size = view.getUint32(offset + 4, true);
+        if (tag(offset) === "fmt " && offset + 24 <= bytes.length) fmt = bytes.slice(offset + 8, offset + 24);
+        if (tag(offset) === "data") data = bytes.subarray(offset + 8, Math.min(bytes.length, offset + 8 + size));
+        offset += 8 + size + (size % 2);
+      }
+      if (!fmt || !data) return null;
+      const key = Array.from(fmt).join(",");
+      if (format !== null && format.key !== key) return null;
+      format = { key, fmt };
+      parts.push(data);
+    }
+    if (!format) return null;
+    const length = parts.reduce((total, part) => total + part.length, 0);
+    const out = new Uint8Array(44 + length);
+    const view = new DataView(out.buffer);
+    const put = (o, text) => [...text].forEach((c, i) => (out[o + i] = c.charCodeAt(0)));
+    put(0, "RIFF");
+    view.setUint32(4, 36 + length, true);
+    put(8, "WAVEfmt ");
+    view.setUint32(16, 16, true);
+    out.set(format.fmt, 20);
+    put(36, "data");
+    view.setUint32(40, length, true);
+    let offset = 44;
+    for (const part of parts) {
+      out.set(part, offset);
+      offset += part.length;
+    }
+    return out;
+  }
+
   function describeAudio(b64) {
     if (typeof b64 !== "string") return "no audio";
     const padding = b64.endsWith("==") ? 2 : b64.endsWith("=") ? 1 : 0;
@@ -299,7 +345,7 @@
   function startTurn(kind) {
     expectGreeting(false);
     clearTimeout(app.textTurnTimer);
-    app.turn = { kind, start: now(), marks: {}, audioCount: 0 };
+    app.turn = { kind, start: now(), marks: {}, audioCount: 0, replyClips: [] };
     app.agentEntry = null;
     app.agentEntrySource = null;
     app.busy = true;
@@ -670,15 +716,16 @@
         break;
       }
       case "tts_complete":
-        if (typeof data.audio === "string" && data.audio) setReplyDownload(data.audio);
-        if (app.turn) {
-          app.turn.ttsDone = true;
-          if (app.turn.kind === "text") finishTextTurnIfDone();
-        }
+        // One sentence's audio (audio_response plays the same); the download offers the reply so far.
+        if (typeof data.audio === "string" && data.audio) addToReplyDownload(data.audio);
         break;
       case "processing_complete":
         app.busy = false;
         mark("done");
+        if (app.turn) {
+          app.turn.ttsDone = true;
+          if (app.turn.kind === "text") finishTextTurnIfDone();
+        }
         break;
       case "session_ended":
         expectGreeting(false);
@@ -706,9 +753,9 @@
   }
 
   /**
-   * A text turn has no processing_complete: it is over at text_response, or once the speech of
-   * the reply is complete (tts_complete) when the server speaks it. A server that speaks without
-   * sending tts_complete is given a few quiet seconds after its last audio.
+   * A text turn is over at text_response, or, when the server speaks the reply (sentence by sentence:
+   * tts_start, tts_complete, audio_response), at the processing_complete after its last sentence. A
+   * server that speaks without sending processing_complete is given a few quiet seconds after its last audio.
    */
   function finishTextTurnIfDone() {
     const turn = app.turn;
@@ -734,9 +781,12 @@
     return copy;
   }
 
-  function setReplyDownload(b64) {
+  function addToReplyDownload(b64) {
     try {
-      const blob = new Blob([base64ToBytes(b64)], { type: "audio/wav" });
+      const clip = base64ToBytes(b64);
+      const clips = app.turn ? app.turn.replyClips : [];
+      clips.push(clip);
+      const blob = new Blob([joinWavs(clips) || clip], { type: "audio/wav" });
       if (app.replyUrl) URL.revokeObjectURL(app.replyUrl);
       app.replyUrl = URL.createObjectURL(blob);
       ui.replyDownload.href = app.replyUrl;

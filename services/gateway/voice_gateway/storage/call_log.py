@@ -100,6 +100,8 @@ class CallLog(BaseModel):
     started_at: float = Field(default_factory=time.time, serialization_alias="startedAt")
     ended_at: float | None = Field(default=None, serialization_alias="endedAt")
     status: str = "active"
+    # Why the call ended as it did, when its status alone does not say (e.g. a ``refused`` media format).
+    reason: str = ""
     turns: list[TurnRecord] = Field(default_factory=list)
     # The identity of the credential that opened it (``voice_gateway.api.auth``), never the credential itself:
     # only the same credential may continue the conversation.
