@@ -28,6 +28,7 @@ import logging
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
+from xml.sax.saxutils import escape
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,7 +40,7 @@ from voice_gateway.conversation.call import MediaFormat
 from voice_gateway.conversation.session import GatewayContext
 from voice_gateway.dialects.base import serve
 from voice_gateway.dialects.carrier import CarrierTransport, MediaStreamConnection, StreamStart
-from voice_gateway.dialects.twilio import public_base, public_url
+from voice_gateway.dialects.twilio import public_url, public_ws_base
 
 logger = logging.getLogger(__name__)
 
@@ -104,21 +105,16 @@ async def answer_webhook(request: Request, auth_token: str | None, base: str | N
             f"content_type must be one of {', '.join(MEDIA_FORMATS)}", status_code=400, media_type="text/plain"
         )
     agent_id = fields.get("agent_id") or "default"
-    origin = public_base(request, base)
-    stream_url = ("wss:" if origin.startswith("https:") else "ws:") + origin.split(":", 1)[1] + MEDIA_PATH
+    stream_url = public_ws_base(request, base) + MEDIA_PATH
     stream_url += "?" + urllib.parse.urlencode({"agent_id": agent_id})
     headers = [("agent_id", agent_id)] + [(key, fields[key]) for key in FORWARDED_PARAMETERS if key in fields]
     extra = ",".join(f"{key}={value}" for key, value in headers if _HEADER_VALUE.fullmatch(value))
     xml = (
         '<?xml version="1.0" encoding="UTF-8"?><Response>'
         f'<Stream bidirectional="true" keepCallAlive="true" audioTrack="inbound" contentType="{content_type}"'
-        f' extraHeaders="{extra}">{_xml_text(stream_url)}</Stream></Response>'
+        f' extraHeaders="{extra}">{escape(stream_url)}</Stream></Response>'
     )
     return Response(xml, media_type="application/xml")
-
-
-def _xml_text(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def extra_headers(raw: object) -> dict[str, str]:

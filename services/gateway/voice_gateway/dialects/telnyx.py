@@ -45,7 +45,7 @@ from voice_gateway.conversation.metrics import ERRORS
 from voice_gateway.conversation.session import GatewayContext
 from voice_gateway.dialects.base import serve
 from voice_gateway.dialects.carrier import CarrierTransport, MediaStreamConnection, StreamStart
-from voice_gateway.dialects.twilio import FORWARDED_PARAMETERS, public_base
+from voice_gateway.dialects.twilio import FORWARDED_PARAMETERS, public_ws_base
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +98,7 @@ async def voice_webhook(request: Request, public_key: bytes | None, base: str | 
             return Response("invalid telnyx-signature-ed25519", status_code=403, media_type="text/plain")
     form = {key: str(value) for key, value in (await request.form()).items()}
     agent_id = request.query_params.get("agent_id") or form.get("agent_id") or "default"
-    origin = public_base(request, base)
-    ws_origin = ("wss:" if origin.startswith("https:") else "ws:") + origin.split(":", 1)[1]
-    stream_url = f"{ws_origin}/telnyx/media?{urlencode({'agent_id': agent_id})}"
+    stream_url = f"{public_ws_base(request, base)}/telnyx/media?{urlencode({'agent_id': agent_id})}"
     parameters = [("agent_id", agent_id)] + [(key, form[key]) for key in FORWARDED_PARAMETERS if key in form]
     children = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters)
     texml = (

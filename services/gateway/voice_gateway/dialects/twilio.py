@@ -62,6 +62,13 @@ def public_base(request: Request, configured: str | None = None) -> str:
     return f"{proto}://{host}"
 
 
+def public_ws_base(request: Request, configured: str | None = None) -> str:
+    """:func:`public_base` as a WebSocket origin (``https`` → ``wss``, ``http`` → ``ws``), for answer
+    webhooks that tell a carrier where its media stream connects."""
+    origin = public_base(request, configured)
+    return ("wss:" if origin.startswith("https:") else "ws:") + origin.split(":", 1)[1]
+
+
 def public_url(request: Request, configured: str | None = None) -> str:
     """The URL Twilio called (what its signature covers); see :func:`public_base`."""
     query = f"?{request.url.query}" if request.url.query else ""
@@ -85,9 +92,8 @@ async def voice_webhook(request: Request, auth_token: str | None, base: str | No
     if isinstance(form, Response):
         return form
     agent_id = request.query_params.get("agent_id") or form.get("agent_id") or "default"
-    origin = public_base(request, base)
-    stream_url = ("wss:" if origin.startswith("https:") else "ws:") + origin.split(":", 1)[1] + "/twilio/media"
-    action_url = f"{origin}/twilio/after-stream"
+    stream_url = public_ws_base(request, base) + "/twilio/media"
+    action_url = f"{public_base(request, base)}/twilio/after-stream"
     parameters = [("agent_id", agent_id)] + [(key, form[key]) for key in FORWARDED_PARAMETERS if key in form]
     body = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters)
     twiml = (

@@ -42,7 +42,7 @@ from voice_gateway.conversation.call import MediaFormat
 from voice_gateway.conversation.session import GatewayContext
 from voice_gateway.dialects.base import serve
 from voice_gateway.dialects.carrier import CarrierTransport, MediaStreamConnection, StreamStart
-from voice_gateway.dialects.twilio import public_base
+from voice_gateway.dialects.twilio import public_ws_base
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ async def answer_webhook(request: Request, signature_secret: str | None, base: s
         value = fields.get(key, "")
         if _HEADER_VALUE.fullmatch(value) and len(json.dumps({**headers, key: value})) <= MAX_HEADERS_BYTES:
             headers[key] = value
-    origin = public_base(request, base)
-    uri = ("wss:" if origin.startswith("https:") else "ws:") + origin.split(":", 1)[1] + MEDIA_PATH
+    uri = public_ws_base(request, base) + MEDIA_PATH
     endpoint = {"type": "websocket", "uri": uri, "content-type": content_type, "headers": headers}
     return JSONResponse([{"action": "connect", "endpoint": [endpoint]}])
 
