@@ -17,7 +17,7 @@ MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/text libs/runtime
 PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
 PROTOS := $(wildcard protos/voice/v1/*.proto)
 
-.PHONY: help install install-test system-deps system-deps-test run cluster soak test protos protos-check bench bench-peer bench-peer-install clean helm-lint k8s-validate
+.PHONY: help install install-test system-deps system-deps-test run cluster soak test protos protos-check bench bench-peer bench-peer-install clean helm-lint k8s-validate images images-test
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -80,6 +80,15 @@ helm-lint: $(VENV)/.installed-test ## helm lint --strict the chart with its CI v
 
 k8s-validate: $(VENV)/.installed-test ## render the chart, validate every object and the policies; hadolint the Dockerfiles
 	$(PY) deploy/helm/check.py validate hadolint
+
+# The real images, offline: podman (installed and configured when missing), a stand-in of the official
+# Python base built from Debian's packages, a wheelhouse from the host's pip cache (deploy/images/).
+images: system-deps ## build every service's CPU image with podman (no registry needed); prints sizes and build times
+	@deploy/images/setup-podman.sh
+	$(PYTHON) deploy/images/build.py
+
+images-test: images install-test ## run the chart's manifests from those images (podman kube play): probes, a Twilio call, drain
+	VOICE_IMAGES_TEST=1 $(PY) -m pytest tests/images -q $(PYTEST_ARGS)
 
 bench: install-test bench-peer-install ## run the benchmarks; figures go to bench/results.json and a table
 	$(PY) -m bench

@@ -10,7 +10,8 @@ figure is an unloaded, single-request latency), then reports:
 - the gateway (seed 001 at /ws): time from the ``audio`` message to the first ``audio_response``
   over 20 spoken turns, with the breakdown by stage;
 - real-time calls: voice-to-voice latency per dialect (Twilio, Exotel, raw PCM) with its breakdown,
-  barge-in latency, and how many concurrent Twilio calls one gateway process holds;
+  barge-in latency, how many concurrent Twilio calls one gateway process holds, and OpenAI Realtime's
+  ``speech_stopped`` → first ``response.output_audio.delta`` with the ``openai`` SDK as the client;
 - tracing: the gateway's spoken-turn latency (as above) on a stack whose every process exports its
   spans to a local OTLP receiver, against the same turns, interleaved, on a stack started with
   ``OTEL_SDK_DISABLED=true`` (``bench/tracing.py``);
@@ -39,6 +40,7 @@ import numpy as np
 
 from bench import calls as call_bench
 from bench import peer_compare as peer_bench
+from bench import realtime as realtime_bench
 from bench import tracing as tracing_bench
 from voice.v1 import audio_pb2, llm_pb2, stt_pb2, tts_pb2
 from voice_audio import wav_bytes
@@ -272,6 +274,9 @@ def table(results: dict) -> str:
     for dialect, figures in results.get("calls", {}).get("voice_to_voice", {}).items():
         lines.append(_row(f"{dialect}: voice-to-voice (s)", figures["voice_to_voice_s"]))
         lines += [_row("  " + stage, figure) for stage, figure in figures["breakdown_s"].items()]
+    if "realtime" in results.get("calls", {}):
+        figures = results["calls"]["realtime"]["speech_stopped_to_first_audio_s"]
+        lines.append(_row("realtime (openai SDK): speech_stopped → first audio delta (s)", figures))
     if "barge_in" in results.get("calls", {}):
         lines.append(
             _row("barge-in: speech onset → clear (s)", results["calls"]["barge_in"]["speech_onset_to_clear_s"])
@@ -344,6 +349,7 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
                     "barge_in": await call_bench.barge_in(
                         gateway.url, (await spoken(bus, "Wait, stop, I have a question."), 16000), args.barge_ins
                     ),
+                    "realtime": await realtime_bench.speech_stopped_to_audio(gateway.url, utterances, args.call_turns),
                 }
             if "peer" in sections:
                 results["peer"] = {

@@ -12,6 +12,7 @@
     voicectl trace --list                    the recent sessions in that file
     voicectl call --dialect twilio --wav F   play a WAV file as a phone caller to the gateway
     voicectl load --calls N --duration S     N concurrent real-time calls, turn after turn, with a latency report
+    voicectl realtime --wav F --out A        speak a WAV to /v1/realtime with the openai SDK, save the answer
 Add --grpc (optionally HOST:PORT) to any of stt/llm/tts/voices to use the gRPC front door.
 """
 
@@ -22,7 +23,7 @@ import asyncio
 import os
 import sys
 
-from voicectl import call_command, calls, load, traces
+from voicectl import call_command, calls, load, realtime_command, traces
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
     call_command.add_parser(sub)
     load.add_parser(sub)
+    realtime_command.add_parser(sub)
     traces.add_parser(sub)
     return parser
 
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(balance(["--listen", str(args.listen), *(f"--backend={b}" for b in args.backend)]))
     if args.command == "trace":
         sys.exit(traces.run(args))
-    command = {"call": call_command.run_call, "load": load.run}.get(args.command, calls.run)
+    command = {"call": call_command.run_call, "load": load.run, "realtime": realtime_command.run}.get(
+        args.command, calls.run
+    )
     try:
         sys.exit(asyncio.run(command(args)))
     except KeyboardInterrupt:

@@ -113,8 +113,10 @@ def test_production_runs_on_gpus_with_keda_and_three_replicas(check: ModuleType)
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "3600"
     assert not by_kind(objects, "Secret"), "existingSecret: the chart creates none"
     assert set(by_kind(objects, "ServiceMonitor")) == {f"voice-platform-{s}" for s in ("gateway", "stt", "llm", "tts")}
-    for pdb in by_kind(objects, "PodDisruptionBudget").values():
-        assert pdb["spec"]["minAvailable"] == 2
+    pdbs = by_kind(objects, "PodDisruptionBudget")
+    assert pdbs.pop("voice-platform-gateway")["spec"]["maxUnavailable"] == "10%", "scales with the HPA"
+    for pdb in pdbs.values():
+        assert pdb["spec"]["maxUnavailable"] == 1
     # The gateway admits the ingress controller, the release's own pods (helm test) and Prometheus.
     sources = [rule["from"] for rule in by_kind(objects, "NetworkPolicy")["voice-platform-gateway"]["spec"]["ingress"]]
     peers = [peer for rule in sources for peer in rule]
@@ -160,7 +162,7 @@ def test_keda_triggers_name_the_bus_streams_and_consumers(check: ModuleType) -> 
         ({"services": {"tts": {"image": {"tag": None}}}}, "at '/services/tts/image': missing property 'tag'"),
         ({"services": {"tts": {"image": {"tag": ""}}}}, "at '/services/tts/image/tag': minLength"),
         ({"services": {"llm": {"image": {"tag": "latest"}}}}, 'services.llm: image.tag "latest" is not allowed'),
-        ({"services": {"stt": {"replicas": -1}}}, "at '/services/stt/replicas': minimum: got -1, want 0"),
+        ({"services": {"stt": {"replicas": -1}}}, "at '/services/stt/replicas': minimum: got -1, want 1"),
         ({"services": {"stt": {"replicaCount": 2}}}, "at '/services/stt': additional properties 'replicaCount'"),
         ({"services": {"stt": {"autoscaling": {"keda": {"enabled": True, "minReplicas": 0}}}}}, "minReplicas"),
         ({"services": {"gateway": {"terminationGracePeriodSeconds": 30}}}, "shorter than the drain"),
@@ -171,7 +173,7 @@ def test_keda_triggers_name_the_bus_streams_and_consumers(check: ModuleType) -> 
         ),
         ({"nats": {"monitoringEndpoint": "http://nats:8222"}}, "at '/nats/monitoringEndpoint'"),
         ({"nats": {"streamReplicas": 7}}, "at '/nats/streamReplicas'"),
-        ({"services": {"stt": {"models": {"enabled": True}}}}, "models.enabled needs models.claimName"),
+        ({"services": {"stt": {"models": {"enabled": True}}}}, "models.enabled needs models.image.repository"),
     ],
     ids=[
         "both-autoscalers",
@@ -202,7 +204,7 @@ def test_bad_values_file_fails_the_make_target(check: ModuleType, tmp_path: Path
     bad = tmp_path / "bad-values.yaml"
     bad.write_text("services:\n  stt:\n    replicas: -3\n")
     assert check.main(["validate", "--values", str(bad)]) == 1
-    assert "at '/services/stt/replicas': minimum: got -3, want 0" in capsys.readouterr().out
+    assert "at '/services/stt/replicas': minimum: got -3, want 1" in capsys.readouterr().out
     good = tmp_path / "good-values.yaml"
     good.write_text("services:\n  stt:\n    replicas: 2\n")
     assert check.main(["lint", "validate", "--values", str(good)]) == 0
@@ -262,13 +264,17 @@ def test_schema_notes_name_the_custom_resources_skipped(check: ModuleType) -> No
     errors, notes = check.validate_schemas(objects)
     assert errors == []
     assert notes and all("custom resource" in note for note in notes)
-    assert {n.split("/")[0] for n in notes} == {"ScaledObject", "ServiceMonitor"}
+    assert {n.split("/")[0] for n in notes} == {"ScaledObject", "ServiceMonitor", "PrometheusRule"}
 
 
 def test_helm_tests_push_requests_through_the_bus(check: ModuleType) -> None:
     objects = rendered(check)
     tests = [m for m in objects if m.is_test]
-    assert {m.name for m in tests} == {"voice-platform-test-bus", "voice-platform-test-gateway"}
+    assert {m.name for m in tests} == {
+        "voice-platform-test-bus",
+        "voice-platform-test-gateway",
+        "voice-platform-test-call",
+    }
     bus = next(m for m in tests if m.name == "voice-platform-test-bus").obj["spec"]["containers"][0]
     script = bus["args"][0]
     assert "voicectl --timeout 120 tts" in script and " stt /tmp/hello.wav" in script and " llm " in script
@@ -300,3 +306,27 @@ def test_tilt_dev_values_render_with_tilts_images(check: ModuleType) -> None:
     assert "'voice-platform/%s' % service" in tiltfile and "'voice-platform/llm-backend'" in tiltfile
     assert "k8s_yaml(helm(" in tiltfile and "deploy/tilt/values-dev.yaml" in tiltfile
     assert "VOICE_TILT_MODE" in tiltfile and "serve_cmd='.venv/bin/voicectl nats'" in tiltfile
+
+
+def test_every_optional_feature_at_once_lints_and_validates(check: ModuleType) -> None:
+    """The production profile with every opt-in of issue #17 on: Kubernetes schemas and policies hold."""
+    values = check.load_values(check.value_set_path("production"))
+    gateway = values["services"]["gateway"]
+    gateway["image"] = {"repository": "voice-platform/gateway", "tag": "0.1.0", "digest": "sha256:" + "b" * 64}
+    gateway["serviceMesh"] = {"sidecar": "disabled"}
+    gateway["tools"] = {"allowedNetworks": ["10.20.0.0/16"], "allowedHosts": ["crm.internal"]}
+    gateway["ingress"]["expose"] = {"realtime": True, "retell": {"enabled": True, "path": "r-secret"}}
+    gateway["httpRoute"] = {"enabled": True, "parentRefs": [{"name": "public"}], "hostnames": ["voice.example.com"]}
+    values["services"]["llm"]["networkPolicy"]["internetEgress"] = {"enabled": True, "ports": [443]}
+    values["services"]["stt"]["models"] = {
+        "enabled": True,
+        "mountPath": "/models",
+        "image": {"repository": "voice-platform/stt-models", "tag": "large-v3-turbo"},
+        "sizeLimit": "8Gi",
+    }
+    values["serviceAccount"] = {"create": True, "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/v"}}
+    assert check.lint(values) == []
+    report = check.validate_values("everything", values)
+    assert report.errors == []
+    kinds = {m.kind for m in rendered(check, values)}
+    assert {"HTTPRoute", "PrometheusRule", "ServiceAccount", "Ingress", "ScaledObject"} <= kinds

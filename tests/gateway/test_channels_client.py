@@ -350,7 +350,7 @@ async def test_a_token_follows_a_session_and_is_sent_again_after_an_idle_close(k
 async def test_subscribing_to_a_sessions_channel_without_a_token_fails(keyed_gateway):
     conversation = fresh_channel("conv")
     await chat_turn(keyed_gateway.url, conversation)
-    async with channels_client(channels_url(keyed_gateway.url), max_retries=1, ack_timeout=1.0) as service:
+    async with channels_client(channels_url(keyed_gateway.url), max_retries=1, ack_timeout=5.0) as service:
         with pytest.raises(ChannelSubscriptionError, match="need proof"):
             await service.subscribe(conversation)
         assert conversation not in service.subscribed_channels

@@ -24,7 +24,7 @@ from tests.support.gateway import API_KEY, WEBHOOK_NETWORKS, api_client
 from tests.support.speech import speak
 from voice_audio import StreamResampler
 
-DIALECTS = ["browser", "chat", "retell", "twilio", "exotel", "pcm"]
+DIALECTS = ["browser", "chat", "retell", "twilio", "exotel", "pcm", "realtime"]
 # The kind of turn each dialect starts in these tests, as the call log and the metrics name it.
 TURN_KINDS = {
     "browser": "text",
@@ -33,6 +33,7 @@ TURN_KINDS = {
     "twilio": "dtmf",
     "exotel": "dtmf",
     "pcm": "audio",
+    "realtime": "text",
 }
 # One of a few ticket ids: the model's forced call is always valid JSON well within its tokens (a free string
 # can run on until max_tokens cuts it, and the call is then refused without reaching the webhook).
@@ -131,6 +132,13 @@ async def open_dialect(dialect: str, url: str, agent_id: str) -> websockets.Clie
         await ws.send(json.dumps({"event": "connected"}))
         await ws.send(json.dumps({"event": "start", key: sid, "start": {key: sid, params: {"agent_id": agent_id}}}))
         await ws.send(json.dumps({"event": "dtmf", key: sid, "dtmf": {"digit": "7"}}))
+    elif dialect == "realtime":
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        ws = await websockets.connect(ws_url + f"/v1/realtime?model={agent_id}", additional_headers=headers)
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        content = [{"type": "input_text", "text": "Check ticket T-7 please."}]
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": {"role": "user", "content": content}}))
+        await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
     else:
         async with api_client(url) as http:
             response = await http.post("/api/calls/trigger", json={"agent_id": agent_id})
@@ -155,6 +163,8 @@ def answered_before_close(dialect: str, received: list) -> bool:
         return any(m.get("response_id") == 1 and m.get("content_complete") is True for m in texts)
     if dialect == "pcm":
         return any(isinstance(m, bytes) and m for m in received)
+    if dialect == "realtime":
+        return any(m.get("type") == "response.done" and m["response"]["status"] == "completed" for m in texts)
     return any(m.get("event") == "media" for m in texts)
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.support.gateway import api_client
+from tests.support.gateway import FakeClock, FakeSocket, api_client
 from voice_gateway.api.limits import (
     LimitExceeded,
     Limits,
@@ -31,26 +31,6 @@ KEY, OTHER_KEY = "limits-key-1", "limits-key-2"
 MAX_SESSIONS = 3
 MAX_FRAME = 4096
 RATE, BURST = 50, 20
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeSocket:
-    """Enough of a Starlette WebSocket for the guard: frames to hand out, the state of a connected socket."""
-
-    def __init__(self, *frames: dict) -> None:
-        self.frames = list(frames)
-
-    async def receive(self) -> dict:
-        if not self.frames:
-            await asyncio.sleep(3600)
-        return self.frames.pop(0)
 
 
 # -- units -------------------------------------------------------------------------------------------------

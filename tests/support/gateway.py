@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import httpx
@@ -63,3 +64,25 @@ def start_bare_gateway(nats_url):
     yield start
     for process in started:
         process.stop()
+
+
+class FakeClock:
+    """A clock the test moves by hand (``now``), for the limits' ``clock``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeSocket:
+    """Enough of a Starlette WebSocket for a connection guard: frames to hand out, then nothing."""
+
+    def __init__(self, *frames: dict) -> None:
+        self.frames = list(frames)
+
+    async def receive(self) -> dict:
+        if not self.frames:
+            await asyncio.sleep(3600)
+        return self.frames.pop(0)

@@ -2,8 +2,10 @@
 
 SIGTERM drains before uvicorn shuts down: ``/readyz`` turns 503 and new sockets are refused, the
 turns in flight finish (up to ``GATEWAY_DRAIN_TIMEOUT_SECONDS``), then every socket is closed with
-1012 (service restart) and its session saved as ``handed_off`` for another gateway to resume. A
-second signal skips what is left of the drain.
+1012 (service restart) and its session saved as ``handed_off`` for another gateway to resume; then
+uvicorn gets ``GATEWAY_DRAIN_TIMEOUT_SECONDS`` again to finish what is left. A second signal skips
+what is left of the drain. ``GATEWAY_MAX_CALL_SECONDS`` bounds how long a call lasts, so a preStop
+hook that waits longer than it (the Helm chart's) lets every call end before SIGTERM.
 
 Start-up fails (exit 2) on a bad setting or a missing model of the end-of-turn detector, naming the
 package that ships it.
@@ -19,6 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import asyncio
 import logging
+import math
 import sys
 from types import FrameType
 
@@ -85,7 +88,8 @@ def main() -> None:
         ws_ping_interval=20,
         ws_ping_timeout=20,
         log_config=None,
-        timeout_graceful_shutdown=30,
+        # After the drain closed the sockets: what is left (HTTP requests, the lifespan's shutdown).
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
     )
     DrainingServer(config).run()
 

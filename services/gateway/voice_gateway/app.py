@@ -46,6 +46,7 @@ from voice_gateway.dialects import (
     exotel,
     pcm,
     plivo,
+    realtime,
     retell,
     telnyx,
     twilio,
@@ -309,6 +310,12 @@ def create_app(settings: Settings) -> FastAPI:
             limits,
             ping_interval_s=settings.chat_ping_interval_s,
             pong_timeout_s=settings.chat_pong_timeout_s,
+        )
+
+    @app.websocket("/v1/realtime")
+    async def realtime_socket(websocket: WebSocket) -> None:
+        await realtime.serve_realtime(
+            websocket, app.state.context, authenticator, limits, protocol=settings.realtime_protocol
         )
 
     def channel_access() -> channels.ChannelAccess:

@@ -54,17 +54,22 @@ class Settings:
             non-loopback listen address (only where every client that can reach the port is trusted).
         chat_ping_interval_s: ``GATEWAY_CHAT_PING_INTERVAL_SECONDS``: how often the chat stream pings.
         chat_pong_timeout_s: ``GATEWAY_CHAT_PONG_TIMEOUT_SECONDS``: how long past a ping without a pong closes it.
+        realtime_protocol: ``GATEWAY_REALTIME_PROTOCOL``: ``auto`` (default: beta for clients that send
+            ``OpenAI-Beta: realtime=v1`` or the ``openai-beta.realtime-v1`` subprotocol, else GA), ``ga`` or
+            ``beta``: the OpenAI Realtime protocol ``/v1/realtime`` speaks.
         retell_ws_path: ``OBFUSCATED_WS_PATH`` (seed 000's name; ``RETELL_WS_PATH`` is an alias): the
             path segment of Retell's socket, ``/{path}/{call_id}``. Retell sends no credentials, so this
             segment is the secret that guards the socket.
         limits: ``GATEWAY_MAX_SESSIONS``, ``GATEWAY_MAX_SESSIONS_PER_KEY``, ``GATEWAY_MAX_FRAME_BYTES``,
             ``GATEWAY_MAX_MESSAGES_PER_SECOND``, ``GATEWAY_MESSAGE_BURST``,
-            ``GATEWAY_HANDSHAKE_TIMEOUT_SECONDS`` and ``GATEWAY_IDLE_TIMEOUT_SECONDS`` (see
+            ``GATEWAY_HANDSHAKE_TIMEOUT_SECONDS``, ``GATEWAY_IDLE_TIMEOUT_SECONDS`` and
+            ``GATEWAY_MAX_CALL_SECONDS`` (the longest call, 0: no cap; see
             :class:`voice_gateway.api.limits.LimitSettings`).
         streams: ``NATS_STREAM_REPLICAS`` and ``NATS_WORK_STORAGE``: how the work streams, KV ``agents``,
             KV ``sessions`` and stream ``CALLS`` are declared (see :class:`voice_runtime.config.StreamSettings`).
         drain_timeout_s: ``GATEWAY_DRAIN_TIMEOUT_SECONDS``: after SIGTERM, how long the turns in flight
-            may run on before the sockets are closed with 1012 for their clients to reconnect elsewhere.
+            may run on before the sockets are closed with 1012 for their clients to reconnect elsewhere;
+            also uvicorn's graceful shutdown timeout once they are closed.
         allowed_hosts: ``GATEWAY_ALLOWED_HOSTS``: comma-separated host names requests may name in
             ``Host``; empty accepts any well-formed host (see ``voice_gateway.api.http_security``).
         public_url: ``GATEWAY_PUBLIC_URL``: the gateway's public base URL (``https://voice.example.com``);
@@ -99,6 +104,7 @@ class Settings:
     trusted_network: bool = False
     chat_ping_interval_s: float = 20.0
     chat_pong_timeout_s: float = 10.0
+    realtime_protocol: str = "auto"
     limits: LimitSettings = field(default_factory=LimitSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
     drain_timeout_s: float = 20.0
@@ -140,6 +146,7 @@ class Settings:
             trusted_network=trusted_network,
             chat_ping_interval_s=_finite("GATEWAY_CHAT_PING_INTERVAL_SECONDS", 20.0, minimum=0.1),
             chat_pong_timeout_s=_finite("GATEWAY_CHAT_PONG_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            realtime_protocol=env_str("GATEWAY_REALTIME_PROTOCOL", "auto", choices=("auto", "ga", "beta")),
             retell_ws_path=_path_segment(
                 "OBFUSCATED_WS_PATH",
                 env_str("OBFUSCATED_WS_PATH", "") or env_str("RETELL_WS_PATH", DEFAULT_RETELL_WS_PATH),
@@ -254,6 +261,7 @@ def _limits_from_env() -> LimitSettings:
         message_burst=env_int("GATEWAY_MESSAGE_BURST", defaults.message_burst, minimum=1),
         handshake_timeout_s=_finite("GATEWAY_HANDSHAKE_TIMEOUT_SECONDS", defaults.handshake_timeout_s, minimum=0.1),
         idle_timeout_s=_finite("GATEWAY_IDLE_TIMEOUT_SECONDS", defaults.idle_timeout_s, minimum=1.0),
+        max_call_s=_finite("GATEWAY_MAX_CALL_SECONDS", defaults.max_call_s, minimum=0.0),
     )
 
 

@@ -99,10 +99,16 @@ class Tool(_Strict):
         default=False, description="transfer_call only: the transferee sees the caller's number (Retell)"
     )
     expose_result: bool = Field(default=False, description="show the result to unauthenticated /ws clients")
+    client: bool = Field(
+        default=False, description="the client runs it (OpenAI Realtime's function tools): the answer ends at the call"
+    )
 
     @model_validator(mode="after")
     def _builtin_or_webhook(self) -> Tool:
-        if self.url:
+        if self.client:
+            if self.url or self.transfer_number or self.show_transferee_as_caller:
+                raise ValueError(f"tool {self.name!r}: a client tool has no url, transfer_number or transfer options")
+        elif self.url:
             if not re.match(r"^https?://[^\s/]+", self.url):
                 raise ValueError(f"tool {self.name!r}: url must be an http:// or https:// URL")
             if self.method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):

@@ -155,6 +155,14 @@ class PressDigitTool(AgentTool):
         )
 
 
+class ClientTool(AgentTool):
+    """A tool the client runs (OpenAI Realtime's function tools): the engine hands the call to the dialect
+    and ends the turn; the client sends the result and asks for the next answer."""
+
+    async def run(self, invocation: Invocation) -> ToolOutcome:
+        return _error(f"{invocation.name} runs on the client")
+
+
 class WebhookTool(AgentTool):
     """Calls the tool's URL and returns the response body.
 
@@ -221,7 +229,9 @@ class Toolbox:
         self._agent = agent
         self._tools: dict[str, AgentTool] = {}
         for config in agent.tools:
-            if config.url:
+            if config.client:
+                self._tools[config.name] = ClientTool(config)
+            elif config.url:
                 self._tools[config.name] = WebhookTool(config, egress)
             elif config.name == "end_call":
                 self._tools[config.name] = EndCallTool(config)
@@ -235,6 +245,10 @@ class Toolbox:
 
     def specs(self) -> list[llm_pb2.Tool]:
         return [tool.spec() for tool in self._tools.values()]
+
+    def runs_on_client(self, name: str) -> bool:
+        """Whether tool ``name`` is the client's to run (:class:`ClientTool`): the turn ends at its call."""
+        return isinstance(self._tools.get(name), ClientTool)
 
     def exposes_result(self, name: str) -> bool:
         """Whether the agent lets unauthenticated clients see the results of tool ``name`` (``expose_result``)."""

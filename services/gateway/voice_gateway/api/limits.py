@@ -14,6 +14,13 @@ violation) for the rest, unless the dialect's protocol defines its own (the chat
 missing ``authorize``). A gateway that drains before it exits (:meth:`Limits.close_all`) closes its
 sockets with 1012 (service restart) and refuses new handshakes
 (:class:`~voice_gateway.api.middleware.RefuseWhileDraining`), so clients reconnect elsewhere.
+
+A call that reaches the maximum call length (``GATEWAY_MAX_CALL_SECONDS``) ends the way a limit ends
+it, through the dialect's own answer to a limit (its error event, if it has one), with the normal close
+1000: a carrier then ends the stream as after the agent's ``end_call`` (Twilio's ``<Connect action>``
+answers ``<Hangup/>``). The cap bounds how long a draining gateway waits for its calls (the Helm chart
+ties its preStop wait and grace period to it). Channels subscribers observe calls rather than carry
+one: the cap does not apply to them (a drain closes them with 1012).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+CLOSE_NORMAL = 1000
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_SERVICE_RESTART = 1012
@@ -42,6 +50,9 @@ MESSAGE_RATE = "message_rate"
 HANDSHAKE = "handshake"
 IDLE = "idle"
 RESTARTING = "restarting"
+MAX_CALL = "max_call"
+# Connections that observe sessions rather than carry a call: the maximum call length does not apply.
+UNCAPPED_DIALECTS = frozenset({"channels"})
 RESTART_REASON = "the gateway is restarting; connect again to continue"
 
 REFUSALS = Counter(
@@ -57,7 +68,7 @@ class LimitExceeded(Exception):
 
     Attributes:
         limit: Which one: ``sessions``, ``sessions_per_key``, ``frame_size``, ``message_rate``,
-            ``handshake``, ``idle`` or ``restarting``.
+            ``handshake``, ``idle``, ``max_call`` or ``restarting``.
         close_code: The WebSocket close code that answers it.
         reason: What happened, for the client (error event and close reason).
     """
@@ -157,6 +168,7 @@ class LimitSettings:
         message_burst: Messages one connection may send at once above the sustained rate.
         handshake_timeout_s: Time from connect to the dialect's opening message.
         idle_timeout_s: Longest silence (no inbound frame) once the handshake is done.
+        max_call_s: Longest connection (a call), from admission; 0: no cap.
     """
 
     max_sessions: int = 500
@@ -166,6 +178,7 @@ class LimitSettings:
     message_burst: int = 400
     handshake_timeout_s: float = 30.0
     idle_timeout_s: float = 300.0
+    max_call_s: float = 0.0
 
 
 class Limits:
@@ -297,6 +310,7 @@ class ConnectionGuard:
         self._bucket = TokenBucket(settings.max_messages_per_second, settings.message_burst, limits.clock)
         self._awaiting_handshake = handshake
         self._handshake_deadline = limits.clock() + settings.handshake_timeout_s
+        self._call_deadline = limits.clock() + settings.max_call_s if settings.max_call_s > 0 else None
         self._key: str | None = None
         self._released = False
         self._replayed: dict | None = None
@@ -353,7 +367,11 @@ class ConnectionGuard:
         a frame had been received. Safe to call from any task of the connection's event loop."""
         scope = self._idle_scope
         if scope is not None and not scope.expired():
-            scope.reschedule(asyncio.get_running_loop().time() + self._limits.settings.idle_timeout_s)
+            wait = self._limits.settings.idle_timeout_s
+            call_left = self.call_time_left()
+            if call_left is not None:
+                wait = min(wait, call_left)
+            scope.reschedule(asyncio.get_running_loop().time() + wait)
 
     def _refuse(self, error: LimitExceeded) -> LimitExceeded:
         REFUSALS.labels(self.dialect, error.limit).inc()
@@ -364,9 +382,24 @@ class ConnectionGuard:
         if self._awaiting_handshake:
             reason = f"no opening message within {settings.handshake_timeout_s:g} s of connecting"
             remaining = max(0.0, self._handshake_deadline - self._limits.clock())
-            return remaining, LimitExceeded(HANDSHAKE, CLOSE_POLICY_VIOLATION, reason)
-        reason = f"idle: no message for {settings.idle_timeout_s:g} s"
-        return settings.idle_timeout_s, LimitExceeded(IDLE, CLOSE_POLICY_VIOLATION, reason)
+            timeout, error = remaining, LimitExceeded(HANDSHAKE, CLOSE_POLICY_VIOLATION, reason)
+        else:
+            reason = f"idle: no message for {settings.idle_timeout_s:g} s"
+            timeout, error = settings.idle_timeout_s, LimitExceeded(IDLE, CLOSE_POLICY_VIOLATION, reason)
+        call_left = self.call_time_left()
+        if call_left is not None and call_left <= timeout:
+            return call_left, self._max_call()
+        return timeout, error
+
+    def call_time_left(self) -> float | None:
+        """Seconds until the maximum call length (``None``: no cap, or a channels observer)."""
+        if self._call_deadline is None or self.dialect in UNCAPPED_DIALECTS:
+            return None
+        return max(0.0, self._call_deadline - self._limits.clock())
+
+    def _max_call(self) -> LimitExceeded:
+        reason = f"the call reached the maximum call length of {self._limits.settings.max_call_s:g} s"
+        return LimitExceeded(MAX_CALL, CLOSE_NORMAL, reason)
 
     async def receive(self) -> dict:
         """The next ASGI frame of the socket, after the limits' checks.
@@ -376,12 +409,15 @@ class ConnectionGuard:
 
         Raises:
             MessageTooLarge: The frame is over the frame size limit.
-            LimitExceeded: The handshake or idle timeout passed, or the message rate was exceeded.
+            LimitExceeded: The handshake or idle timeout or the maximum call length passed, or the message
+                rate was exceeded.
             WebSocketDisconnect: As ``WebSocket.receive``.
         """
         if self._replayed is not None:
             frame, self._replayed = self._replayed, None
             return self._check_size(frame)
+        if self.call_time_left() == 0.0:
+            raise self._refuse(self._max_call())
         timeout, on_timeout = self._timeout()
         try:
             async with asyncio.timeout(timeout) as scope:
@@ -392,6 +428,8 @@ class ConnectionGuard:
                 finally:
                     self._idle_scope = None
         except TimeoutError:
+            if self.call_time_left() == 0.0:
+                raise self._refuse(self._max_call()) from None
             raise self._refuse(on_timeout) from None
         if frame["type"] != "websocket.receive":
             return frame

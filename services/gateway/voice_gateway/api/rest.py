@@ -95,6 +95,9 @@ def rest_router(
             agent = Agent.model_validate({**body, "id": agent_id})
         except ValidationError as exc:
             raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
+        if any(tool.client for tool in agent.tools):
+            # No client of a stored agent's other dialects would run them: they belong to a realtime session.
+            raise HTTPException(422, "client tools are set per session by OpenAI Realtime clients, not stored")
         await request.app.state.context.agents.put(agent)
         return agent.model_dump()
 

@@ -19,6 +19,12 @@ and ``clear`` its own way.
 - Barge-in: caller speech of at least ``min_speech_ms`` while the agent speaks cancels the running
   turn through the runner (its LLM and TTS requests on the bus), stops the audio (``clear``), and
   trims the assistant's message in the history to what the caller heard.
+
+A dialect that shows the turn-taking to its client (OpenAI Realtime) sets :attr:`CallSession.listener`
+(:class:`CallListener`): it is told of speech starts and ends, may hold an utterance instead of having it
+answered at once, and gets every event of the call's turns. Such a dialect may also answer typed or held
+input through :meth:`CallSession.respond` and change the call's audio formats and turn detection
+mid-call (:meth:`CallSession.reconfigure`).
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from voice.v1 import audio_pb2
 from voice_audio import Encoding, StreamResampler, alaw_decode, ulaw_decode
+from voice_gateway.agents import Agent
 from voice_gateway.agents.templates import personalise
 from voice_gateway.agents.tools import CallAction
 from voice_gateway.conversation.events import (
@@ -84,7 +92,22 @@ _PROTO_ENCODINGS = {
     Encoding.ALAW: audio_pb2.AUDIO_ENCODING_ALAW,
 }
 
-__all__ = ["CallSession", "CallStats", "CallTransport", "MediaFormat", "open_call"]
+__all__ = ["CallListener", "CallSession", "CallStats", "CallTransport", "MediaFormat", "open_call"]
+
+
+class CallListener(Protocol):
+    """What a dialect that shows the call's turn-taking to its client is told (see the module's docstring)."""
+
+    def speech_started(self, onset_s: float) -> None:
+        """The caller started speaking (``onset_s``: stream time of the first voiced audio)."""
+
+    def utterance(self, turn: Turn, last_voiced_s: float) -> bool:
+        """The caller's turn ended; ``turn`` answers it. Returns whether to answer it now: a listener that
+        returns False holds it, and may pass it to :meth:`CallSession.respond` later. It may change the
+        turn's ``output`` (None: answer in text only) or ``agent``."""
+
+    async def on_event(self, event: Event) -> None:
+        """An event of one of the call's turns, after the call has handled it."""
 
 
 @dataclass(eq=False)
@@ -110,12 +133,40 @@ class CallSession:
         transport: How the dialect sends audio, marks and ``clear``.
     """
 
-    def __init__(self, session: Session, media: MediaFormat, transport: CallTransport) -> None:
+    def __init__(
+        self, session: Session, media: MediaFormat, transport: CallTransport, output_media: MediaFormat | None = None
+    ) -> None:
         self.session = session
-        self._media = media
         self._transport = transport
-        pipeline = session.agent.pipeline
-        detection = session.agent.turn_detection
+        self.listener: CallListener | None = None
+        self.stats = CallStats()
+        self._playout: Playout | None = None
+        self._configure(session.agent, media, output_media or media)
+        self._turn_index = 0
+        self._answering = ""
+        self._last_voiced_wall: float | None = None
+        self._frame_seconds = INBOUND_FRAME.labels(session.dialect)
+        self.action: CallAction | None = None
+        self._finishing: asyncio.Task | None = None
+        self._closed = False
+
+    def reconfigure(self, agent: Agent, media: MediaFormat, output_media: MediaFormat | None = None) -> None:
+        """Changes the call's agent (turn detection, prompt, voice, tools), audio formats or both, mid-call.
+
+        An utterance in progress is dropped and audio queued for playout is discarded (not ``clear``ed:
+        the dialect says what its client hears); turns already queued keep the settings they had.
+        """
+        self._discard_speculation()
+        self.session.agent = agent
+        self.session.conversation.agent = agent
+        if self._playout is not None:
+            asyncio.get_running_loop().create_task(self._playout.close())
+        self._configure(agent, media, output_media or media)
+
+    def _configure(self, agent: Agent, media: MediaFormat, output_media: MediaFormat) -> None:
+        self._media = media
+        pipeline = agent.pipeline
+        detection = agent.turn_detection
         self._semantic = detection.type == "semantic"
         self._threshold = detection.threshold
         vad_rate = media.sample_rate if media.sample_rate in VAD_SAMPLE_RATES else STT_RATE
@@ -134,16 +185,10 @@ class CallSession:
         self._decode = _DECODERS[media.encoding]
         self._vad_rate = vad_rate
         self._resampler = StreamResampler(media.sample_rate, vad_rate) if media.sample_rate != vad_rate else None
-        self._output = OutputFormat(encoding=_PROTO_ENCODINGS[media.encoding], sample_rate=media.sample_rate)
-        self.stats = CallStats()
-        self._playout = Playout(transport, media, session.dialect, self.stats)
-        self._turn_index = 0
-        self._answering = ""
-        self._last_voiced_wall: float | None = None
-        self._frame_seconds = INBOUND_FRAME.labels(session.dialect)
-        self.action: CallAction | None = None
-        self._finishing: asyncio.Task | None = None
-        self._closed = False
+        self._output = OutputFormat(
+            encoding=_PROTO_ENCODINGS[output_media.encoding], sample_rate=output_media.sample_rate
+        )
+        self._playout = Playout(self._transport, output_media, self.session.dialect, self.stats)
 
     @property
     def dialect(self) -> str:
@@ -194,6 +239,8 @@ class CallSession:
         return now - (self._endpointer.stream_s - stream_s)
 
     def _on_speech_started(self, event: SpeechStarted, now: float) -> None:
+        if self.listener is not None:
+            self.listener.speech_started(event.onset_s)
         if self._interruptions and self.agent_speaking:
             onset_wall = self._stream_to_wall(event.onset_s, now)
             asyncio.get_running_loop().create_task(self._barge_in(onset_wall))
@@ -219,18 +266,19 @@ class CallSession:
         TURN_ENDINGS.labels(self.dialect, decision).inc()
         self._last_voiced_wall = self._stream_to_wall(event.last_voiced_s, now)
         pcm = np.ascontiguousarray(event.audio, dtype="<i2").tobytes()
-        self._submit(
-            Turn(
-                kind="audio",
-                audio=pcm,
-                audio_format=self._stt_format(),
-                transcript=transcript,
-                endpointing_s=event.ended_s - event.last_voiced_s,
-                endpointing=decision,
-                attributes={"voice.audio.duration_s": round(len(pcm) / (2 * self._vad_rate), 3)},
-                emit=self._on_event,
-            )
+        turn = Turn(
+            kind="audio",
+            audio=pcm,
+            audio_format=self._stt_format(),
+            transcript=transcript,
+            endpointing_s=event.ended_s - event.last_voiced_s,
+            endpointing=decision,
+            attributes={"voice.audio.duration_s": round(len(pcm) / (2 * self._vad_rate), 3)},
+            output=self._output,
+            emit=self._on_event,
         )
+        if self.listener is None or self.listener.utterance(turn, event.last_voiced_s):
+            self.session.submit(turn)
 
     def _stt_format(self) -> audio_pb2.AudioFormat:
         return audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
@@ -270,6 +318,14 @@ class CallSession:
         turn.output = self._output
         self.session.submit(turn)
 
+    def respond(self, turn: Turn, *, speak: bool = True) -> None:
+        """Queues a turn the dialect made (typed input, an utterance it held, a request to answer the history
+        as it is); its events go through the call, like a spoken turn's. ``speak``: answer in the call's
+        output format, else in text only."""
+        turn.emit = self._on_event
+        turn.output = self._output if speak else None
+        self.session.submit(turn)
+
     async def _on_event(self, event: Event) -> None:
         if isinstance(event, TurnStarted):
             self._turn_index += 1
@@ -282,6 +338,8 @@ class CallSession:
             self._finishing = asyncio.create_task(self._finish_call(event.action))
         elif isinstance(event, TurnFailed) and event.code != "NO_SPEECH":
             logger.warning("call %s: %s", self.session.id, event.error)
+        if self.listener is not None:
+            await self.listener.on_event(event)
 
     async def _finish_call(self, action: CallAction) -> None:
         """Hangs up or transfers once the caller has heard the answer (a barge-in first discards it)."""
@@ -322,7 +380,8 @@ class CallSession:
     def _trim_history(self, heard: str, *, trim_log: bool) -> None:
         history = self.session.conversation.history
         if history and history[-1]["role"] == "assistant":
-            history[-1] = {"role": "assistant", "content": heard}
+            # In place: a dialect that keeps the entry (OpenAI Realtime's items) sees the trim.
+            history[-1]["content"] = heard
             if not heard:
                 history.pop()
         log = self.session.call_log

@@ -174,7 +174,9 @@ class TurnEngine:
         The user's message, the tool calls and results, and the answer join the conversation's history.
         """
         agent = conversation.agent
-        conversation.history.append({"role": "user", "content": user_text})
+        if user_text:
+            # Without one the answer continues the history as it is (a client tool's result, items a dialect added).
+            conversation.history.append({"role": "user", "content": user_text})
         toolbox = Toolbox(agent, self._egress)
         result = TurnResult(user_text=user_text)
         speaker = self.speaker(conversation, output, emit, started) if output is not None else None
@@ -182,6 +184,7 @@ class TurnEngine:
         full_text = ""
         round_text = ""
         unanswered: list[llm_pb2.ToolCall] = []
+        awaiting_client = False
         llm_started = time.perf_counter()
         failure: BusError | None = None
 
@@ -225,8 +228,26 @@ class TurnEngine:
                         }
                     )
                     round_text = ""
+                    on_client = [c for c in calls if toolbox.runs_on_client(c.name)]
+                    calls = [c for c in calls if c not in on_client]
                     unanswered = list(calls)
                     await self._run_tools(conversation, toolbox, calls, emit, result, unanswered)
+                    if on_client:
+                        # The client runs these: the answer ends here, and the client's results come as history.
+                        awaiting_client = True
+                        for call in on_client:
+                            result.tools.append(
+                                {
+                                    "tool_call_id": call.id,
+                                    "name": call.name,
+                                    "arguments": call.arguments,
+                                    "client": True,
+                                }
+                            )
+                            await emit(
+                                ToolCalled(tool_call_id=call.id, name=call.name, arguments=call.arguments, client=True)
+                            )
+                        break
             except BusError as exc:
                 if full_text.strip() or not agent.fallback_message:
                     raise
@@ -262,7 +283,8 @@ class TurnEngine:
                 conversation.history.append(
                     {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": '{"error": "interrupted"}'}
                 )
-            conversation.history.append({"role": "assistant", "content": round_text.strip()})
+            if not awaiting_client:
+                conversation.history.append({"role": "assistant", "content": round_text.strip()})
         return result
 
     async def _fall_back(self, conversation: Conversation, error: BusError, result: TurnResult, emit: Emit) -> str:

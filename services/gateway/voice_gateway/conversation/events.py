@@ -70,11 +70,13 @@ class FallbackUsed(Event):
 
 @dataclass(frozen=True)
 class ToolCalled(Event):
-    """The model called a tool; ``arguments`` is the JSON text it produced."""
+    """The model called a tool; ``arguments`` is the JSON text it produced. ``client``: the client runs
+    it (a client tool): no :class:`ToolFinished` follows, and the turn ends at the call."""
 
     tool_call_id: str = ""
     name: str = ""
     arguments: str = ""
+    client: bool = False
     kind: str = "tool_call"
 
 

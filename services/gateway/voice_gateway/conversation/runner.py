@@ -51,6 +51,7 @@ from voice_runtime.tasks import cancel_and_wait, wait_quietly
 from voice_telemetry.tracing import clamp_attribute
 
 if TYPE_CHECKING:
+    from voice_gateway.agents import Agent
     from voice_gateway.conversation.session import Session
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class Turn:
         transcript: The utterance's transcription, already started (speculative STT at a pause);
             the runner awaits it instead of transcribing ``audio`` again, and cancels it with the turn.
         keep_if_cut_off: Record the turn in the call log when the session closes under it.
+        agent: Answer as this agent instead of the session's (a dialect's per-response overrides: prompt,
+            tools, limits), on the session's history unless ``history`` is given.
         attributes: Extra attributes of the turn's span.
     """
 
@@ -128,6 +131,7 @@ class Turn:
     endpointing: str = ""
     transcript: asyncio.Task | None = None
     keep_if_cut_off: bool = True
+    agent: Agent | None = None
     attributes: dict[str, str | int | float | bool] = field(default_factory=dict)
     cancel_reason: str = ""
     heard: str | None = None
@@ -309,8 +313,9 @@ class TurnRunner:
         session = self._session
         engine = session.engine
         conversation = session.conversation
-        if turn.history is not None:
-            conversation = Conversation(session_id=session.id, agent=session.agent, history=turn.history)
+        if turn.history is not None or turn.agent is not None:
+            history = turn.history if turn.history is not None else conversation.history
+            conversation = Conversation(session_id=session.id, agent=turn.agent or session.agent, history=history)
         if turn.kind == "greeting":
             spoken = await engine.speak(conversation, turn.text, turn.output, emit)
             result.assistant_text, result.timings = spoken.assistant_text, {**result.timings, **spoken.timings}
