@@ -175,6 +175,36 @@ async def test_server_vad_hears_piper_speech_and_the_answer_transcribes_back(gat
     assert events[-1].response.status == "completed"
 
 
+async def test_clearing_the_input_buffer_drops_the_utterance_the_vad_is_in(gateway_url):
+    async with sdk(gateway_url).realtime.connect(model="default") as connection:
+        await until(connection, "session.created")
+        await connection.session.update(
+            session={
+                "type": "realtime",
+                "output_modalities": ["text"],
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcm", "rate": 24000},
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 600},
+                        "transcription": {"model": "whisper-1"},
+                    }
+                },
+            }
+        )
+        await until(connection, "session.updated")
+        dropped, voice_rate = speak("Tell me everything about the weather on Mars and on Jupiter.")
+        dropped = resample(dropped, voice_rate, 24000).astype(np.int16)
+        await append_audio(connection, dropped[: len(dropped) // 2].tobytes(), 4800)
+        await until(connection, "input_audio_buffer.speech_started")
+        await connection.input_audio_buffer.clear()
+        await until(connection, "input_audio_buffer.cleared")
+        await append_audio(connection, speech_at(24000).tobytes(), 4800)
+        events = await until(connection, "conversation.item.input_audio_transcription.completed")
+    assert types(events).count("input_audio_buffer.committed") == 1, types(events)
+    transcript = events[-1].transcript
+    assert word_error_rate(SENTENCE, transcript) <= 0.2, transcript
+
+
 async def test_push_to_talk_commits_by_hand_and_answers_on_response_create(gateway_url):
     async with sdk(gateway_url).realtime.connect() as connection:
         await until(connection, "session.created")

@@ -163,6 +163,12 @@ class CallSession:
             asyncio.get_running_loop().create_task(self._playout.close())
         self._configure(agent, media, output_media or media)
 
+    def drop_utterance(self) -> None:
+        """Forgets the caller's utterance in progress, if any (the client cleared its input): no turn comes
+        of it, and what was started for it at a pause is cancelled. Later speech starts a new one."""
+        self._discard_speculation()
+        self._endpointer.reset()
+
     def _configure(self, agent: Agent, media: MediaFormat, output_media: MediaFormat) -> None:
         self._media = media
         pipeline = agent.pipeline

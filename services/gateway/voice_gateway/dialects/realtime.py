@@ -231,6 +231,9 @@ class RealtimeConnection(Connection):
 
     async def _clear(self, message: dict) -> None:
         self.audio.clear()
+        if self.call is not None:
+            self.call.drop_utterance()
+        self._speech_item = None
         await self.send_text(self.wire.event("input_audio_buffer.cleared"))
 
     # -- the call's listener --
