@@ -15,7 +15,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.support.gateway import FakeClock, FakeSocket
+from tests.support.gateway import FakeClock, FakeSocket, api_client
 from voice_gateway.api.limits import LimitExceeded, Limits, LimitSettings
 from voice_gateway.config import Settings
 from voice_runtime.config import ConfigError
@@ -133,6 +133,13 @@ async def test_a_twilio_call_at_the_cap_ends_and_twilio_is_told_to_hang_up(cappe
     async with httpx.AsyncClient(base_url=capped.url) as http:
         metrics = (await http.get("/metrics/")).text
     assert re.search(r'voice_gateway_limit_refusals_total\{dialect="twilio",limit="max_call"\} [1-9]', metrics)
+    async with api_client(capped.url, KEY) as http:
+        for _ in range(50):
+            log = (await http.get(f"/api/calls/{sid}")).json()
+            if log.get("status") != "active":
+                break
+            await asyncio.sleep(0.1)
+    assert log["status"] == "completed", "a call the platform ended at its cap is complete, not a lost connection"
 
 
 async def test_a_chat_connection_at_the_cap_is_told_why_in_its_error_event(capped):

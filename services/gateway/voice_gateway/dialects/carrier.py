@@ -30,7 +30,7 @@ from starlette.websockets import WebSocket
 from voice_audio import Encoding
 from voice_gateway.agents.templates import personalise
 from voice_gateway.agents.tools import CallAction
-from voice_gateway.api.limits import ConnectionGuard, close_socket
+from voice_gateway.api.limits import MAX_CALL, ConnectionGuard, LimitExceeded, close_socket
 from voice_gateway.conversation.call import CallSession, MediaFormat, open_call
 from voice_gateway.conversation.metrics import BAD_FRAMES, ERRORS
 from voice_gateway.conversation.session import GatewayContext, Session
@@ -135,6 +135,12 @@ class MediaStreamConnection(Connection):
         self._transport = self.transport_class(self, context.registry)
         self._call: CallSession | None = None
         self._status = self.closed_status
+
+    async def on_limit(self, error: LimitExceeded) -> None:
+        if error.limit == MAX_CALL:
+            # The platform ended the call at its maximum length, as the agent's end_call would.
+            self._status = "completed"
+        await super().on_limit(error)
 
     def parse_start(self, message: dict, on_bad: Callable[[str], None]) -> StreamStart:
         """What the carrier's ``start`` event says; malformed parts are counted through ``on_bad``."""
