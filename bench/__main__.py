@@ -49,7 +49,7 @@ from voice_bus.connection import connect, ensure_streams
 from voice_bus.worker import Worker
 from voice_llm.embedded import llama_server_command, smollm2_model_path, wait_until_ready
 from voicectl.gateway_api import default_api_key
-from voicectl.local import GatewayProcess, NatsServer, WorkerProcess, free_port
+from voicectl.local import GatewayProcess, NatsServer, WorkerProcess, free_port, shared_core_threads
 
 RESULTS = Path(__file__).with_name("results.json")
 PROMPT = "Explain in three sentences why the sky is blue."
@@ -307,8 +307,9 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
         return results
     with NatsServer() as nats:
         port = free_port()
+        threads = shared_core_threads()
         llama = subprocess.Popen(
-            llama_server_command(smollm2_model_path(), "127.0.0.1", port, n_threads=max(1, (os.cpu_count() or 2) // 2)),
+            llama_server_command(smollm2_model_path(), "127.0.0.1", port, n_threads=threads),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
@@ -316,7 +317,12 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
         quiet = open(os.devnull, "w")
         workers = [
             WorkerProcess("stt", nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet),
-            WorkerProcess("tts", nats.url, {"OTEL_TRACES_EXPORTER": "none"}, sink=quiet),
+            WorkerProcess(
+                "tts",
+                nats.url,
+                {"OTEL_TRACES_EXPORTER": "none", "TTS_CPU_THREADS": os.environ.get("TTS_CPU_THREADS", str(threads))},
+                sink=quiet,
+            ),
             WorkerProcess("llm", nats.url, {"OTEL_TRACES_EXPORTER": "none", "LLM_BASE_URL": base_url}, sink=quiet),
         ]
         # The REST API (agents, call logs, the PCM trigger) takes the key the callers send.

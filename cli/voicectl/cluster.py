@@ -24,6 +24,7 @@ from voicectl.local import (
     NatsCluster,
     WorkerProcess,
     free_port,
+    shared_core_threads,
     wait_for_port,
 )
 
@@ -101,7 +102,7 @@ class LoopbackCluster:
         """Starts everything and returns once every part is ready (workers SERVING, gateways healthy)."""
         self.nats.start()
         if self._llm_base_url is None:
-            threads = str(max(1, (os.cpu_count() or 2) // 2))
+            threads = str(shared_core_threads())
             self.llama = ChildProcess(
                 "llama",
                 [sys.executable, "-m", "voice_llm.embedded", "--port", str(LLAMA_PORT), "--n-threads", threads],
@@ -133,6 +134,8 @@ class LoopbackCluster:
         extra = {**self.env, **self.worker_env.get(service, {}), **(env or {})}
         if service == "llm":
             extra.setdefault("LLM_BASE_URL", self.llm_base_url)
+        if service == "tts" and self._llm_base_url is None:
+            extra.setdefault("TTS_CPU_THREADS", os.environ.get("TTS_CPU_THREADS", str(shared_core_threads())))
         worker = WorkerProcess(service, self.nats.url, extra, sink=self.sink)
         worker.child.name = f"{service}-{len(self.workers[service]) + 1}"
         worker.launch()

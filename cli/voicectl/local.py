@@ -39,6 +39,17 @@ cluster {{
 """
 
 
+def shared_core_threads() -> int:
+    """Threads for each of the two processes that compute at once while a call is answered on one
+    machine: llama.cpp generating the rest of an answer while Piper synthesizes its first clause.
+
+    Half the cores each (at least one), so neither waits for a core the other holds: beside llama.cpp
+    generating on one of two cores, Piper's first clause took 0.164 s median with onnxruntime's default
+    two threads and 0.098 s with one (``python -m bench.tts_threads``, docs/latency.md).
+    """
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def free_port() -> int:
     """An unused TCP port on the loopback interface."""
     with socket.socket() as sock:

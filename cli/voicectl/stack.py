@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from voicectl.health import wait_serving
-from voicectl.local import ChildProcess, GatewayProcess, NatsServer, wait_for_port
+from voicectl.local import ChildProcess, GatewayProcess, NatsServer, shared_core_threads, wait_for_port
 from voicectl.otlp_receiver import OtlpReceiver
 from voicectl.traces import TRACE_FILE_NAME
 
@@ -116,7 +116,7 @@ def run_stack(state_dir: str = ".run") -> int:
         otel = receiver.env(LOCAL_TRACES_DELAY_MS) if receiver else {}
         if receiver:
             print(f"  traces | spans go to {receiver.path} (see them: voicectl trace --list)")
-        threads = str(max(1, (os.cpu_count() or 2) // 2))
+        threads = str(shared_core_threads())
         llama = ChildProcess(
             "llama",
             [sys.executable, "-m", "voice_llm.embedded", "--port", str(LLAMA_PORT), "--n-threads", threads],
@@ -125,11 +125,14 @@ def run_stack(state_dir: str = ".run") -> int:
         children.append(llama)
         env = {**otel, "NATS_URL": nats.url, "LLM_BASE_URL": f"http://127.0.0.1:{LLAMA_PORT}/v1"}
         for name, (grpc_port, metrics_port, color) in WORKERS.items():
+            own = {"GRPC_PORT": str(grpc_port), "METRICS_PORT": str(metrics_port)}
+            if name == "tts":
+                own["TTS_CPU_THREADS"] = os.environ.get("TTS_CPU_THREADS", threads)
             children.append(
                 ChildProcess(
                     name,
                     [sys.executable, "-m", f"voice_{name}"],
-                    env={**env, "GRPC_PORT": str(grpc_port), "METRICS_PORT": str(metrics_port)},
+                    env={**env, **own},
                     color=color,
                 ).start()
             )

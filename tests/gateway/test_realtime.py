@@ -19,6 +19,7 @@ from voice.v1 import audio_pb2, stt_pb2
 from voice_audio import resample, ulaw_decode, ulaw_encode
 from voice_bus.client import BusClient
 from voice_bus.connection import connect
+from voice_text import split_sentences
 
 SENTENCE = "I would like to book a table for two people."
 REPLY_ORDER = [
@@ -308,6 +309,7 @@ async def test_mulaw_8_khz_in_and_out(gateway_url, nats_url):
             session={
                 "type": "realtime",
                 "instructions": "Answer in one short sentence.",
+                "max_output_tokens": 40,
                 "audio": {
                     "input": {"format": {"type": "audio/pcmu"}, "turn_detection": {"type": "server_vad"}},
                     "output": {"format": {"type": "audio/pcmu"}},
@@ -323,7 +325,9 @@ async def test_mulaw_8_khz_in_and_out(gateway_url, nats_url):
     answer = next(e for e in events if e.type == "response.output_audio_transcript.done").transcript
     pcm = ulaw_decode(audio_of(events)).astype("<i2").tobytes()
     heard = await transcribe(nats_url, pcm, 8000)
-    assert word_error_rate(answer, heard) <= 0.4, (answer, heard)
+    # The first sentence, word for word: what follows it may be a URL or markup that speech renders freely.
+    first = split_sentences(answer)[0]
+    assert word_error_rate(first, " ".join(heard.split()[: len(first.split())])) <= 0.4, (answer, heard)
 
 
 async def test_a_beta_client_gets_the_beta_event_names(gateway_url):

@@ -19,7 +19,8 @@ from urllib.parse import parse_qs, urlparse
 class WebhookServer:
     """Runs in a thread; ``requests`` holds ``(method, path, query, headers, body)`` of each call."""
 
-    def __init__(self, slow_s: float = 4.0) -> None:
+    def __init__(self, slow_s: float = 4.0, host: str = "127.0.0.1") -> None:
+        """Binds a free port on ``host`` (``0.0.0.0`` for containers to reach it); ``url`` names 127.0.0.1."""
         self.slow_s = slow_s
         self.requests: list[dict] = []
         self.released = threading.Event()
@@ -90,9 +91,10 @@ class WebhookServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer((host, 0), Handler)
         self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> WebhookServer:

@@ -2,13 +2,17 @@
 
 Every container reaches healthy through the checks its chart probes make and runs as the non-root
 user on a read-only root; a Twilio call through the containerised gateway is answered and the answer
-is heard; the chart's ``helm test`` pods pass; the gateway's preStop lets a call finish and SIGTERM
+is heard; the chart's ``helm test`` pods pass; a webhook tool on an allowed network is reached and a
+private address beyond it refused; the gateway's preStop lets a call finish and SIGTERM
 drains a worker as the chart's preStop and grace period expect. The tests run in this order (the
 last two stop the gateway and the TTS worker).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import json
 import re
 import subprocess
 import sys
@@ -21,6 +25,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.gateway.test_chat import ChatClient
+from tests.gateway.webhooks import WebhookServer
 from tests.images.conftest import STARTUP_S, Stack, podman, wait_for
 from tests.support.speech import speak
 from voice_audio import read_wav, wav_bytes
@@ -31,6 +37,8 @@ SENTENCE = "Hello, could you tell me what a good name for a small black cat woul
 LONG_TEXT = " ".join(
     f"This is sentence number {n} of a long announcement that keeps the speech worker busy." for n in range(1, 25)
 )
+# The gateway's key in deploy/images/podman-values.yaml.
+API_KEY = "images-test-key"
 pytestmark = pytest.mark.timeout(1500)
 
 
@@ -164,6 +172,72 @@ def test_the_charts_helm_tests_pass_against_the_stack(stack: Stack) -> None:
     for test_pod in test_pods:
         done = stack.module.run_test_pod(test_pod)
         assert done.returncode == 0, f"{test_pod['metadata']['name']}: {done.stdout}{done.stderr}"
+
+
+def put_agent(stack: Stack, agent: dict[str, Any]) -> None:
+    """Creates or replaces an agent through the gateway's REST API."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{stack.host_port(8000)}/api/agents/{agent['id']}",
+        data=json.dumps(agent).encode(),
+        method="PUT",
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+
+def tool_result(stack: Stack, agent_id: str, url: str) -> dict[str, Any]:
+    """The ``tool_result`` of a chat turn whose agent (created as ``agent_id``) must call a webhook at ``url``."""
+    put_agent(
+        stack,
+        {
+            "id": agent_id,
+            "name": "Orders",
+            "system_prompt": "You help customers with their orders. Use the tools to look orders up.",
+            "greeting": "",
+            "llm": {"tool_choice": "get_order", "temperature": 0.0, "max_tokens": 40, "max_tool_rounds": 1},
+            "tools": [
+                {
+                    "name": "get_order",
+                    "description": "Look up an order's delivery status by its id.",
+                    "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}},
+                    "url": url,
+                }
+            ],
+        },
+    )
+
+    async def chat() -> list[dict[str, Any]]:
+        async with ChatClient(f"http://127.0.0.1:{stack.host_port(8000)}") as client:
+            await client.send(type="authorize", token=API_KEY)
+            assert (await client.next())["type"] == "authorize_success"
+            await client.send(type="chat_message", content="Where is my order A-42?", agent_id=agent_id)
+            return await client.until("stream_end", timeout=180)
+
+    events = asyncio.run(chat())
+    return next(e for e in events if e["type"] == "tool_result")
+
+
+def test_webhook_tools_reach_an_allowed_network_and_nothing_else_private(stack: Stack) -> None:
+    """The production intent of the gateway's egress (the NetworkPolicy opens the public internet and
+    ``tools.allowedNetworks``, never other private ranges), made by the gateway's own egress check: podman
+    enforces no NetworkPolicy, and this machine has no internet, so the allowed network stands in."""
+    networks = json.loads(podman("inspect", stack.container("gateway")).stdout)[0]["NetworkSettings"]["Networks"]
+    host = next(iter(networks.values()))["Gateway"]  # the host, as the pod sees it on podman's kube network
+    gateway = next(c for c in chart_containers(stack) if c["name"] == "gateway")
+    allowed = next(e["value"] for e in gateway["env"] if e["name"] == "GATEWAY_TOOL_ALLOWED_NETWORKS")
+    assert ipaddress.ip_address(host) in ipaddress.ip_network(allowed.split(",")[0]), (host, allowed)
+
+    with WebhookServer(host="0.0.0.0") as hooks:
+        reached = tool_result(stack, "images-tool-allowed", f"http://{host}:{hooks.port}/order")
+        assert reached["successful"] is True, reached
+        assert json.loads(reached["content"])["status"] == "shipped"
+        assert [r["path"] for r in hooks.requests] == ["/order"]
+        assert hooks.requests[0]["body"]["name"] == "get_order"
+
+    refused = tool_result(stack, "images-tool-metadata", "http://169.254.169.254/latest/meta-data/")
+    assert refused["successful"] is False, refused
+    assert "link-local" in refused["content"] and "GATEWAY_TOOL_ALLOWED_NETWORKS" in refused["content"], refused
 
 
 def test_the_gateway_lets_a_call_finish_before_it_stops(stack: Stack, tmp_path: Path) -> None:

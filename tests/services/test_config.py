@@ -15,6 +15,7 @@ CASES = [
     ("voice_tts", {"TTS_ENGINE": "espeak"}, "TTS_ENGINE='espeak'"),
     ("voice_tts", {"GRPC_PORT": "70000"}, "GRPC_PORT=70000: must be at most 65535"),
     ("voice_tts", {"TTS_ENGINE": "coqui"}, "TTS_VOICE is required with TTS_ENGINE=coqui"),
+    ("voice_tts", {"TTS_CPU_THREADS": "-1"}, "TTS_CPU_THREADS=-1: must be at least 0"),
 ]
 
 

