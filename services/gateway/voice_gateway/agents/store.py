@@ -148,7 +148,7 @@ class TurnDetection(_Strict):
 
     type: Literal["semantic", "silence"] = "semantic"
     silence_duration_ms: int | None = Field(default=None, ge=100, le=5000)
-    pause_ms: int = Field(default=200, ge=100, le=1000)
+    pause_ms: int = Field(default=150, ge=100, le=1000)
     prefix_padding_ms: int = Field(default=300, ge=0, le=1000)
     eagerness: Literal["low", "medium", "high", "auto"] = "auto"
 
