@@ -128,9 +128,9 @@ def test_containers_run_as_the_non_root_user_on_a_read_only_root(stack: Stack) -
         assert errno == "30", f"{name}: the root filesystem is writable ({done.stdout!r})"  # EROFS
 
 
-def test_the_gateways_pre_stop_drain_reads_its_sessions(stack: Stack) -> None:
+def test_the_gateways_pre_stop_drain_reads_its_sessions(stack: Stack, deployments: dict[str, Any]) -> None:
     """The chart's preStop command finds the gateway's session gauge (a wrong port would print 'unknown')."""
-    container = next(c for c in chart_containers(stack) if c["name"] == "gateway")
+    container = deployments["gateway"]["container"]
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[:2] == ["voice-probe", "drain"], pre_stop
     done = podman("exec", stack.container("gateway"), *pre_stop)
@@ -218,13 +218,15 @@ def tool_result(stack: Stack, agent_id: str, url: str) -> dict[str, Any]:
     return next(e for e in events if e["type"] == "tool_result")
 
 
-def test_webhook_tools_reach_an_allowed_network_and_nothing_else_private(stack: Stack) -> None:
+def test_webhook_tools_reach_an_allowed_network_and_nothing_else_private(
+    stack: Stack, deployments: dict[str, Any]
+) -> None:
     """The production intent of the gateway's egress (the NetworkPolicy opens the public internet and
     ``tools.allowedNetworks``, never other private ranges), made by the gateway's own egress check: podman
     enforces no NetworkPolicy, and this machine has no internet, so the allowed network stands in."""
     networks = json.loads(podman("inspect", stack.container("gateway")).stdout)[0]["NetworkSettings"]["Networks"]
     host = next(iter(networks.values()))["Gateway"]  # the host, as the pod sees it on podman's kube network
-    gateway = next(c for c in chart_containers(stack) if c["name"] == "gateway")
+    gateway = deployments["gateway"]["container"]
     allowed = next(e["value"] for e in gateway["env"] if e["name"] == "GATEWAY_TOOL_ALLOWED_NETWORKS")
     assert ipaddress.ip_address(host) in ipaddress.ip_network(allowed.split(",")[0]), (host, allowed)
 
@@ -240,15 +242,12 @@ def test_webhook_tools_reach_an_allowed_network_and_nothing_else_private(stack: 
     assert "link-local" in refused["content"] and "GATEWAY_TOOL_ALLOWED_NETWORKS" in refused["content"], refused
 
 
-def test_the_gateway_lets_a_call_finish_before_it_stops(stack: Stack, tmp_path: Path) -> None:
+def test_the_gateway_lets_a_call_finish_before_it_stops(
+    stack: Stack, deployments: dict[str, Any], tmp_path: Path
+) -> None:
     """preStop waits for the call in progress, then SIGTERM stops the gateway cleanly (it is the last
     test to use the gateway)."""
-    container = next(c for c in chart_containers(stack) if c["name"] == "gateway")
-    spec = next(
-        d["spec"]["template"]["spec"]
-        for d in stack.objects
-        if d.get("kind") == "Deployment" and d["metadata"]["name"].endswith("-gateway")
-    )
+    container, spec = deployments["gateway"]["container"], deployments["gateway"]["spec"]
     samples, rate = speak("Hello there.")
     caller = tmp_path / "caller.wav"
     caller.write_bytes(wav_bytes(samples, rate))
@@ -278,13 +277,10 @@ def test_the_gateway_lets_a_call_finish_before_it_stops(stack: Stack, tmp_path: 
     assert stack.state("gateway")["ExitCode"] == 0, stack.logs("gateway")[-3000:]
 
 
-def test_sigterm_drains_a_worker_within_the_charts_grace_period(stack: Stack, tmp_path: Path) -> None:
-    container = next(c for c in chart_containers(stack) if c["name"] == "tts")
-    spec = next(
-        d["spec"]["template"]["spec"]
-        for d in stack.objects
-        if d.get("kind") == "Deployment" and d["metadata"]["name"].endswith("-tts")
-    )
+def test_sigterm_drains_a_worker_within_the_charts_grace_period(
+    stack: Stack, deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    container, spec = deployments["tts"]["container"], deployments["tts"]["spec"]
     grace = float(next(e["value"] for e in container["env"] if e["name"] == "DRAIN_GRACE_SECONDS"))
     assert grace < spec["terminationGracePeriodSeconds"]
     # The chart's preStop hook runs in the container (podman does not run lifecycle hooks).

@@ -34,23 +34,9 @@ BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "a
 GA_TO_BETA_FORMAT = {value: key for key, value in BETA_FORMATS.items()}
 ENCODINGS = {"audio/pcm": Encoding.PCM16, "audio/pcmu": Encoding.MULAW, "audio/pcma": Encoding.ALAW}
 MIN_SILENCE_MS = 200
-IGNORED = frozenset(
-    {
-        "type",
-        "object",
-        "id",
-        "model",
-        "expires_at",
-        "client_secret",
-        "tracing",
-        "prompt",
-        "include",
-        "truncation",
-        "noise_reduction",
-        "input_audio_noise_reduction",
-        "speed",
-    }
-)
+# Fields a client sends back as session.created gave them: accepted without a note. Any other
+# field this module does not read is accepted with a note (logged), never an error.
+ECHOED = frozenset({"type", "object", "id", "model", "expires_at"})
 
 
 class ConfigError(ValueError):
@@ -231,9 +217,7 @@ def apply_update(config: RealtimeConfig, session: Any) -> tuple[RealtimeConfig, 
             new.temperature = _number(value, "session.temperature", 0.0, 2.0)
         elif key in ("max_output_tokens", "max_response_output_tokens"):
             new.max_output_tokens = _max_tokens(value, f"session.{key}")
-        elif key != "audio" and key not in IGNORED:
-            notes.append(f"session.{key} is not supported and was ignored")
-        elif key in IGNORED - {"type", "object", "id", "model", "expires_at"}:
+        elif key != "audio" and key not in ECHOED:
             notes.append(f"session.{key} is not supported and was ignored")
     for key, value in audio_in.items():
         param = f"session.audio.input.{key}"
