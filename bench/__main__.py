@@ -49,7 +49,7 @@ from voice_bus.connection import connect, ensure_streams
 from voice_bus.worker import Worker
 from voice_llm.embedded import llama_server_command, smollm2_model_path, wait_until_ready
 from voicectl.gateway_api import default_api_key
-from voicectl.local import GatewayProcess, NatsServer, WorkerProcess, free_port, shared_core_threads
+from voicectl.local import GatewayProcess, NatsServer, WorkerProcess, free_port, prompt_threads, shared_core_threads
 
 RESULTS = Path(__file__).with_name("results.json")
 PROMPT = "Explain in three sentences why the sky is blue."
@@ -309,7 +309,9 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
         port = free_port()
         threads = shared_core_threads()
         llama = subprocess.Popen(
-            llama_server_command(smollm2_model_path(), "127.0.0.1", port, n_threads=threads),
+            llama_server_command(
+                smollm2_model_path(), "127.0.0.1", port, n_threads=threads, n_threads_batch=prompt_threads()
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )

@@ -24,6 +24,7 @@ from voicectl.local import (
     NatsCluster,
     WorkerProcess,
     free_port,
+    prompt_threads,
     shared_core_threads,
     wait_for_port,
 )
@@ -105,7 +106,17 @@ class LoopbackCluster:
             threads = str(shared_core_threads())
             self.llama = ChildProcess(
                 "llama",
-                [sys.executable, "-m", "voice_llm.embedded", "--port", str(LLAMA_PORT), "--n-threads", threads],
+                [
+                    sys.executable,
+                    "-m",
+                    "voice_llm.embedded",
+                    "--port",
+                    str(LLAMA_PORT),
+                    "--n-threads",
+                    threads,
+                    "--n-threads-batch",
+                    str(prompt_threads()),
+                ],
                 sink=self.sink,
                 color=33,
             ).start()

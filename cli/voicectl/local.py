@@ -50,6 +50,16 @@ def shared_core_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+def prompt_threads() -> int:
+    """Threads for llama.cpp's evaluation of a turn's prompt on a machine that runs the whole stack.
+
+    All the cores: the prompt is evaluated after the turn's transcript is in and before its first clause
+    goes to Piper, when nothing else of the turn computes. On two cores the first token of a turn came
+    0.17 s after the request with one thread and 0.09 s with two (docs/latency.md, run H).
+    """
+    return max(1, os.cpu_count() or 1)
+
+
 def free_port() -> int:
     """An unused TCP port on the loopback interface."""
     with socket.socket() as sock:

@@ -41,6 +41,10 @@ from voicectl.callers import call
 from voicectl.local import GatewayProcess, NatsServer, free_port
 
 CUSTOM_FALLBACK = "Sorry, our assistant is offline right now. Please try again soon."
+LONG_FALLBACK = (
+    "Sorry, our assistant is offline right now. We are working on it and expect to be back within the hour. "
+    "In the meantime you can leave a message after the tone, or call our front desk during opening hours."
+)
 # The LLM worker's answer when its backend is down, through either front door.
 FAIL_FAST_S = 3.0
 MAX_WER = 0.3
@@ -321,6 +325,35 @@ async def test_a_bad_fallback_message_is_refused(stack, message, reason):
     async with api_client(stack.gateway.url) as http:
         response = await http.put("/api/agents/bad-fallback", json={"fallback_message": message})
     assert response.status_code == 422 and reason in response.text, response.text
+
+
+async def test_a_barge_in_keeps_only_what_was_heard_of_the_answer_it_cut(stack):
+    """The greeting was heard in full before the caller asked; the caller then cut the answer short. The
+    answer's record (and the history the next turn's LLM sees) holds the part of that answer the caller
+    heard, not the greeting before it."""
+    await put_agent(stack, "cut", greeting="Hello.", fallback_message=LONG_FALLBACK)
+    question, rate = speak("I would like to book a table for two people.")
+    interruption, _ = speak("Wait, stop please, I have another question.")
+    question_end_s = 2.0 + question.size / rate
+    result = await call(
+        "twilio",
+        stack.gateway.url,
+        question,
+        rate,
+        agent_id="cut",
+        speech_at_s=2.0,
+        # The answer (about 9 s of speech) starts about a second after the question ends.
+        extra_speech=[(question_end_s + 3.5, interruption)],
+        listen_s=3.0,
+    )
+    assert result.problems == [], result.timeline.table()
+    assert result.timeline.times("clear received"), result.timeline.table()
+    log = await finished_call_log(stack, result.session_id)
+    greeting, answer = log["turns"][0], log["turns"][1]
+    assert greeting["kind"] == "greeting" and greeting["assistant"] == "Hello." and not greeting["interrupted"]
+    assert answer["kind"] == "audio" and answer["interrupted"] is True, log
+    heard = answer["assistant"].split()
+    assert heard and heard == LONG_FALLBACK.split()[: len(heard)] and len(heard) < len(LONG_FALLBACK.split()), log
 
 
 async def test_when_tts_is_down_too_the_turn_fails_with_an_error_event(stack):

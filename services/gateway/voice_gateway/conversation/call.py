@@ -8,11 +8,11 @@ A streaming dialect (Twilio, Exotel, raw PCM) decodes its frames, hands the call
 DTMF, and implements :class:`~voice_gateway.conversation.playout.CallTransport` to send audio, marks
 and ``clear`` its own way.
 
-- Turn detection (the agent's ``turn_detection``): with ``semantic``, a short pause asks the end-of-turn
-  model (:mod:`~voice_gateway.conversation.turn_model`) whether the caller has finished, and starts the
-  utterance's transcription at once, in parallel (speculative STT); the turn ends as soon as the model
-  says yes, else after the maximum silence, and the transcript is ready or nearly. When the caller goes
-  on, both are cancelled and nothing of them reaches the LLM. With ``silence``, the turn ends after the
+- Turn detection (the agent's ``turn_detection``): with ``semantic``, a gap of ``TRANSCRIBE_AFTER_MS``
+  starts the utterance's transcription (speculative STT), and the short pause that may follow asks the
+  end-of-turn model (:mod:`~voice_gateway.conversation.turn_model`) whether the caller has finished; the
+  turn ends as soon as the model says yes, else after the maximum silence, and the transcript is ready
+  or nearly. When the caller goes on, both are cancelled and nothing of them reaches the LLM. With ``silence``, the turn ends after the
   silence alone. Either way the utterance becomes a turn: STT → LLM → TTS over the bus, the answer
   spoken clause and sentence by sentence.
 - Playout: :class:`~voice_gateway.conversation.playout.Playout` paces the answer in real time.
@@ -68,6 +68,7 @@ from voice_gateway.conversation.vad import (
     Endpointer,
     EndpointingConfig,
     SpeechEnded,
+    SpeechGap,
     SpeechPaused,
     SpeechResumed,
     SpeechStarted,
@@ -80,6 +81,11 @@ logger = logging.getLogger(__name__)
 STT_RATE = 16000
 # How long past the expected end of playout a hang-up waits for the far end's marks.
 PLAYOUT_GRACE_S = 5.0
+# With semantic turn detection, the speculative transcription starts after this much non-speech (or at
+# the pause, if that is sooner); the end-of-turn model is still asked at the pause. Whisper's transcripts
+# of 18 Piper sentences were the same with 40, 60, 100 or 150 ms kept after the last voiced frame, and
+# 22 utterances had 8 gaps of 100 ms inside them against 7 of 150 ms (docs/latency.md, run I).
+TRANSCRIBE_AFTER_MS = 100
 
 _DECODERS = {
     Encoding.MULAW: ulaw_decode,
@@ -112,7 +118,7 @@ class CallListener(Protocol):
 
 @dataclass(eq=False)
 class _Speculation:
-    """What a pause started: the utterance's transcription and the end-of-turn model's verdict."""
+    """What a gap or pause started: the utterance's transcription and the end-of-turn model's verdict."""
 
     transcript: asyncio.Task
     verdict: asyncio.Task | None = None
@@ -145,6 +151,7 @@ class CallSession:
         self._turn_index = 0
         self._answering = ""
         self._last_voiced_wall: float | None = None
+        self._audio_wall = time.perf_counter()  # when the audio fed last to the endpointer arrived
         self._frame_seconds = INBOUND_FRAME.labels(session.dialect)
         self.action: CallAction | None = None
         self._finishing: asyncio.Task | None = None
@@ -183,6 +190,7 @@ class CallSession:
                 max_utterance_s=pipeline.max_utterance_s,
                 pre_roll_ms=detection.prefix_padding_ms,
                 pause_ms=detection.pause_ms if self._semantic else None,
+                transcribe_ms=min(TRANSCRIBE_AFTER_MS, detection.pause_ms) if self._semantic else None,
             ),
             sample_rate=vad_rate,
         )
@@ -212,17 +220,19 @@ class CallSession:
 
     def on_audio(self, payload: bytes) -> None:
         """Handles one inbound frame of caller audio (in the call's media format)."""
-        started = time.perf_counter()
+        started = self._audio_wall = time.perf_counter()
         samples = self._decode(payload)
         if self._resampler is not None:
             samples = self._resampler.process(samples)
         for event in self._endpointer.process(samples):
             if isinstance(event, SpeechStarted):
-                self._on_speech_started(event, started)
+                self._on_speech_started(event)
             elif isinstance(event, SpeechEnded):
                 self._on_speech_ended(event, started)
+            elif isinstance(event, SpeechGap):
+                self._on_gap(event)
             elif isinstance(event, SpeechPaused):
-                self._on_pause(event, started)
+                self._on_pause(event)
             elif isinstance(event, SpeechResumed):
                 self._discard_speculation()
         self._frame_seconds.observe(time.perf_counter() - started)
@@ -241,19 +251,20 @@ class CallSession:
         if digit and len(digit) <= 4:
             self._submit(Turn(kind="dtmf", text=f"[The caller pressed {digit} on the keypad]", emit=self._on_event))
 
-    def _stream_to_wall(self, stream_s: float, now: float) -> float:
-        return now - (self._endpointer.stream_s - stream_s)
+    def _stream_to_wall(self, stream_s: float) -> float:
+        """The ``time.perf_counter()`` at which the caller's audio at stream time ``stream_s`` arrived."""
+        return self._audio_wall - (self._endpointer.stream_s - stream_s)
 
-    def _on_speech_started(self, event: SpeechStarted, now: float) -> None:
+    def _on_speech_started(self, event: SpeechStarted) -> None:
         if self.listener is not None:
             self.listener.speech_started(event.onset_s)
         if self._interruptions and self.agent_speaking:
-            onset_wall = self._stream_to_wall(event.onset_s, now)
+            onset_wall = self._stream_to_wall(event.onset_s)
             asyncio.get_running_loop().create_task(self._barge_in(onset_wall))
 
     def _on_speech_ended(self, event: SpeechEnded, now: float, decision: str = "") -> None:
         speculation, self._speculation = self._speculation, None
-        if speculation is not None and speculation.verdict is not asyncio.current_task():
+        if speculation is not None and speculation.verdict not in (None, asyncio.current_task()):
             speculation.verdict.cancel()
         if self.agent_speaking and not self._interruptions:
             if speculation is not None:
@@ -270,14 +281,15 @@ class CallSession:
             speculation.transcript.cancel()
             SPECULATIONS.labels("discarded").inc()
         TURN_ENDINGS.labels(self.dialect, decision).inc()
-        self._last_voiced_wall = self._stream_to_wall(event.last_voiced_s, now)
+        self._last_voiced_wall = self._stream_to_wall(event.last_voiced_s)
         pcm = np.ascontiguousarray(event.audio, dtype="<i2").tobytes()
         turn = Turn(
             kind="audio",
             audio=pcm,
             audio_format=self._stt_format(),
             transcript=transcript,
-            endpointing_s=event.ended_s - event.last_voiced_s,
+            # By the clock: a verdict lands between frames, after the last one counted in ``ended_s``.
+            endpointing_s=now - self._last_voiced_wall,
             endpointing=decision,
             attributes={"voice.audio.duration_s": round(len(pcm) / (2 * self._vad_rate), 3)},
             output=self._output,
@@ -289,8 +301,8 @@ class CallSession:
     def _stt_format(self) -> audio_pb2.AudioFormat:
         return audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
 
-    def _on_pause(self, event: SpeechPaused, now: float) -> None:
-        """A short pause: transcribe what was said so far and ask the end-of-turn model, both at once."""
+    def _on_gap(self, event: SpeechGap) -> None:
+        """A gap in the speech: transcribe what was said so far, in case the pause that may follow ends the turn."""
         self._discard_speculation()
         if self.agent_speaking and not self._interruptions:
             return
@@ -298,10 +310,15 @@ class CallSession:
         pcm = np.ascontiguousarray(event.audio, dtype="<i2").tobytes()
         transcript = asyncio.create_task(session.engine.transcribe(session.conversation, pcm, self._stt_format()))
         transcript.add_done_callback(_seen)
-        speculation = _Speculation(transcript=transcript)
+        self._speculation = _Speculation(transcript=transcript)
+
+    def _on_pause(self, event: SpeechPaused) -> None:
+        """A short pause: ask the end-of-turn model, while the transcription started at the gap goes on."""
+        speculation = self._speculation
+        if speculation is None or speculation.verdict is not None:
+            return
         speculation.verdict = asyncio.create_task(self._judge(speculation, event.audio))
         speculation.verdict.add_done_callback(_seen)
-        self._speculation = speculation
 
     async def _judge(self, speculation: _Speculation, audio: np.ndarray) -> None:
         """Ends the turn now when the end-of-turn model hears a finished utterance (and nothing changed)."""
@@ -316,7 +333,8 @@ class CallSession:
         """The caller went on: what started at the pause is void and its bus work is cancelled."""
         speculation, self._speculation = self._speculation, None
         if speculation is not None:
-            speculation.verdict.cancel()
+            if speculation.verdict is not None:
+                speculation.verdict.cancel()
             speculation.transcript.cancel()
             SPECULATIONS.labels("discarded").inc()
 
@@ -336,6 +354,7 @@ class CallSession:
         if isinstance(event, TurnStarted):
             self._turn_index += 1
             self._answering = event.turn_kind
+            self._playout.begin_answer()
         elif isinstance(event, StageStarted) and event.kind == "llm_start" and self._answering == "audio":
             self._playout.answer_to(self._last_voiced_wall)
         elif isinstance(event, SpeechAudio) and event.audio:

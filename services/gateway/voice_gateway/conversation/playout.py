@@ -116,6 +116,11 @@ class Playout:
         (``time.perf_counter()``): its first byte sets the voice-to-voice figure."""
         self._answer_to = last_voiced_wall
 
+    def begin_answer(self) -> None:
+        """A new answer (turn) starts: sentences already played belong to earlier answers and are forgotten,
+        so :meth:`heard_text` and :meth:`remaining_s` speak of this answer only."""
+        self._spoken = [spoken for spoken in self._spoken if not spoken.played]
+
     def enqueue(self, text: str, audio: bytes, label: str) -> None:
         """Queues one sentence of speech; ``label`` names its mark (with a sequence number added)."""
         self._mark_seq += 1
@@ -136,8 +141,8 @@ class Playout:
                 break
 
     def heard_text(self) -> str:
-        """What the caller heard of the agent's current answer: played sentences and the played part
-        of the one being played."""
+        """What the caller heard of the agent's current answer (since :meth:`begin_answer`): played sentences
+        and the played part of the one being played."""
         now = time.monotonic()
         parts: list[str] = []
         for spoken in self._spoken:
@@ -153,7 +158,7 @@ class Playout:
         return " ".join(p for p in parts if p).strip()
 
     def remaining_s(self) -> float:
-        """Seconds of audio queued or sent since the last flush."""
+        """Seconds of the current answer's audio queued or sent (since :meth:`begin_answer` or a flush)."""
         return sum(s.duration_s for s in self._spoken)
 
     async def flush(self) -> None:
@@ -192,6 +197,7 @@ class Playout:
                     self._voice_to_voice.observe(latency)
                 await self._transport.send_audio(piece)
                 sent_s += len(piece) / media.bytes_per_second
+            spoken.audio = b""  # sent: only its text and timing are needed now
             if not await self._transport.send_mark(spoken.mark):
                 end = spoken.started_at + spoken.duration_s
                 loop = asyncio.get_running_loop()

@@ -6,13 +6,14 @@ utterance once ``silence_ms`` of non-speech follows it (the end of the caller's 
 utterance reaches ``max_utterance_s``.
 
 With ``pause_ms`` set (semantic turn detection), a shorter run of non-speech inside an utterance emits
-``SpeechPaused`` with the utterance so far: the caller's end-of-turn model and a speculative
-transcription start then, and :meth:`Endpointer.end_turn` ends the utterance at once when the model
-says the caller has finished. Voiced audio after the pause emits ``SpeechResumed`` (the speculation
-is void). The utterance's audio then always ends ``min(pre_roll_ms, pause_ms)`` after the last voiced
-frame, so the audio transcribed at the pause is exactly the audio of the turn, whichever way it ends.
+``SpeechPaused`` with the utterance so far: the caller's end-of-turn model starts then, and
+:meth:`Endpointer.end_turn` ends the utterance at once when the model says the caller has finished.
+With ``transcribe_ms`` set too, an even shorter run emits ``SpeechGap`` first, with the same audio, for a
+speculative transcription. Voiced audio after either emits ``SpeechResumed`` (the speculation is void).
+The utterance's audio then always ends ``min(pre_roll_ms, transcribe_ms or pause_ms)`` after the last
+voiced frame, so the audio transcribed at the gap is exactly the audio of the turn, whichever way it ends.
 
-(A little over 400 lines, on purpose: the frame loop, its settings and the four events it emits are one
+(About 450 lines, on purpose: the frame loop, its settings and the five events it emits are one
 state machine, read and changed together.)
 
 A 20 ms frame is voiced when WebRTC's VAD (package ``webrtcvad-wheels``) says speech AND its RMS
@@ -39,6 +40,7 @@ __all__ = [
     "Endpointer",
     "EndpointingConfig",
     "SpeechEnded",
+    "SpeechGap",
     "SpeechPaused",
     "SpeechResumed",
     "SpeechStarted",
@@ -76,6 +78,8 @@ class EndpointingConfig:
             disables the adaptive gate.
         pause_ms: Non-speech inside an utterance that emits ``SpeechPaused`` (semantic turn
             detection); ``None`` turns pauses off. Shorter than ``silence_ms``.
+        transcribe_ms: Non-speech inside an utterance that emits ``SpeechGap``, at most ``pause_ms``
+            (which it needs); ``None``: no gaps.
     """
 
     silence_ms: int = 600
@@ -86,6 +90,7 @@ class EndpointingConfig:
     energy_threshold_dbfs: float | None = -55.0
     noise_margin_db: float | None = 6.0
     pause_ms: int | None = None
+    transcribe_ms: int | None = None
 
     def __post_init__(self) -> None:
         """Validate the settings.
@@ -109,6 +114,10 @@ class EndpointingConfig:
             raise ValueError(f"noise_margin_db must be >= 0, got {self.noise_margin_db}")
         if self.pause_ms is not None and not 0 < self.pause_ms < self.silence_ms:
             raise ValueError(f"pause_ms must be between 0 and silence_ms ({self.silence_ms}), got {self.pause_ms}")
+        if self.transcribe_ms is not None and not 0 < self.transcribe_ms <= (self.pause_ms or 0):
+            raise ValueError(
+                f"transcribe_ms must be between 0 and pause_ms ({self.pause_ms}), got {self.transcribe_ms}"
+            )
 
 
 @dataclass(frozen=True)
@@ -164,8 +173,15 @@ class SpeechPaused:
 
 
 @dataclass(frozen=True)
+class SpeechGap(SpeechPaused):
+    """The caller stopped inside an utterance for ``transcribe_ms`` (only with it set): the utterance so
+    far, as at the pause that may follow, to transcribe speculatively. ``paused_s`` is when the gap was
+    decided."""
+
+
+@dataclass(frozen=True)
 class SpeechResumed:
-    """The caller spoke again after a ``SpeechPaused``: what was decided at the pause is void.
+    """The caller spoke again after a ``SpeechGap`` or ``SpeechPaused``: what started there is void.
 
     Attributes:
         resumed_s: Stream time of the start of the voiced frame.
@@ -174,7 +190,7 @@ class SpeechResumed:
     resumed_s: float
 
 
-Event = SpeechStarted | SpeechEnded | SpeechPaused | SpeechResumed
+Event = SpeechStarted | SpeechEnded | SpeechPaused | SpeechGap | SpeechResumed
 
 
 class _State(Enum):
@@ -225,7 +241,9 @@ class Endpointer:
         self._max_frames = max(1, _frames(cfg.max_utterance_s * 1000))
         self._pre_roll_frames = _frames(cfg.pre_roll_ms)
         self._pause_frames = _frames(cfg.pause_ms) if cfg.pause_ms else 0
-        self._tail_frames = min(self._pre_roll_frames, self._silence_frames, self._pause_frames or self._silence_frames)
+        self._gap_frames = _frames(cfg.transcribe_ms) if cfg.transcribe_ms else 0
+        self._held_frames = self._gap_frames or self._pause_frames  # the first stop that hands the audio out
+        self._tail_frames = min(self._pre_roll_frames, self._silence_frames, self._held_frames or self._silence_frames)
         self._onset_gap_frames = max(1, min(self._silence_frames, _frames(_ONSET_GAP_MS)))
         self._gate_db = _SILENT_DB if cfg.energy_threshold_dbfs is None else cfg.energy_threshold_dbfs
         self._margin_db = cfg.noise_margin_db
@@ -345,12 +363,14 @@ class Endpointer:
         if state is _State.SPEECH:
             self._chunks.append(slot.copy())
             if voiced:
-                if self._pause_frames and self._gap >= self._pause_frames:
+                if self._held_frames and self._gap >= self._held_frames:
                     events.append(SpeechResumed(resumed_s=k * self._frame_s))
                 self._last_voiced = k
                 self._gap = 0
             else:
                 self._gap += 1
+                if self._gap == self._gap_frames:
+                    events.append(self._paused(k, SpeechGap))
                 if self._gap == self._pause_frames:
                     events.append(self._paused(k))
                 if self._gap >= self._silence_frames:
@@ -400,9 +420,9 @@ class Endpointer:
                 self._noise_floor_db = min(level_db, floor + rise)
         return level_db >= threshold
 
-    def _paused(self, k: int) -> SpeechPaused:
+    def _paused(self, k: int, kind: type[SpeechPaused] = SpeechPaused) -> SpeechPaused:
         keep = min(k, self._last_voiced + self._tail_frames) + 1 - self._chunks_start
-        return SpeechPaused(
+        return kind(
             audio=np.concatenate(self._chunks[:keep]),
             onset_s=self._onset * self._frame_s,
             last_voiced_s=(self._last_voiced + 1) * self._frame_s,
