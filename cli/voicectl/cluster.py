@@ -23,8 +23,8 @@ from voicectl.local import (
     GatewayProcess,
     NatsCluster,
     WorkerProcess,
+    embedded_llm_command,
     free_port,
-    prompt_threads,
     shared_core_threads,
     wait_for_port,
 )
@@ -103,20 +103,9 @@ class LoopbackCluster:
         """Starts everything and returns once every part is ready (workers SERVING, gateways healthy)."""
         self.nats.start()
         if self._llm_base_url is None:
-            threads = str(shared_core_threads())
             self.llama = ChildProcess(
                 "llama",
-                [
-                    sys.executable,
-                    "-m",
-                    "voice_llm.embedded",
-                    "--port",
-                    str(LLAMA_PORT),
-                    "--n-threads",
-                    threads,
-                    "--n-threads-batch",
-                    str(prompt_threads()),
-                ],
+                embedded_llm_command(LLAMA_PORT),
                 sink=self.sink,
                 color=33,
             ).start()

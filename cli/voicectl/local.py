@@ -60,6 +60,23 @@ def prompt_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def embedded_llm_command(port: int) -> list[str]:
+    """The command that runs the embedded llama.cpp server (``python -m voice_llm.embedded``) on ``port``
+    on a machine that runs the whole stack: generation on :func:`shared_core_threads`, prompt evaluation
+    on :func:`prompt_threads`."""
+    return [
+        sys.executable,
+        "-m",
+        "voice_llm.embedded",
+        "--port",
+        str(port),
+        "--n-threads",
+        str(shared_core_threads()),
+        "--n-threads-batch",
+        str(prompt_threads()),
+    ]
+
+
 def free_port() -> int:
     """An unused TCP port on the loopback interface."""
     with socket.socket() as sock:

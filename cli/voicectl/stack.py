@@ -25,7 +25,14 @@ import time
 from pathlib import Path
 
 from voicectl.health import wait_serving
-from voicectl.local import ChildProcess, GatewayProcess, NatsServer, prompt_threads, shared_core_threads, wait_for_port
+from voicectl.local import (
+    ChildProcess,
+    GatewayProcess,
+    NatsServer,
+    embedded_llm_command,
+    shared_core_threads,
+    wait_for_port,
+)
 from voicectl.otlp_receiver import OtlpReceiver
 from voicectl.traces import TRACE_FILE_NAME
 
@@ -119,17 +126,7 @@ def run_stack(state_dir: str = ".run") -> int:
         threads = str(shared_core_threads())
         llama = ChildProcess(
             "llama",
-            [
-                sys.executable,
-                "-m",
-                "voice_llm.embedded",
-                "--port",
-                str(LLAMA_PORT),
-                "--n-threads",
-                threads,
-                "--n-threads-batch",
-                str(prompt_threads()),
-            ],
+            embedded_llm_command(LLAMA_PORT),
             color=33,
         ).start()
         children.append(llama)

@@ -12,9 +12,9 @@ and ``clear`` its own way.
   starts the utterance's transcription (speculative STT), and the short pause that may follow asks the
   end-of-turn model (:mod:`~voice_gateway.conversation.turn_model`) whether the caller has finished; the
   turn ends as soon as the model says yes, else after the maximum silence, and the transcript is ready
-  or nearly. When the caller goes on, both are cancelled and nothing of them reaches the LLM. With ``silence``, the turn ends after the
-  silence alone. Either way the utterance becomes a turn: STT → LLM → TTS over the bus, the answer
-  spoken clause and sentence by sentence.
+  or nearly. When the caller goes on, both are cancelled and nothing of them reaches the LLM. With
+  ``silence``, the turn ends after the silence alone. Either way the utterance becomes a turn: STT → LLM
+  → TTS over the bus, the answer spoken clause and sentence by sentence.
 - Playout: :class:`~voice_gateway.conversation.playout.Playout` paces the answer in real time.
 - Barge-in: caller speech of at least ``min_speech_ms`` while the agent speaks cancels the running
   turn through the runner (its LLM and TTS requests on the bus), stops the audio (``clear``), and
