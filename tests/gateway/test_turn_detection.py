@@ -4,7 +4,7 @@ keeps the turn whole, and nothing speculative reaches the LLM, the history or th
 
 The caller is Piper speech played in real time by the simulated carriers. Assertions are on the
 decision path the gateway took (the call log's ``endpointing``, the speculation metrics), never on a
-clock.
+clock; the caller hangs up once the answer has played, however long the answer took.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from tests.gateway.test_calls import bus_is_idle, call_log, session_id_of
 from tests.gateway.test_drain import metric, metrics
 from tests.support.gateway import API_KEY, api_client
 from tests.support.speech import speak, word_error_rate
-from voicectl.callers import call
+from voicectl.callers import HangUpWhenAnswered, call
 
 SENTENCE = "I would like to book a table for two people tonight."
 # Where "table" ends in Piper's reading of SENTENCE: the quietest 20 ms in this span (seconds).
 CUT_SPAN_S = (1.18, 1.34)
 MID_PAUSE_S = 0.5
+# The longest the caller waits for the answer; it hangs up once the answer has played.
+LISTEN_S = 30.0
 
 
 def paused_sentence() -> tuple[np.ndarray, int]:
@@ -63,7 +65,16 @@ async def test_a_pause_in_the_middle_of_a_sentence_is_one_turn(gateway_url, nats
     agent_id = await put_listener(gateway_url)
     samples, rate = paused_sentence()
     discarded = await speculations(gateway_url, "discarded")
-    result = await call(dialect, gateway_url, samples, rate, agent_id=agent_id, listen_s=6.0, api_key=API_KEY)
+    result = await call(
+        dialect,
+        gateway_url,
+        samples,
+        rate,
+        agent_id=agent_id,
+        listen_s=LISTEN_S,
+        api_key=API_KEY,
+        script=HangUpWhenAnswered(),
+    )
     log = await call_log(gateway_url, session_id_of(result, dialect))
     turns = [t for t in log["turns"] if t["kind"] == "audio"]
     assert len(turns) == 1, [(t["user"], t["endpointing"]) for t in turns]
@@ -78,11 +89,24 @@ async def test_a_finished_sentence_ends_the_turn_before_the_maximum_silence(gate
     agent_id = await put_listener(gateway_url)
     samples, rate = speak(SENTENCE)
     used = await speculations(gateway_url, "used")
-    result = await call(dialect, gateway_url, samples, rate, agent_id=agent_id, listen_s=6.0, api_key=API_KEY)
+    result = await call(
+        dialect,
+        gateway_url,
+        samples,
+        rate,
+        agent_id=agent_id,
+        listen_s=LISTEN_S,
+        api_key=API_KEY,
+        script=HangUpWhenAnswered(),
+    )
     log = await call_log(gateway_url, session_id_of(result, dialect))
     turns = [t for t in log["turns"] if t["kind"] == "audio"]
     assert [t["endpointing"] for t in turns] == ["semantic"], turns
     assert word_error_rate(SENTENCE, turns[0]["user"]) <= 0.2, turns[0]["user"]
+    hung_up = result.timeline.first("hang up")
+    assert hung_up is not None and hung_up < result.timeline.first("caller speech end") + LISTEN_S / 2, (
+        "the caller hung up once the answer had played"
+    )
     assert await speculations(gateway_url, "used") > used, "the transcript started at the pause was used"
     assert await bus_is_idle(nats_url)
 
@@ -94,7 +118,9 @@ async def test_silence_turn_detection_waits_for_the_silence(gateway_url):
         agent["turn_detection"] = {"type": "silence", "silence_duration_ms": 700}
         assert (await http.put(f"/api/agents/{agent_id}", json=agent)).status_code == 200
     samples, rate = speak(SENTENCE)
-    result = await call("twilio", gateway_url, samples, rate, agent_id=agent_id, listen_s=5.0)
+    result = await call(
+        "twilio", gateway_url, samples, rate, agent_id=agent_id, listen_s=LISTEN_S, script=HangUpWhenAnswered()
+    )
     log = await call_log(gateway_url, session_id_of(result, "twilio"))
     turns = [t for t in log["turns"] if t["kind"] == "audio"]
     assert [t["endpointing"] for t in turns] == ["silence"], turns

@@ -18,7 +18,8 @@ the last caller speech ends plus ``listen_s`` (or ``hang_up_after_s``), or until
 
 What the caller says is either scripted up front (``caller_audio`` and ``extra_speech`` at fixed times) or
 decided during the call by a ``CallScript`` (``script.py``), which sees every timeline event as it happens
-and can ``say`` more (turn-taking and barging in: what ``voicectl load`` does).
+and can ``say`` more (turn-taking and barging in: what ``voicectl load`` does), or hang up sooner
+(``HangUpWhenAnswered``: once the agent's answer has played).
 
 ``BrowserClient`` (``browser.py``) is the client of the browser protocol at ``/ws`` (seed 001) that
 ``voicectl load``, the benchmarks and the tests share.
@@ -31,7 +32,7 @@ from voicectl.callers.browser import BrowserClient
 from voicectl.callers.dial import DIALECTS, call, dialect_rate
 from voicectl.callers.exotel import EXOTEL_RATES
 from voicectl.callers.result import CallError, CallResult, CallTimeline
-from voicectl.callers.script import CallScript, LiveCall
+from voicectl.callers.script import CallScript, HangUpWhenAnswered, LiveCall
 from voicectl.callers.urls import browser_url, dialect_url, trigger
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "CallResult",
     "CallScript",
     "CallTimeline",
+    "HangUpWhenAnswered",
     "LiveCall",
     "browser_url",
     "call",

@@ -77,7 +77,8 @@ async def call(
         parameters: More call fields (the agent's template variables, e.g. ``{"driver_name": "John"}``):
             Twilio ``customParameters``, Exotel custom parameters (query string and ``custom_parameters``),
             extra fields of the PCM trigger body.
-        script: Decides during the call what else the caller says (see ``CallScript``).
+        script: Decides during the call what else the caller says, or that it hangs up sooner (see
+            ``CallScript``, ``HangUpWhenAnswered``).
         record: Keep what the caller heard and every message received; False for long calls under load
             (``agent_audio``, ``heard_track`` and ``raw_received`` are then empty).
         api_key: Sent as ``Authorization: Bearer`` on the PCM trigger request.

@@ -14,7 +14,7 @@ import numpy as np
 
 from voicectl.callers.result import CallTimeline
 
-__all__ = ["CallScript", "LiveCall", "ScriptedTimeline"]
+__all__ = ["CallScript", "HangUpWhenAnswered", "LiveCall", "ScriptedTimeline"]
 
 
 class LiveCall(Protocol):
@@ -28,7 +28,7 @@ class LiveCall(Protocol):
 
     dialect: str
     rate: int
-    end_s: float
+    end_s: float  # a script may bring it forward to hang up sooner
 
     def now(self) -> float:
         """Seconds since the WebSocket opened."""
@@ -67,6 +67,43 @@ class CallScript:
 
     def on_tick(self, call: LiveCall, t: float) -> None:
         """Called about every 10 ms while the call is up."""
+
+
+class HangUpWhenAnswered(CallScript):
+    """Hangs up once the agent has answered: its audio started after the caller's speech ended, and it has
+    then been quiet for ``quiet_s``. The call's own end (``listen_s``) stays the longest wait, so a slow
+    answer is waited for and a missing one still ends the call.
+
+    Args:
+        quiet_s: How long the agent must have been silent after its answer.
+    """
+
+    def __init__(self, quiet_s: float = 1.0) -> None:
+        self.quiet_s = quiet_s
+        self._speaking = 0
+        self._caller_spoke = False
+        self._answered = False
+        self._quiet_since: float | None = None
+
+    def on_event(self, call: LiveCall, t: float, what: str, details: dict[str, Any]) -> None:
+        """Follows the caller's speech and the starts of the agent's audio."""
+        if what == "caller speech start":
+            self._speaking += 1
+            self._answered = False
+        elif what == "caller speech end":
+            self._speaking = max(0, self._speaking - 1)
+            self._caller_spoke = True
+        elif what == "agent audio start" and self._caller_spoke and not self._speaking:
+            self._answered = True
+
+    def on_tick(self, call: LiveCall, t: float) -> None:
+        """Brings the call's end forward once the answer has been followed by ``quiet_s`` of silence."""
+        if not self._answered or call.agent_playing:
+            self._quiet_since = None
+        elif self._quiet_since is None:
+            self._quiet_since = t
+        elif t - self._quiet_since >= self.quiet_s:
+            call.end_s = min(call.end_s, t)
 
 
 class ScriptedTimeline(CallTimeline):
