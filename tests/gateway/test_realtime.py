@@ -288,7 +288,7 @@ async def test_cancel_and_truncate_mid_answer_trim_the_history_to_what_was_playe
         )
         await connection.response.create()
         first = (await until(connection, "response.output_audio.delta"))[-1]
-        await connection.conversation.item.truncate(item_id=first.item_id, content_index=0, audio_end_ms=300)
+        await connection.conversation.item.truncate(item_id=first.item_id, content_index=0, audio_end_ms=200)
         await connection.response.cancel()
         events = await until(connection, "response.done")
         assert "conversation.item.truncated" in types(events)

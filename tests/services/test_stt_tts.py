@@ -63,7 +63,7 @@ async def test_tts_to_stt_round_trip_mulaw_8k(bus, stt_worker, tts_worker, sente
     assert word_error_rate(sentence, transcript.text) <= 0.15, transcript.text
 
 
-async def test_tts_streams_one_chunk_per_sentence_in_the_asked_format(bus, tts_worker):
+async def test_tts_streams_each_sentence_in_pieces_in_the_asked_format(bus, tts_worker):
     text = " ".join(SENTENCES)
     for encoding, rate, width in [
         (PCM16, 24000, 2),
@@ -73,13 +73,14 @@ async def test_tts_streams_one_chunk_per_sentence_in_the_asked_format(bus, tts_w
     ]:
         _, events = await synthesize(bus, text, encoding, rate)
         chunks = [e.chunk for e in events[:-1]]
-        assert [c.sentence_index for c in chunks] == [0, 1, 2]
-        assert [c.text for c in chunks] == SENTENCES
+        indexes = [c.sentence_index for c in chunks]
+        assert indexes == sorted(indexes) and sorted(set(indexes)) == [0, 1, 2]
+        assert [c.text for c in chunks] == [SENTENCES[i] for i in indexes]
         for chunk in chunks:
             assert chunk.format.sample_rate == rate and chunk.format.encoding == encoding
             assert len(chunk.audio) == pytest.approx(chunk.duration_s * rate * width, rel=0.01)
         summary = events[-1].summary
-        assert summary.chunks == 3 and 0 < summary.time_to_first_chunk_s < summary.processing_time_s
+        assert summary.chunks == len(chunks) and 0 < summary.time_to_first_chunk_s < summary.processing_time_s
 
 
 async def test_stt_accepts_containers_and_odd_rates(bus, stt_worker, piper_speech):

@@ -1,8 +1,8 @@
 """Engine-neutral text-to-speech interface and the types shared by every engine.
 
-A :class:`TextToSpeechEngine` turns text into int16 mono audio, streamed one
-sentence at a time so a caller can start playback long before the whole text
-is synthesized. Concrete engines (Piper, Coqui) implement two hooks; the base
+A :class:`TextToSpeechEngine` turns text into int16 mono audio, streamed sentence
+by sentence (and a sentence in pieces, where the engine can) so a caller can start
+playback long before the whole text is synthesized. Concrete engines (Piper, Coqui) implement two hooks; the base
 class owns validation, sentence splitting, cancellation and chunk assembly so
 every engine behaves the same way at its edges.
 """
@@ -25,6 +25,7 @@ __all__ = [
     "MIN_SPEED",
     "SentenceSynthesizer",
     "SpeechChunk",
+    "SpeechPieces",
     "SynthesisCancelled",
     "TextToSpeechEngine",
     "UnknownVoiceError",
@@ -41,8 +42,11 @@ MIN_SPEED = 0.25
 MAX_SPEED = 4.0
 """Inclusive upper bound of the ``speed`` argument."""
 
-SentenceSynthesizer = Callable[[str, float], np.ndarray]
-"""Synthesizes one sentence at a speed factor into int16 mono samples."""
+SpeechPieces = Iterator[tuple[np.ndarray, bool]]
+"""One sentence's audio in successive pieces: int16 mono samples, and whether the piece is the last."""
+
+SentenceSynthesizer = Callable[[str, float], np.ndarray | SpeechPieces]
+"""Synthesizes one sentence at a speed factor: int16 mono samples, whole or in pieces."""
 
 
 @dataclass(frozen=True)
@@ -68,19 +72,21 @@ class Voice:
 
 @dataclass(frozen=True)
 class SpeechChunk:
-    """Audio for one sentence.
+    """Audio of one sentence, or of one piece of it: a sentence's pieces follow one another.
 
     Attributes:
         samples: int16 mono samples at ``sample_rate``.
         sample_rate: Rate of ``samples`` in Hz.
         sentence_index: Position of the sentence in the text, counting from 0.
-        text: The sentence the samples speak.
+        text: The sentence the samples speak (on each of its pieces).
+        final: This is the sentence's last piece (or the whole sentence).
     """
 
     samples: np.ndarray
     sample_rate: int
     sentence_index: int
     text: str
+    final: bool = True
 
     @property
     def duration(self) -> float:
@@ -191,7 +197,7 @@ class TextToSpeechEngine(abc.ABC):
         speed: float = 1.0,
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[SpeechChunk]:
-        """Synthesize text, yielding each sentence's audio as soon as it is ready.
+        """Synthesize text, yielding each sentence's audio, or each piece of it, as soon as it is ready.
 
         Arguments are checked when this is called, not when iteration starts.
         The engine is loaded first if it is not yet.
@@ -202,11 +208,11 @@ class TextToSpeechEngine(abc.ABC):
             speaker: Speaker of a multi-speaker voice; None for its default.
             language: Language of a multilingual voice; None for its default.
             speed: Speaking rate factor in (0.25, 4.0]; 2.0 is twice as fast.
-            should_stop: Polled before each sentence; once it returns True the
-                iterator raises :class:`SynthesisCancelled`.
+            should_stop: Polled before each sentence and piece; once it returns
+                True the iterator raises :class:`SynthesisCancelled`.
 
         Returns:
-            An iterator of :class:`SpeechChunk`, one per sentence, in order.
+            An iterator of :class:`SpeechChunk`, one or more per sentence, in order.
 
         Raises:
             ValueError: The text is empty or the speed out of range.
@@ -233,19 +239,33 @@ class TextToSpeechEngine(abc.ABC):
         should_stop: Callable[[], bool] | None,
     ) -> Iterator[SpeechChunk]:
         for index, sentence in enumerate(sentences):
-            if should_stop is not None and should_stop():
-                _LOGGER.debug("%s synthesis cancelled before sentence %d", self.name, index)
-                raise SynthesisCancelled(f"synthesis cancelled before sentence {index}")
+            _check_stop(should_stop, f"before sentence {index}")
             started = time.perf_counter()
-            samples = synthesize_sentence(sentence, speed)
-            if samples.size == 0:
+            result = synthesize_sentence(sentence, speed)
+            pieces = [(result, True)] if isinstance(result, np.ndarray) else result
+            size = 0
+            for samples, final in pieces:
+                if size:
+                    _check_stop(should_stop, f"inside sentence {index}")
+                if samples.size == 0 and not (final and size):
+                    continue
+                size += samples.size
+                yield SpeechChunk(
+                    samples=samples, sample_rate=sample_rate, sentence_index=index, text=sentence, final=final
+                )
+            if size == 0:
                 _LOGGER.debug("%s produced no audio for sentence %d (%d characters)", self.name, index, len(sentence))
                 continue
             _LOGGER.debug(
                 "%s sentence %d: %.3fs of audio in %.3fs",
                 self.name,
                 index,
-                samples.size / sample_rate,
+                size / sample_rate,
                 time.perf_counter() - started,
             )
-            yield SpeechChunk(samples=samples, sample_rate=sample_rate, sentence_index=index, text=sentence)
+
+
+def _check_stop(should_stop: Callable[[], bool] | None, where: str) -> None:
+    if should_stop is not None and should_stop():
+        _LOGGER.debug("synthesis cancelled %s", where)
+        raise SynthesisCancelled(f"synthesis cancelled {where}")

@@ -1,5 +1,9 @@
 """The Synthesize operation in protobuf terms, shared by the NATS worker and the gRPC server.
 
+Each piece of a sentence the engine yields is sent as it comes (one ``AudioChunk`` each, the sentence's
+index and text on every piece); a sentence's pieces go through one streaming resampler, so they join
+without a click.
+
 The text to speak goes into the span (``voice.tts.text``) and a log line only with
 ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``; by default the span has its length.
 """
@@ -10,11 +14,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
 from opentelemetry import trace
 from prometheus_client import Histogram
 
 from voice.v1 import audio_pb2, tts_pb2
-from voice_audio import Encoding, encode_pcm16
+from voice_audio import Encoding, StreamResampler, encode_pcm16
 from voice_bus.worker import RequestContext, stopped_error
 from voice_runtime.formats import encoding_of, proto_format
 from voice_runtime.threads import iterate_in_thread
@@ -93,12 +98,20 @@ class SynthesizeHandler:
             audio_s = 0.0
             first_chunk_s = 0.0
             out_format = None
+            resampler: StreamResampler | None = None
             try:
                 async for chunk in iterate_in_thread(lambda: chunks):
                     rate = fmt.sample_rate or chunk.sample_rate
                     out_format = out_format or proto_format(encoding, rate)
-                    audio = encode_pcm16(chunk.samples, from_rate=chunk.sample_rate, encoding=encoding, to_rate=rate)
-                    duration = chunk.samples.size / chunk.sample_rate
+                    resampler = resampler or StreamResampler(chunk.sample_rate, rate)
+                    samples = resampler.process(chunk.samples)
+                    if chunk.final:
+                        samples = np.concatenate([samples, resampler.flush()])
+                        resampler = None
+                    if not samples.size:
+                        continue
+                    audio = encode_pcm16(samples, from_rate=rate, encoding=encoding, to_rate=rate)
+                    duration = samples.size / rate
                     if count == 0:
                         first_chunk_s = time.perf_counter() - started
                         TTS_FIRST_CHUNK.observe(first_chunk_s)

@@ -357,8 +357,9 @@ class CallSession:
             self._playout.begin_answer()
         elif isinstance(event, StageStarted) and event.kind == "llm_start" and self._answering == "audio":
             self._playout.answer_to(self._last_voiced_wall)
-        elif isinstance(event, SpeechAudio) and event.audio:
-            self._playout.enqueue(event.text, event.audio, f"t{self._turn_index}-s{event.sentence_index}")
+        elif isinstance(event, SpeechAudio):
+            label = f"t{self._turn_index}-s{event.sentence_index}"
+            self._playout.enqueue(event.text, event.audio, label, final=event.final)
         elif isinstance(event, CallActionRequested) and event.action is not None:
             self._finishing = asyncio.create_task(self._finish_call(event.action))
         elif isinstance(event, TurnFailed) and event.code != "NO_SPEECH":

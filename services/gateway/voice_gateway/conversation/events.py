@@ -103,13 +103,32 @@ class CallActionRequested(Event):
 
 @dataclass(frozen=True)
 class SpeechAudio(Event):
-    """One sentence of the agent's speech, in the encoding and rate the dialect asked for."""
+    """A piece of one sentence of the agent's speech, in the encoding and rate the dialect asked for: a
+    sentence's pieces come in order as they are synthesized, each with the sentence's text and index, and
+    the one with ``final`` set (its audio may be empty) ends the sentence."""
 
     audio: bytes = b""
     sample_rate: int = 0
     text: str = ""
     sentence_index: int = 0
+    final: bool = True
     kind: str = "speech_audio"
+
+
+class SentenceAudio:
+    """Joins each sentence's :class:`SpeechAudio` pieces, for dialects whose clients take whole sentences."""
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+
+    def add(self, event: SpeechAudio) -> bytes | None:
+        """Keeps a piece; returns the sentence's whole audio at its final piece (``None`` before it)."""
+        self._pieces.append(event.audio)
+        if not event.final:
+            return None
+        audio = b"".join(self._pieces)
+        self._pieces.clear()
+        return audio
 
 
 @dataclass(frozen=True)

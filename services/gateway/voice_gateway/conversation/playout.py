@@ -3,6 +3,9 @@ the caller has heard, and the voice-to-voice figure.
 
 Pacing: audio is sent at most the media's ``lead_s`` ahead of real time (a small lead keeps the
 carrier's buffer from running dry), so ``clear`` flushes little and the played position is known.
+A sentence may come in pieces: each is sent as it comes, except bytes the dialect would pad (short of its
+``pad_to`` multiple or ``min_chunk_bytes``), which wait for the next piece so no padding falls inside a
+sentence; the sentence's mark follows its last piece.
 What the caller heard is the sentences whose mark came back, plus the played fraction of the current one.
 """
 
@@ -72,16 +75,49 @@ class CallStats:
     bad_frames: int = 0
 
 
+SPEECH_MS_PER_WORD = 400.0
+"""What a sentence whose last piece has not come is taken to last, at least, per word (150 words a minute)."""
+
+
+def words_heard(text: str, heard_ms: float, audio_ms: float, *, complete: bool) -> str:
+    """The words of a sentence that ``heard_ms`` of its audio speak, by their share of its audio.
+
+    Args:
+        text: The sentence.
+        heard_ms: How much of its audio was played.
+        audio_ms: How much of its audio there is (so far, when it is not ``complete``).
+        complete: Its last piece came; otherwise it is never heard whole, and is taken to last at least
+            ``SPEECH_MS_PER_WORD`` a word.
+
+    Returns:
+        The first words of ``text`` heard.
+    """
+    words = text.split()
+    total = audio_ms if complete else max(audio_ms, len(words) * SPEECH_MS_PER_WORD)
+    count = int(len(words) * min(1.0, max(0.0, heard_ms) / max(total, 1e-3)))
+    return " ".join(words[: count if complete else min(count, len(words) - 1)])
+
+
 @dataclass
 class _Spoken:
     """One sentence queued or played."""
 
     text: str
-    audio: bytes
+    label: str
     mark: str
-    duration_s: float
+    duration_s: float = 0.0
     started_at: float | None = None
+    complete: bool = False
     played: bool = False
+
+
+@dataclass
+class _Piece:
+    """Audio of one sentence waiting to be sent; ``final``: the sentence's last."""
+
+    spoken: _Spoken
+    audio: bytes
+    final: bool
 
 
 class Playout:
@@ -99,8 +135,9 @@ class Playout:
         self._media = media
         self._voice_to_voice = VOICE_TO_VOICE.labels(dialect)
         self._stats = stats
-        self._queue: asyncio.Queue[_Spoken | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Piece | None] = asyncio.Queue()
         self._spoken: list[_Spoken] = []
+        self._open: _Spoken | None = None
         self._playing: _Spoken | None = None
         self._mark_seq = 0
         self._answer_to: float | None = None
@@ -121,17 +158,36 @@ class Playout:
         so :meth:`heard_text` and :meth:`remaining_s` speak of this answer only."""
         self._spoken = [spoken for spoken in self._spoken if not spoken.played]
 
-    def enqueue(self, text: str, audio: bytes, label: str) -> None:
-        """Queues one sentence of speech; ``label`` names its mark (with a sequence number added)."""
-        self._mark_seq += 1
-        spoken = _Spoken(
-            text=text,
-            audio=audio,
-            mark=f"{label}-{self._mark_seq}",
-            duration_s=len(audio) / self._media.bytes_per_second,
-        )
-        self._spoken.append(spoken)
-        self._queue.put_nowait(spoken)
+    def enqueue(self, text: str, audio: bytes, label: str, *, final: bool = True) -> None:
+        """Queues a piece of one sentence of speech (the whole of it by default).
+
+        Args:
+            text: The sentence.
+            audio: This piece's audio, in the call's media format (may be empty).
+            label: Names the sentence and its mark (a sequence number is added); pieces of one sentence share it.
+            final: This is the sentence's last piece: its mark follows it.
+        """
+        spoken = self._open
+        if spoken is not None and spoken.label != label:
+            # Its last piece never came (its turn was cut off): the sentence ends with what was queued.
+            self._close_open()
+            spoken = None
+        if spoken is None:
+            if not audio and final:
+                return
+            self._mark_seq += 1
+            spoken = _Spoken(text=text, label=label, mark=f"{label}-{self._mark_seq}")
+            self._spoken.append(spoken)
+        spoken.duration_s += len(audio) / self._media.bytes_per_second
+        spoken.complete = final
+        self._open = None if final else spoken
+        self._queue.put_nowait(_Piece(spoken, audio, final))
+
+    def _close_open(self) -> None:
+        if self._open is not None:
+            self._open.complete = True
+            self._queue.put_nowait(_Piece(self._open, b"", True))
+            self._open = None
 
     def on_mark(self, name: str) -> None:
         """The far end played everything up to mark ``name``."""
@@ -142,16 +198,15 @@ class Playout:
 
     def heard_text(self) -> str:
         """What the caller heard of the agent's current answer (since :meth:`begin_answer`): played sentences
-        and the played part of the one being played."""
+        and the played part of the one being played (see :func:`words_heard`)."""
         now = time.monotonic()
         parts: list[str] = []
         for spoken in self._spoken:
             if spoken.played:
                 parts.append(spoken.text)
             elif spoken.started_at is not None and spoken.started_at < now:
-                fraction = min(1.0, (now - spoken.started_at) / max(spoken.duration_s, 1e-3))
-                words = spoken.text.split()
-                parts.append(" ".join(words[: int(len(words) * fraction)]))
+                played_ms = (now - spoken.started_at) * 1000
+                parts.append(words_heard(spoken.text, played_ms, spoken.duration_s * 1000, complete=spoken.complete))
                 break
             else:
                 break
@@ -167,6 +222,7 @@ class Playout:
             self._queue.get_nowait()
         await cancel_and_wait(self._player)
         self._playing = None
+        self._open = None
         await self._transport.clear()
         self._spoken.clear()
         self._player = asyncio.create_task(self._play())
@@ -175,18 +231,24 @@ class Playout:
         await cancel_and_wait(self._player)
 
     async def _play(self) -> None:
-        """Sends queued sentences in chunks, never more than the media's ``lead_s`` ahead of real time."""
+        """Sends queued pieces in chunks, never more than the media's ``lead_s`` ahead of real time."""
         clock_start: float | None = None
         sent_s = 0.0
         media = self._media
-        while (spoken := await self._queue.get()) is not None:
+        held = b""
+        while (piece := await self._queue.get()) is not None:
+            spoken = piece.spoken
             now = time.monotonic()
             if clock_start is None or now > clock_start + sent_s:
                 clock_start, sent_s = now, 0.0
             self._playing = spoken
-            spoken.started_at = clock_start + sent_s
-            for offset in range(0, len(spoken.audio), media.chunk_bytes):
-                piece = self._pad(spoken.audio[offset : offset + media.chunk_bytes])
+            if spoken.started_at is None:
+                spoken.started_at = clock_start + sent_s
+            audio = held + piece.audio
+            cut = len(audio) if piece.final else self._unpadded(len(audio))
+            audio, held = audio[:cut], audio[cut:]
+            for offset in range(0, len(audio), media.chunk_bytes):
+                chunk = self._pad(audio[offset : offset + media.chunk_bytes])
                 ahead = clock_start + sent_s - time.monotonic() - media.lead_s
                 if ahead > 0:
                     await asyncio.sleep(ahead)
@@ -195,14 +257,22 @@ class Playout:
                     self._answer_to = None
                     self._stats.voice_to_voice_s.append(latency)
                     self._voice_to_voice.observe(latency)
-                await self._transport.send_audio(piece)
-                sent_s += len(piece) / media.bytes_per_second
-            spoken.audio = b""  # sent: only its text and timing are needed now
+                await self._transport.send_audio(chunk)
+                sent_s += len(chunk) / media.bytes_per_second
+            if not piece.final:
+                continue
             if not await self._transport.send_mark(spoken.mark):
                 end = spoken.started_at + spoken.duration_s
                 loop = asyncio.get_running_loop()
                 loop.call_at(loop.time() + max(0.0, end - time.monotonic()), self.on_mark, spoken.mark)
             self._playing = None
+
+    def _unpadded(self, size: int) -> int:
+        """How many of ``size`` bytes go out in chunks that need no padding (the rest waits for more)."""
+        media = self._media
+        size -= size % media.pad_to if media.pad_to else 0
+        tail = size % media.chunk_bytes
+        return size - tail if tail < media.min_chunk_bytes else size
 
     def _pad(self, piece: bytes) -> bytes:
         media = self._media

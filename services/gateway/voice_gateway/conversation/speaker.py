@@ -1,5 +1,6 @@
 """Sentence-to-speech: each sentence of an answer goes to the TTS workers at once (the requests run in
-parallel) and its audio is emitted strictly in sentence order, as :class:`SpeechAudio` events.
+parallel) and its audio is emitted strictly in sentence order, as :class:`SpeechAudio` events: each piece
+as it arrives (a worker sends a long sentence in pieces), the last one marked ``final``.
 
 Fixed texts (an agent's greeting, its fallback message) are synthesized once per voice and output
 format and then served from :class:`SpeechCache`, so a call's first words cost no TTS round trip.
@@ -80,7 +81,7 @@ class Speaker:
         self._started = started
         self._pending: list[asyncio.Task] = []
         self._player: asyncio.Task | None = None
-        self._queue: asyncio.Queue[tuple[int, str, asyncio.Task] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[int, str, asyncio.Task, asyncio.Queue] | None] = asyncio.Queue()
         self._audio: list[bytes] = []
         self._rate = 0
         self.timings: dict[str, float] = {}
@@ -93,13 +94,17 @@ class Speaker:
             fixed: The text is the agent's own (greeting, fallback): its audio is cached and reused.
         """
         index = len(self._pending)
-        task = asyncio.create_task(self._synthesize(sentence, index, fixed))
+        pieces: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
+        task = asyncio.create_task(self._synthesize(sentence, index, fixed, pieces))
         self._pending.append(task)
-        self._queue.put_nowait((index, sentence, task))
+        self._queue.put_nowait((index, sentence, task, pieces))
         if self._player is None:
             self._player = asyncio.create_task(self._play())
 
-    async def _synthesize(self, sentence: str, index: int, fixed: bool) -> tuple[bytes, int]:
+    async def _synthesize(
+        self, sentence: str, index: int, fixed: bool, pieces: asyncio.Queue[tuple[bytes, int] | None]
+    ) -> None:
+        """Puts the sentence's audio on ``pieces`` as it arrives, then ``None``."""
         agent = self._agent
         output = self._output
         key = (agent.voice, agent.tts.speaker, agent.tts.language, agent.tts.speed, output.encoding, output.sample_rate)
@@ -107,7 +112,9 @@ class Speaker:
         if fixed and self._cache is not None and (cached := self._cache.get(key)) is not None:
             if index == 0:
                 self.timings["tts_first_chunk_s"] = 0.0
-            return cached
+            pieces.put_nowait(cached)
+            pieces.put_nowait(None)
+            return
         request = tts_pb2.SynthesizeRequest(
             text=sentence,
             voice=agent.voice,
@@ -117,31 +124,54 @@ class Speaker:
             session_id=self._session_id,
             output_format=audio_pb2.AudioFormat(encoding=self._output.encoding, sample_rate=self._output.sample_rate),
         )
-        pieces: list[bytes] = []
+        received: list[bytes] = []
         rate = self._output.sample_rate
         requested = time.perf_counter()
         async for event in self._bus.stream("tts", request, timeout=self._timeout_s, session_id=self._session_id):
-            if event.HasField("chunk"):
-                if index == 0 and not pieces:
+            if event.HasField("chunk") and event.chunk.audio:
+                if index == 0 and not received:
                     self.timings["tts_first_chunk_s"] = time.perf_counter() - requested
-                pieces.append(event.chunk.audio)
+                received.append(event.chunk.audio)
                 rate = event.chunk.format.sample_rate
-        audio = b"".join(pieces)
+                pieces.put_nowait((event.chunk.audio, rate))
         if fixed and self._cache is not None:
-            self._cache.put(key, audio, rate)
-        return audio, rate
+            self._cache.put(key, b"".join(received), rate)
+        pieces.put_nowait(None)
 
     async def _play(self) -> None:
         while (item := await self._queue.get()) is not None:
-            index, sentence, task = item
-            audio, rate = await task
-            if not audio:
-                continue
-            if not self._audio:
-                self.timings["first_audio_s"] = time.perf_counter() - self._started
-            self._audio.append(audio)
-            self._rate = rate
-            await self._emit(SpeechAudio(audio=audio, sample_rate=rate, text=sentence, sentence_index=index))
+            index, sentence, task, pieces = item
+            rate = 0
+            while (piece := await self._next_piece(task, pieces)) is not None:
+                audio, rate = piece
+                if not self._audio:
+                    self.timings["first_audio_s"] = time.perf_counter() - self._started
+                self._audio.append(audio)
+                self._rate = rate
+                await self._emit(
+                    SpeechAudio(audio=audio, sample_rate=rate, text=sentence, sentence_index=index, final=False)
+                )
+            if rate:
+                await self._emit(SpeechAudio(sample_rate=rate, text=sentence, sentence_index=index, final=True))
+
+    @staticmethod
+    async def _next_piece(
+        task: asyncio.Task, pieces: asyncio.Queue[tuple[bytes, int] | None]
+    ) -> tuple[bytes, int] | None:
+        """The sentence's next piece; ``None`` at its end; raises what its synthesis raised."""
+        if pieces.empty() and not task.done():
+            getter = asyncio.ensure_future(pieces.get())
+            try:
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled():
+                return getter.result()
+        if not pieces.empty():
+            return pieces.get_nowait()
+        await task
+        return None
 
     async def finish(self) -> None:
         """Waits until every sentence said so far has been emitted, then reports the whole speech."""

@@ -50,6 +50,7 @@ from voice_gateway.conversation.events import (
     LlmCompleted,
     LlmDelta,
     OutputFormat,
+    SentenceAudio,
     SpeechAudio,
     SpeechCompleted,
     StageStarted,
@@ -278,6 +279,7 @@ class _TurnEvents:
         self._spoken = False
         self._said = False
         self._playback = _Playback()
+        self._sentence = SentenceAudio()
 
     async def __call__(self, event: Event) -> None:
         send = self._connection.send
@@ -298,15 +300,15 @@ class _TurnEvents:
             await send("llm_complete", {"text": event.text})
             if not self._spoken:
                 await send("text_response", {"text": event.text})
-        elif isinstance(event, SpeechAudio):
+        elif isinstance(event, SpeechAudio) and (sentence := self._sentence.add(event)):
             await self._playback.wait()
-            audio = wav_base64(event.audio, event.sample_rate)
+            audio = wav_base64(sentence, event.sample_rate)
             self._said = True
             await send("tts_start")
             await send("tts_complete", {"audio": audio})
             await send("audio_response", {"audio": audio, "text": event.text})
             if event.sample_rate > 0:
-                self._playback.sent(len(event.audio) / (2 * event.sample_rate))
+                self._playback.sent(len(sentence) / (2 * event.sample_rate))
         elif isinstance(event, ToolCalled):
             await send(
                 "llm_tool_call", {"toolCallId": event.tool_call_id, "name": event.name, "arguments": event.arguments}

@@ -45,6 +45,7 @@ from voice_gateway.conversation.events import (
     Event,
     LlmDelta,
     OutputFormat,
+    SentenceAudio,
     SpeechAudio,
     ToolCalled,
     ToolFinished,
@@ -268,6 +269,7 @@ class _AnswerEvents:
         self._sentences = SentenceSplitter(min_chars=MIN_CHUNK_CHARS)
         self._index = 0
         self._with_audio = with_audio
+        self._sentence = SentenceAudio()
 
     async def _chunk(self, sentence: str, audio: str | None = None) -> None:
         fields = {"chunk": sentence, "index": self._index, **self._ids}
@@ -284,8 +286,8 @@ class _AnswerEvents:
             if not self._with_audio:
                 for sentence in self._sentences.feed(event.chunk):
                     await self._chunk(sentence)
-        elif isinstance(event, SpeechAudio):
-            wav = wav_bytes(np.frombuffer(event.audio, dtype="<i2"), event.sample_rate)
+        elif isinstance(event, SpeechAudio) and (sentence := self._sentence.add(event)):
+            wav = wav_bytes(np.frombuffer(sentence, dtype="<i2"), event.sample_rate)
             await self._chunk(event.text, base64.b64encode(wav).decode())
         elif isinstance(event, ToolCalled):
             try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from voice_gateway.conversation.playout import words_heard
 from voice_gateway.conversation.session import Session
 from voice_gateway.dialects.realtime_events import Wire, function_call_item, function_output_item, new_id
 from voice_gateway.dialects.realtime_session import ConfigError
@@ -41,17 +42,17 @@ def _text(content: Any, param: str) -> tuple[str, str]:
     return text, first
 
 
-def heard_text(spoken: list[tuple[str, float]], end_ms: float) -> str:
+def heard_text(spoken: list[tuple[str, float, bool]], end_ms: float) -> str:
     """What the first ``end_ms`` of an answer's audio says: the sentences played whole, and the played part
-    of the one cut (by its share of the sentence's audio), as a barge-in on a call keeps."""
+    of the one cut, as a barge-in on a call keeps (``spoken``: each sentence's text, milliseconds of audio
+    and whether all of it came)."""
     parts, elapsed = [], 0.0
-    for text, ms in spoken:
-        if elapsed + ms <= end_ms:
+    for text, ms, complete in spoken:
+        if complete and elapsed + ms <= end_ms:
             parts.append(text)
             elapsed += ms
             continue
-        words = text.split()
-        parts.append(" ".join(words[: int(len(words) * max(0.0, end_ms - elapsed) / max(ms, 1e-3))]))
+        parts.append(words_heard(text, end_ms - elapsed, ms, complete=complete))
         break
     return " ".join(part for part in parts if part).strip()
 
@@ -62,7 +63,7 @@ class Items:
     def __init__(self) -> None:
         self._items: dict[str, dict] = {}
         self._entries: dict[str, dict] = {}
-        self._spoken: dict[str, list[tuple[str, float]]] = {}
+        self._spoken: dict[str, list[tuple[str, float, bool]]] = {}
         self._truncations: dict[str, int] = {}
         self.pending: list[tuple[str, str]] = []
         self._turn_start = 0
@@ -103,7 +104,7 @@ class Items:
         self._turn_start = len(history)
         self._outputs = []
 
-    def turn_ended(self, session: Session, user_item_id: str | None, spoken: list[tuple[str, float]]) -> None:
+    def turn_ended(self, session: Session, user_item_id: str | None, spoken: list[tuple[str, float, bool]]) -> None:
         """Links the items the turn produced to its history entries, and applies a truncation that came
         while the answer was still being produced."""
         history = session.conversation.history
@@ -211,7 +212,7 @@ class Items:
             if item.get("role") != "assistant" or item_id not in self._spoken:
                 raise ConfigError("only an assistant's audio message can be truncated", "item_id")
             spoken = self._spoken[item_id]
-        audio_ms = sum(ms for _, ms in spoken)
+        audio_ms = sum(ms for _, ms, _ in spoken)
         if end_ms > audio_ms + 1:
             raise ConfigError(
                 f"audio_end_ms ({end_ms}) is longer than the item's audio ({int(audio_ms)} ms)", "audio_end_ms"

@@ -75,7 +75,9 @@ class ResponseStream:
         self._text = ""
         self._input_text = ""
         self._error: dict | None = None
-        self.spoken: list[tuple[str, float]] = []
+        # Per sentence: its text, the milliseconds of its audio sent, and whether all of it was.
+        self.spoken: list[tuple[str, float, bool]] = []
+        self._in_sentence = False
 
     @property
     def modalities(self) -> list[str]:
@@ -118,12 +120,20 @@ class ResponseStream:
             self._text += event.chunk
             name = "response.output_audio_transcript.delta" if self.audio else "response.output_text.delta"
             await self._send(self._wire.event(name, **self._where(), delta=event.chunk))
-        elif isinstance(event, SpeechAudio) and self.audio and event.audio:
-            await self._open_message()
-            self.spoken.append((event.text, len(event.audio) * 1000 / max(1, event.sample_rate * self._width(event))))
-            for offset in range(0, len(event.audio), DELTA_BYTES):
-                delta = base64.b64encode(event.audio[offset : offset + DELTA_BYTES]).decode()
-                await self._send(self._wire.event("response.output_audio.delta", **self._where(), delta=delta))
+        elif isinstance(event, SpeechAudio) and self.audio:
+            if event.audio:
+                await self._open_message()
+                ms = len(event.audio) * 1000 / max(1, event.sample_rate * self._width(event))
+                if self._in_sentence and self.spoken:
+                    self.spoken[-1] = (self.spoken[-1][0], self.spoken[-1][1] + ms, event.final)
+                else:
+                    self.spoken.append((event.text, ms, event.final))
+                for offset in range(0, len(event.audio), DELTA_BYTES):
+                    delta = base64.b64encode(event.audio[offset : offset + DELTA_BYTES]).decode()
+                    await self._send(self._wire.event("response.output_audio.delta", **self._where(), delta=delta))
+            if event.final and self._in_sentence and self.spoken:
+                self.spoken[-1] = (*self.spoken[-1][:2], True)
+            self._in_sentence = not event.final
         elif isinstance(event, ToolCalled) and event.client:
             await self._close_message()
             await self._function_call(event)
