@@ -118,6 +118,7 @@ async def tts(args: argparse.Namespace) -> int:
         output_format=audio_pb2.AudioFormat(encoding=encoding, sample_rate=args.rate),
     )
     pieces: list[bytes] = []
+    sentences: set[int] = set()
     rate = args.rate
     started = time.perf_counter()
     async for event in events(args, "tts", request):
@@ -125,12 +126,13 @@ async def tts(args: argparse.Namespace) -> int:
             if not pieces:
                 print(f"first audio after {(time.perf_counter() - started) * 1000:.0f} ms", file=sys.stderr)
             pieces.append(event.chunk.audio)
+            sentences.add(event.chunk.sentence_index)
             rate = event.chunk.format.sample_rate
         elif event.HasField("summary"):
             summary = event.summary
             print(
-                f"{summary.chunks} sentence(s), {summary.audio_duration_s:.2f}s of audio at {rate} Hz "
-                f"in {summary.processing_time_s:.2f}s",
+                f"{len(sentences)} sentence(s) in {summary.chunks} chunk(s), {summary.audio_duration_s:.2f}s of "
+                f"audio at {rate} Hz in {summary.processing_time_s:.2f}s",
                 file=sys.stderr,
             )
     audio = b"".join(pieces)
