@@ -60,11 +60,8 @@ async def speculations(gateway_url: str, outcome: str) -> float:
     return metric(await metrics(gateway_url), "voice_gateway_speculative_transcripts_total", outcome=outcome)
 
 
-@pytest.mark.parametrize("dialect", ["twilio", "exotel", "pcm"])
-async def test_a_pause_in_the_middle_of_a_sentence_is_one_turn(gateway_url, nats_url, dialect):
-    agent_id = await put_listener(gateway_url)
-    samples, rate = paused_sentence()
-    discarded = await speculations(gateway_url, "discarded")
+async def answered_call(gateway_url: str, dialect: str, agent_id: str, samples: np.ndarray, rate: int):
+    """Calls the agent, hangs up once it has answered; returns the call's result and its spoken turns."""
     result = await call(
         dialect,
         gateway_url,
@@ -76,7 +73,15 @@ async def test_a_pause_in_the_middle_of_a_sentence_is_one_turn(gateway_url, nats
         script=HangUpWhenAnswered(),
     )
     log = await call_log(gateway_url, session_id_of(result, dialect))
-    turns = [t for t in log["turns"] if t["kind"] == "audio"]
+    return result, [t for t in log["turns"] if t["kind"] == "audio"]
+
+
+@pytest.mark.parametrize("dialect", ["twilio", "exotel", "pcm"])
+async def test_a_pause_in_the_middle_of_a_sentence_is_one_turn(gateway_url, nats_url, dialect):
+    agent_id = await put_listener(gateway_url)
+    samples, rate = paused_sentence()
+    discarded = await speculations(gateway_url, "discarded")
+    _, turns = await answered_call(gateway_url, dialect, agent_id, samples, rate)
     assert len(turns) == 1, [(t["user"], t["endpointing"]) for t in turns]
     assert word_error_rate(SENTENCE, turns[0]["user"]) <= 0.2, turns[0]["user"]
     assert turns[0]["assistant"], turns[0]
@@ -89,18 +94,7 @@ async def test_a_finished_sentence_ends_the_turn_before_the_maximum_silence(gate
     agent_id = await put_listener(gateway_url)
     samples, rate = speak(SENTENCE)
     used = await speculations(gateway_url, "used")
-    result = await call(
-        dialect,
-        gateway_url,
-        samples,
-        rate,
-        agent_id=agent_id,
-        listen_s=LISTEN_S,
-        api_key=API_KEY,
-        script=HangUpWhenAnswered(),
-    )
-    log = await call_log(gateway_url, session_id_of(result, dialect))
-    turns = [t for t in log["turns"] if t["kind"] == "audio"]
+    result, turns = await answered_call(gateway_url, dialect, agent_id, samples, rate)
     assert [t["endpointing"] for t in turns] == ["semantic"], turns
     assert word_error_rate(SENTENCE, turns[0]["user"]) <= 0.2, turns[0]["user"]
     hung_up = result.timeline.first("hang up")
