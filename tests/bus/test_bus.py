@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
 from opentelemetry import trace
 
 from voice.v1 import events_pb2, llm_pb2, tts_pb2
 from voice_bus.catalog import HEADER_DEADLINE, HEADER_REPLY, HEADER_REQUEST_ID, SERVICES
+from voice_bus.connection import MAX_DELIVER
+from voice_bus.dead_letters import watch_dead_letters
 from voice_bus.errors import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -19,6 +23,7 @@ from voice_bus.errors import (
     UNAVAILABLE,
     BusError,
 )
+from voice_bus.worker import Worker
 from voice_telemetry.tracing import setup_tracing
 
 
@@ -204,6 +209,77 @@ async def test_garbage_payload_is_invalid_argument(nc, running_worker):
         )
         reply = events_pb2.Reply.FromString((await replies.next_msg(timeout=5)).data)
     assert reply.error.code == INVALID_ARGUMENT
+
+
+async def test_work_whose_every_delivery_is_lost_is_answered_unavailable_and_removed(bus, nc):
+    spec = SERVICES["llm"]
+    js = nc.jetstream()
+
+    async def present(msg):
+        await msg.respond(b'{"worker":"loser","slots":1,"in_flight":0}')
+
+    subscriptions = [
+        await nc.subscribe(spec.presence_subject, cb=present),
+        await watch_dead_letters(nc, spec),
+        await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream),
+    ]
+
+    async def lose_every_delivery():
+        for _ in range(MAX_DELIVER):
+            (msg,) = await subscriptions[-1].fetch(1, timeout=10)
+            await msg.nak()
+        # NATS gives up on the message when a worker asks for work once more.
+        with pytest.raises(NatsTimeoutError):
+            await subscriptions[-1].fetch(1, timeout=1)
+
+    loser = asyncio.create_task(lose_every_delivery())
+    try:
+        with pytest.raises(BusError) as err:
+            await bus.collect("llm", request("anyone there?"), timeout=20)
+        await loser
+    finally:
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
+    assert err.value.code == UNAVAILABLE
+    assert f"{MAX_DELIVER} deliveries" in err.value.message
+    assert (await js.stream_info(spec.stream)).state.messages == 0
+
+
+async def test_a_request_a_stopping_worker_cuts_off_goes_on_at_another_worker(bus, nc, running_worker):
+    async def stalls(req, ctx):
+        yield delta("first")
+        await asyncio.sleep(60)
+        yield completion("never")
+
+    stopping = Worker(nc, "llm", stalls, name="test-stopping")
+    await stopping.start()
+    answer = asyncio.create_task(bus.collect("llm", request("one two"), timeout=30))
+    async with asyncio.timeout(10):
+        while not stopping.in_flight:
+            await asyncio.sleep(0.05)
+    async with running_worker("llm", echo):
+        await asyncio.wait_for(stopping.stop(grace_s=0.5), 10)
+        events = await asyncio.wait_for(answer, 20)
+    assert events[0].delta.text == "first"
+    assert events[-1].completion.text == "one two"
+
+
+class _DeafLagWorker(Worker):
+    """A worker whose consumer check ignores cancellation, as Python 3.11's ``wait_for`` does when a NATS
+    answer arrives together with the cancellation."""
+
+    async def _record_lag(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(1.0)
+
+
+async def test_a_worker_stops_even_when_its_consumer_check_loses_the_cancellation(nc):
+    worker = _DeafLagWorker(nc, "llm", echo, name="test-deaf-lag")
+    await worker.start()
+    await asyncio.sleep(0.2)
+    stopping = asyncio.ensure_future(worker.stop(grace_s=1))
+    done, _ = await asyncio.wait({stopping}, timeout=10)
+    assert stopping in done, "the worker never stopped"
 
 
 async def test_cancel_before_start_is_answered_cancelled(bus, nc, running_worker):

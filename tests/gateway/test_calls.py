@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 
@@ -16,7 +17,7 @@ import websockets
 from tests.services.conftest import presence
 from tests.support.gateway import API_KEY, api_client
 from tests.support.speech import speak, word_error_rate
-from voice_bus.catalog import SERVICES
+from voice_bus.catalog import HEADER_DEADLINE, HEADER_REQUEST_ID, SERVICES
 from voice_bus.connection import connect
 from voice_gateway.dialects.twilio import expected_signature
 from voicectl.callers import CallResult, call
@@ -80,26 +81,42 @@ async def bus_is_idle(nats_url: str, timeout_s: float = 30.0) -> BusState:
     """
     nc = await connect(nats_url, name="bus-inspector")
     js = nc.jetstream()
-    busy: list[str] = []
     deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() < deadline:
+        while True:
+            # Quick polls while waiting; a patient one for the report of what is left.
+            window_s = 0.05 if time.monotonic() < deadline else 0.5
             busy = [
                 f"{service} worker {a.get('worker', '?')}: {a['in_flight']} in flight"
                 for service in SERVICES
-                for a in await presence(nc, service, 0.05)
+                for a in await presence(nc, service, window_s)
                 if a["in_flight"]
             ]
             for service, spec in SERVICES.items():
-                queued = (await js.stream_info(spec.stream)).state.messages
-                if queued:
-                    busy.append(f"{queued} message(s) queued for {service}")
-            if not busy:
-                break
+                state = (await js.stream_info(spec.stream)).state
+                if state.messages:
+                    busy.append(f"{state.messages} message(s) queued for {service} ({await _left(js, spec, state)})")
+            if not busy or window_s > 0.05:
+                return BusState(busy)
             await asyncio.sleep(0.1)
-        return BusState(busy)
     finally:
         await nc.close()
+
+
+async def _left(js, spec, state) -> str:
+    """What the consumer says of a stream's leftover work and whose request the oldest message is."""
+    consumer = await js.consumer_info(spec.stream, spec.durable)
+    facts = [
+        f"pending {consumer.num_pending}, unacknowledged {consumer.num_ack_pending}, "
+        f"redelivered {consumer.num_redelivered}"
+    ]
+    with contextlib.suppress(Exception):
+        oldest = await js.get_msg(spec.stream, state.first_seq)
+        headers = oldest.headers or {}
+        deadline_ms = headers.get(HEADER_DEADLINE, "")
+        past = f", deadline {time.time() - int(deadline_ms) / 1000:.1f} s ago" if deadline_ms.isdigit() else ""
+        facts.append(f"oldest: seq {state.first_seq}, request {headers.get(HEADER_REQUEST_ID, '?')}{past}")
+    return "; ".join(facts)
 
 
 @pytest.mark.parametrize("dialect", ["twilio", "exotel", "telnyx", "pcm"])

@@ -5,7 +5,8 @@ each message. It fetches only while it has a free slot, so with ``concurrency`` 
 more than N unacknowledged messages and the consumer's backlog is the true queue. While a handler
 runs, the worker marks the message in progress and sends heartbeats to the client; it acks the
 message once the final event is out. A message whose ``Voice-Deadline`` has passed is answered
-DEADLINE_EXCEEDED without running the handler; ``voice.cancel.<request_id>`` stops a request.
+DEADLINE_EXCEEDED without running the handler; ``voice.cancel.<request_id>`` stops a request. One that
+JetStream gave up delivering is answered and deleted (:mod:`voice_bus.dead_letters`).
 
 A worker outlives NATS restarts: every ``LAG_INTERVAL_S``, and at once after a reconnection, it
 looks at its consumer; when the stream or consumer is gone (a restart with an empty store) it
@@ -41,6 +42,7 @@ from voice_bus.catalog import (
     service_spec,
 )
 from voice_bus.connection import ACK_WAIT_S, add_reconnect_listener, ensure_streams, is_missing
+from voice_bus.dead_letters import watch_dead_letters
 from voice_bus.errors import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -231,6 +233,7 @@ class Worker:
         self._subscriptions: list = []
         self._pull = None
         self._rebind = False
+        self._waiting_for_slot = False
         self._check_now = asyncio.Event()
         self._remove_reconnect_listener: Callable[[], None] | None = None
         self.max_unacked_seen = 0
@@ -248,6 +251,7 @@ class Worker:
         self._remove_reconnect_listener = add_reconnect_listener(self._nc, self._check_now.set)
         self._subscriptions.append(await self._nc.subscribe(CANCEL_PREFIX + "*", cb=self._on_cancel))
         self._subscriptions.append(await self._nc.subscribe(self._spec.presence_subject, cb=self._on_presence))
+        self._subscriptions.append(await watch_dead_letters(self._nc, self._spec))
         WORK_SLOTS.labels(self._spec.name).set(self._concurrency)
         WORK_IN_FLIGHT.labels(self._spec.name, "bus")
         WORK_REQUESTS.labels(self._spec.name, "bus", "ok")
@@ -258,7 +262,11 @@ class Worker:
         logger.info("%s consuming %s with %d slot(s)", self._name, self._spec.subject, self._concurrency)
 
     async def stop(self, grace_s: float = 60.0) -> None:
-        """Drains: stops fetching, lets in-flight requests finish (up to ``grace_s``), then returns."""
+        """Drains: stops fetching, lets in-flight requests finish (up to ``grace_s``), then returns.
+
+        A request still running after ``grace_s`` is cancelled and handed back to JetStream (a NAK), so
+        another worker takes it over at once and its client goes on from the events it already has.
+        """
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -267,12 +275,15 @@ class Worker:
         WORK_SLOTS.labels(self._spec.name).set(0)
         if self._lag_task:
             self._lag_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lag_task
+            self._check_now.set()
+            await asyncio.wait({self._lag_task}, timeout=LAG_INTERVAL_S * 2)
         for sub in self._subscriptions[1:]:
             await sub.unsubscribe()
-        if self._loop_task:
-            await self._loop_task
+        while self._loop_task and not self._loop_task.done():
+            if self._waiting_for_slot:
+                # It holds no message while it waits for a slot, and every slot may be busy for long.
+                self._loop_task.cancel()
+            await asyncio.wait({self._loop_task}, timeout=0.1)
         if self._tasks:
             logger.info("%s draining %d in-flight request(s)", self._name, len(self._tasks))
             _, late = await asyncio.wait(set(self._tasks), timeout=grace_s)
@@ -288,7 +299,11 @@ class Worker:
 
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
-            await self._slots.acquire()
+            self._waiting_for_slot = True
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting_for_slot = False
             if self._stopping.is_set():
                 self._slots.release()
                 break
@@ -332,8 +347,13 @@ class Worker:
 
     async def _lag_loop(self) -> None:
         """Publishes the consumer's backlog every ``LAG_INTERVAL_S``, busy or idle, and at once after a
-        reconnection; the same look at the consumer notices when NATS lost it."""
-        while True:
+        reconnection; the same look at the consumer notices when NATS lost it.
+
+        It ends when the worker stops, not only when cancelled: Python 3.11's ``asyncio.wait_for`` (inside
+        every NATS request) returns the answer instead of raising when the cancellation and the answer
+        arrive together, so a cancellation alone can be lost.
+        """
+        while not self._stopping.is_set():
             self._check_now.clear()
             await self._record_lag()
             with contextlib.suppress(TimeoutError):
@@ -451,6 +471,7 @@ class Worker:
         self._running[context.request_id] = (task, context)
         keepalive = asyncio.create_task(self._keepalive(msg, replies))
         started = time.monotonic()
+        requeue = False
         WORK_IN_FLIGHT.labels(self._spec.name, "bus").inc()
         try:
             await replies.heartbeat()
@@ -465,6 +486,7 @@ class Worker:
             return "ok"
         except asyncio.CancelledError:
             if not context.cancelled.is_set():
+                requeue = True
                 raise
             await replies.error(CANCELLED, "cancelled")
             return "cancelled"
@@ -489,7 +511,7 @@ class Worker:
             WORK_IN_FLIGHT.labels(self._spec.name, "bus").dec()
             WORK_DURATION.labels(self._spec.name, "bus").observe(time.monotonic() - started)
             with contextlib.suppress(Exception):
-                await msg.ack()
+                await (msg.nak() if requeue else msg.ack())
 
     async def _keepalive(self, msg: Msg, replies: _ReplyStream) -> None:
         while True:
