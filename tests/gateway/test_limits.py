@@ -106,6 +106,26 @@ async def test_the_guard_checks_size_and_rate_and_times_out_the_handshake():
     await delivering
 
 
+async def test_a_connection_waiting_on_its_answer_is_never_idle():
+    guard = Limits(LimitSettings(idle_timeout_s=0.1)).admit(FakeSocket(), "chat", handshake=False)
+    # The answer begins before the receive (a turn submitted) and while it waits (a turn started meanwhile).
+    guard.answering(True)
+    receiving = asyncio.create_task(guard.receive())
+    await asyncio.sleep(0.5)
+    assert not receiving.done()
+    guard.answering(False)
+    with pytest.raises(LimitExceeded) as idle:
+        await receiving
+    assert idle.value.limit == "idle"
+    receiving = asyncio.create_task(guard.receive())
+    await asyncio.sleep(0.05)
+    guard.answering(True)
+    guard.activity()
+    await asyncio.sleep(0.5)
+    assert not receiving.done()
+    receiving.cancel()
+
+
 def test_frame_size_counts_utf8_bytes_where_it_matters_and_close_reasons_fit_a_frame():
     assert frame_size({"text": "é" * 300}, 1024) == 600
     assert frame_size({"text": "a" * 5000}, 1024) == 5000

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
@@ -296,7 +297,8 @@ class ConnectionGuard:
 
     The idle timeout counts inbound frames only, unless the dialect also reports what it sends with
     :meth:`activity` (the channels dialect does, for the messages it delivers): then a connection is
-    idle only when nothing went either way for the timeout.
+    idle only when nothing went either way for the timeout. It does not run while the client waits on
+    an answer the dialect reports with :meth:`answering` (the chat stream's turns).
     """
 
     def __init__(
@@ -316,6 +318,7 @@ class ConnectionGuard:
         self._replayed: dict | None = None
         # The timeout of the receive in progress while it waits on the idle timeout, for activity().
         self._idle_scope: asyncio.Timeout | None = None
+        self._answering = False
 
     @property
     def settings(self) -> LimitSettings:
@@ -366,18 +369,32 @@ class ConnectionGuard:
         """The dialect sent the client something it counts as activity: the idle timeout starts again, as if
         a frame had been received. Safe to call from any task of the connection's event loop."""
         scope = self._idle_scope
-        if scope is not None and not scope.expired():
+        if scope is not None and not scope.expired() and not self._answering:
             wait = self._limits.settings.idle_timeout_s
             call_left = self.call_time_left()
             if call_left is not None:
                 wait = min(wait, call_left)
             scope.reschedule(asyncio.get_running_loop().time() + wait)
 
+    def answering(self, busy: bool) -> None:
+        """Whether the client waits on an answer the server is producing (a turn in flight): meanwhile the
+        idle timeout does not run (the maximum call length still does), and it starts again when the
+        answer ends. Safe to call from any task of the connection's event loop."""
+        self._answering = busy
+        scope = self._idle_scope
+        if scope is None or scope.expired():
+            return
+        if busy:
+            call_left = self.call_time_left()
+            scope.reschedule(None if call_left is None else asyncio.get_running_loop().time() + call_left)
+        else:
+            self.activity()
+
     def _refuse(self, error: LimitExceeded) -> LimitExceeded:
         REFUSALS.labels(self.dialect, error.limit).inc()
         return error
 
-    def _timeout(self) -> tuple[float, LimitExceeded]:
+    def _timeout(self) -> tuple[float | None, LimitExceeded]:
         settings = self._limits.settings
         if self._awaiting_handshake:
             reason = f"no opening message within {settings.handshake_timeout_s:g} s of connecting"
@@ -385,11 +402,12 @@ class ConnectionGuard:
             timeout, error = remaining, LimitExceeded(HANDSHAKE, CLOSE_POLICY_VIOLATION, reason)
         else:
             reason = f"idle: no message for {settings.idle_timeout_s:g} s"
-            timeout, error = settings.idle_timeout_s, LimitExceeded(IDLE, CLOSE_POLICY_VIOLATION, reason)
+            idle_s = math.inf if self._answering else settings.idle_timeout_s
+            timeout, error = idle_s, LimitExceeded(IDLE, CLOSE_POLICY_VIOLATION, reason)
         call_left = self.call_time_left()
         if call_left is not None and call_left <= timeout:
             return call_left, self._max_call()
-        return timeout, error
+        return (None if timeout == math.inf else timeout), error
 
     def call_time_left(self) -> float | None:
         """Seconds until the maximum call length (``None``: no cap, or a channels observer)."""

@@ -216,6 +216,7 @@ class ChatConnection(Connection):
         with_audio = message.get("audio") is True
         output = OutputFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=0) if with_audio else None
         self._streaming = session
+        self.guard.answering(True)
         session.submit(
             Turn(kind="chat", text=content.strip(), output=output, emit=_AnswerEvents(self, session.id, with_audio))
         )
@@ -258,6 +259,7 @@ class ChatConnection(Connection):
 
     def stream_ended(self) -> None:
         self._streaming = None
+        self.guard.answering(False)
 
 
 class _AnswerEvents:
