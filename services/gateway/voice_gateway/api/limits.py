@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
@@ -369,26 +368,25 @@ class ConnectionGuard:
         """The dialect sent the client something it counts as activity: the idle timeout starts again, as if
         a frame had been received. Safe to call from any task of the connection's event loop."""
         scope = self._idle_scope
-        if scope is not None and not scope.expired() and not self._answering:
-            wait = self._limits.settings.idle_timeout_s
-            call_left = self.call_time_left()
-            if call_left is not None:
-                wait = min(wait, call_left)
-            scope.reschedule(asyncio.get_running_loop().time() + wait)
+        if scope is not None and not scope.expired():
+            wait = self._idle_wait()
+            scope.reschedule(None if wait is None else asyncio.get_running_loop().time() + wait)
 
     def answering(self, busy: bool) -> None:
         """Whether the client waits on an answer the server is producing (a turn in flight): meanwhile the
         idle timeout does not run (the maximum call length still does), and it starts again when the
         answer ends. Safe to call from any task of the connection's event loop."""
         self._answering = busy
-        scope = self._idle_scope
-        if scope is None or scope.expired():
-            return
-        if busy:
-            call_left = self.call_time_left()
-            scope.reschedule(None if call_left is None else asyncio.get_running_loop().time() + call_left)
-        else:
-            self.activity()
+        self.activity()
+
+    def _idle_wait(self) -> float | None:
+        """Seconds a receive may wait from now once the handshake is done: the idle timeout (none while
+        answering), within the call's maximum length."""
+        wait = None if self._answering else self._limits.settings.idle_timeout_s
+        call_left = self.call_time_left()
+        if call_left is None:
+            return wait
+        return call_left if wait is None else min(wait, call_left)
 
     def _refuse(self, error: LimitExceeded) -> LimitExceeded:
         REFUSALS.labels(self.dialect, error.limit).inc()
@@ -402,12 +400,12 @@ class ConnectionGuard:
             timeout, error = remaining, LimitExceeded(HANDSHAKE, CLOSE_POLICY_VIOLATION, reason)
         else:
             reason = f"idle: no message for {settings.idle_timeout_s:g} s"
-            idle_s = math.inf if self._answering else settings.idle_timeout_s
-            timeout, error = idle_s, LimitExceeded(IDLE, CLOSE_POLICY_VIOLATION, reason)
+            timeout = None if self._answering else settings.idle_timeout_s
+            error = LimitExceeded(IDLE, CLOSE_POLICY_VIOLATION, reason)
         call_left = self.call_time_left()
-        if call_left is not None and call_left <= timeout:
+        if call_left is not None and (timeout is None or call_left <= timeout):
             return call_left, self._max_call()
-        return (None if timeout == math.inf else timeout), error
+        return timeout, error
 
     def call_time_left(self) -> float | None:
         """Seconds until the maximum call length (``None``: no cap, or a channels observer)."""
