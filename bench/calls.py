@@ -58,30 +58,46 @@ def _summary(values: list[float]) -> dict:
 
 
 # The stages of an answered spoken turn in the call log, one after the other: endpointing's wait after the
-# caller's last voiced sample, STT (turn start → transcript), the LLM to its first sentence (first token
-# included), and the TTS worker's first chunk of that sentence. The rest of the voice-to-voice latency is the
-# platform's own (gateway, bus, network, playout, and VAD's lag behind the true end of speech).
+# arrival of the VAD's last voiced frame, STT (turn start → transcript), the LLM to its first sentence (first
+# token included), and the TTS worker's first chunk of that sentence. Before them, ``HEARD_END``: from the
+# caller's last voiced sample to the end of the last frame the gateway's VAD called voiced (the carrier's
+# framing and the VAD's reading of the word's end). The rest of the voice-to-voice latency is the platform's
+# own (gateway, bus, network, playout).
 STAGES = ("endpointing_s", "stt_s", "llm_first_sentence_s", "tts_first_chunk_s")
+HEARD_END = "speech_end_heard_s"
 
 
-def stage_timings(latencies: list[float | None], turns_log: list[dict]) -> list[tuple[float, dict[str, float]]]:
+def stage_timings(
+    latencies: list[float | None], turns_log: list[dict], speech_ends: list[float] | None = None
+) -> list[tuple[float, dict[str, float]]]:
     """Pairs the caller's measured turns with the call log's, in order, and keeps the answered ones.
 
     Args:
         latencies: Voice-to-voice latency of each caller utterance in order (None or NaN: unanswered).
         turns_log: The call log's spoken turns (``kind == "audio"``) in order.
+        speech_ends: The caller's last voiced sample of each utterance, on the call's clock
+            (``CallResult.caller_speech_ends``); with it, each pair whose log has ``speech_end_s`` also gets
+            ``HEARD_END``: how much later the VAD's last voiced frame ended.
 
     Returns:
         ``(latency, timings)`` of each pair whose latency was measured, whose turn did not fail and whose
         timings hold every one of ``STAGES``.
     """
+    ends: list[float | None] = list(speech_ends) if speech_ends is not None else [None] * len(latencies)
     paired = []
-    for latency, turn in zip(latencies, turns_log, strict=False):
-        timings = turn.get("timings") or {}
+    for latency, turn, end in zip(latencies, turns_log, ends, strict=False):
+        timings = dict(turn.get("timings") or {})
         if latency is None or np.isnan(latency) or turn.get("error") or not all(name in timings for name in STAGES):
             continue
+        if end is not None and turn.get("speech_end_s") is not None:
+            timings[HEARD_END] = turn["speech_end_s"] - end
         paired.append((latency, timings))
     return paired
+
+
+def platform_s(latency: float, timings: dict[str, float]) -> float:
+    """What of one paired turn's voice-to-voice latency is neither a stage nor ``HEARD_END``."""
+    return latency - sum(timings[name] for name in STAGES) - timings.get(HEARD_END, 0.0)
 
 
 async def voice_to_voice(base_url: str, dialect: str, utterances: list[tuple[np.ndarray, int]], turns: int) -> dict:
@@ -106,12 +122,13 @@ async def voice_to_voice(base_url: str, dialect: str, utterances: list[tuple[np.
         raise RuntimeError("no call id")
     log = await asyncio.to_thread(_call_log, base_url, result.session_id)
     turns_log = [t for t in log["turns"] if t["kind"] == "audio" and not t["error"]]
-    stages: dict[str, list[float]] = {name: [] for name in STAGES}
+    stages: dict[str, list[float]] = {name: [] for name in (HEARD_END, *STAGES)}
     other = []
-    for latency, timings in stage_timings(latencies, turns_log):
+    for latency, timings in stage_timings(latencies, turns_log, result.caller_speech_ends()):
         for name in stages:
-            stages[name].append(timings[name])
-        other.append(latency - sum(timings[name] for name in stages))
+            if name in timings:
+                stages[name].append(timings[name])
+        other.append(platform_s(latency, timings))
     valid = [v for v in latencies if not np.isnan(v)]
     return {
         "voice_to_voice_s": _summary(valid),

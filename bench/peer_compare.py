@@ -17,9 +17,10 @@ two cores; the other one idles.
 A turn is a question; it is answered when agent audio starts within ``answer_timeout_s`` of the caller's last
 voiced sample, and its voice-to-voice latency is that gap (``CallResult.turn_latencies``). Our stage breakdown
 comes from each call's log (``GET /api/calls/{id}``): its audio turns are paired with the questions in order,
-for the calls where the counts match (see ``bench.calls.stage_timings``). Pipecat's own metrics (turn
-detection, Whisper processing, LLM and TTS time to first byte) are logged by the bot and summarised beside
-them. No figure is asserted: this reports.
+for the calls where the counts match (see ``bench.calls.stage_timings``); the first, how much later than the
+caller's last voiced sample the gateway's VAD heard the speech end, pairs the call log's ``speech_end_s`` with
+the caller's clock. Pipecat's own metrics (turn detection, Whisper processing, LLM and TTS time to first byte)
+are logged by the bot and summarised beside them. No figure is asserted: this reports.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ BOT_START_TIMEOUT_S = 120.0
 MAX_CALLS_PER_SYSTEM = 16
 DEADLINE_S = 45 * 60.0
 PAUSE_BETWEEN_CALLS_S = 1.0
+# The carrier's framing and the VAD's reading of the last word: before the gateway's clock starts.
+HEARD_END_STAGE = "end of speech heard (last voiced sample → end of the VAD's last voiced frame)"
 
 
 def _figures(values: list[float]) -> dict:
@@ -253,7 +256,9 @@ async def compare(
                 record["problems"] += [p for p in result.problems if p not in record["problems"]]
                 record["closed_by_server"] += result.closed_by == "server"
                 if system == "ours":
-                    if not await _add_our_stages(ours_url, result.session_id, latencies, stages):
+                    if not await _add_our_stages(
+                        ours_url, result.session_id, latencies, result.caller_speech_ends(), stages
+                    ):
                         unmatched_calls += 1
                 await asyncio.sleep(PAUSE_BETWEEN_CALLS_S)
         pipecat_metrics = _pipecat_metrics(bot.metrics_path)
@@ -309,7 +314,11 @@ async def compare(
 
 
 async def _add_our_stages(
-    base_url: str, session_id: str | None, latencies: list[float | None], stages: dict[str, list[float]]
+    base_url: str,
+    session_id: str | None,
+    latencies: list[float | None],
+    speech_ends: list[float],
+    stages: dict[str, list[float]],
 ) -> bool:
     """Adds the stages of one of our calls' answered turns to ``stages``, from its call log.
 
@@ -323,7 +332,7 @@ async def _add_our_stages(
     audio_turns = [turn for turn in log["turns"] if turn["kind"] == "audio"]
     if len(audio_turns) != len(latencies):
         return False
-    for latency, timings in call_bench.stage_timings(latencies, audio_turns):
+    for latency, timings in call_bench.stage_timings(latencies, audio_turns, speech_ends):
         for name, value in _our_stages(latency, timings).items():
             stages[name].append(value)
     return True
@@ -333,13 +342,17 @@ def _our_stages(latency: float, timings: dict[str, float]) -> dict[str, float]:
     """One answered turn of ours cut into stages that add up to its voice-to-voice latency."""
     first_sentence = timings["llm_first_sentence_s"]
     first_token = min(timings.get("llm_first_token_s", first_sentence), first_sentence)
+    heard = {}
+    if call_bench.HEARD_END in timings:
+        heard[HEARD_END_STAGE] = timings[call_bench.HEARD_END]
     return {
-        "endpointing (last voiced sample → end of turn)": timings["endpointing_s"],
+        **heard,
+        "endpointing (the VAD's last voiced frame → end of turn)": timings["endpointing_s"],
         "STT (end of turn → transcript)": timings["stt_s"],
         "LLM first token": first_token,
         "first clause/sentence (first token → first sentence)": first_sentence - first_token,
         "TTS first chunk": timings["tts_first_chunk_s"],
-        "platform (gateway, bus, network, playout)": latency - sum(timings[name] for name in call_bench.STAGES),
+        "platform (gateway, bus, network, playout)": call_bench.platform_s(latency, timings),
     }
 
 

@@ -102,6 +102,12 @@ async def test_a_finished_sentence_ends_the_turn_before_the_maximum_silence(gate
         "the caller hung up once the answer had played"
     )
     assert await speculations(gateway_url, "used") > used, "the transcript started at the pause was used"
+    # The call log places the utterance in the call's audio, on the caller's clock (the VAD reads the last
+    # word's fading end to within a few frames of the caller's last voiced sample).
+    (speech_start,) = [d["at_ms"] / 1000 for _, what, d in result.timeline.events if what == "caller speech start"]
+    (last_voiced,) = result.caller_speech_ends()
+    assert speech_start <= turns[0]["speech_start_s"] < turns[0]["speech_end_s"], turns[0]
+    assert abs(turns[0]["speech_end_s"] - last_voiced) <= 0.2, (turns[0]["speech_end_s"], last_voiced)
     assert await bus_is_idle(nats_url)
 
 

@@ -124,19 +124,29 @@ class CallResult:
         """Seconds of agent audio the caller heard."""
         return self.agent_audio.size / self.sample_rate
 
+    def caller_speech_ends(self) -> list[float]:
+        """The call-clock time of each caller utterance's last voiced sample, in the order they ended.
+
+        The call's clock is also its stream time: a frame is sent when the audio it holds has been
+        spoken, so these place each utterance in the audio the far end received (as the gateway's call
+        log does with ``speech_end_s``). Utterances without a voiced sample are left out.
+        """
+        return [
+            details["last_voiced_ms"] / 1000
+            for _, what, details in self.timeline.events
+            if what == "caller speech end" and details.get("last_voiced_ms") is not None
+        ]
+
     def turn_latencies(self) -> list[float | None]:
         """Voice-to-voice latency of every caller utterance, in the order they ended.
 
         Returns:
-            For each utterance with a voiced sample: seconds from its last voiced sample to the first burst
-            of agent audio starting at or after it, or None where no agent audio followed.
+            For each of ``caller_speech_ends``: seconds from that last voiced sample to the first burst of
+            agent audio starting at or after it, or None where no agent audio followed.
         """
         starts = self.timeline.times("agent audio start")
         latencies: list[float | None] = []
-        for _, what, details in self.timeline.events:
-            if what != "caller speech end" or details.get("last_voiced_ms") is None:
-                continue
-            end = details["last_voiced_ms"] / 1000
+        for end in self.caller_speech_ends():
             answer = next((t for t in starts if t >= end), None)
             latencies.append(None if answer is None else answer - end)
         return latencies

@@ -147,6 +147,7 @@ class CallSession:
         self.listener: CallListener | None = None
         self.stats = CallStats()
         self._playout: Playout | None = None
+        self._stream_base_s = 0.0  # the call's inbound audio before the current endpointer's
         self._configure(session.agent, media, output_media or media)
         self._turn_index = 0
         self._answering = ""
@@ -168,6 +169,7 @@ class CallSession:
         self.session.conversation.agent = agent
         if self._playout is not None:
             asyncio.get_running_loop().create_task(self._playout.close())
+        self._stream_base_s += self._endpointer.stream_s
         self._configure(agent, media, output_media or media)
 
     def drop_utterance(self) -> None:
@@ -291,6 +293,10 @@ class CallSession:
             # By the clock: a verdict lands between frames, after the last one counted in ``ended_s``.
             endpointing_s=now - self._last_voiced_wall,
             endpointing=decision,
+            speech_s=(
+                round(self._stream_base_s + event.onset_s, 3),
+                round(self._stream_base_s + event.last_voiced_s, 3),
+            ),
             attributes={"voice.audio.duration_s": round(len(pcm) / (2 * self._vad_rate), 3)},
             output=self._output,
             emit=self._on_event,

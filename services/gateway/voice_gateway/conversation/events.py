@@ -157,6 +157,7 @@ class TurnResult:
         error_code: The bus error code behind ``error`` (``UNAVAILABLE``, ...), for metrics.
         fallback: The answer is the agent's fallback message, given because the LLM failed.
         endpointing: How the spoken turn ended (see :class:`~voice_gateway.storage.call_log.TurnRecord`).
+        speech_s: The spoken turn's stream times (see :class:`~voice_gateway.conversation.runner.Turn`).
     """
 
     user_text: str = ""
@@ -168,6 +169,7 @@ class TurnResult:
     tools: list[dict] = field(default_factory=list)
     action: CallAction | None = None
     endpointing: str = ""
+    speech_s: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,8 @@ class Turn:
             which knows what the caller actually heard).
         endpointing_s: How long endpointing waited after the caller's last voiced sample.
         endpointing: How the spoken turn's end was decided (``semantic``, ``max_silence``, ...).
+        speech_s: Where the utterance lies in the call's inbound audio: the stream times (seconds since
+            its first frame) of the start of its first voiced frame and the end of its last.
         transcript: The utterance's transcription, already started (speculative STT at a pause);
             the runner awaits it instead of transcribing ``audio`` again, and cancels it with the turn.
         keep_if_cut_off: Record the turn in the call log when the session closes under it.
@@ -129,6 +131,7 @@ class Turn:
     history: list[dict] | None = None
     endpointing_s: float | None = None
     endpointing: str = ""
+    speech_s: tuple[float, float] | None = None
     transcript: asyncio.Task | None = None
     keep_if_cut_off: bool = True
     agent: Agent | None = None
@@ -259,6 +262,7 @@ class TurnRunner:
             if turn.endpointing_s is not None:
                 result.timings["endpointing_s"] = turn.endpointing_s
                 result.endpointing = turn.endpointing
+                result.speech_s = turn.speech_s
                 span.add_event(
                     "endpointing",
                     {

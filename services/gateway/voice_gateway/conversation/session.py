@@ -242,6 +242,8 @@ class Session:
                 tools=result.tools,
                 action=dataclasses.asdict(result.action) if result.action else None,
                 endpointing=result.endpointing,
+                speech_start_s=result.speech_s[0] if result.speech_s else None,
+                speech_end_s=result.speech_s[1] if result.speech_s else None,
             )
         )
         if self._started:

@@ -73,7 +73,10 @@ class TurnRecord(BaseModel):
     agent's fallback message, which the caller got instead of an answer. ``endpointing`` says how a
     spoken turn of a call ended: ``semantic`` (the end-of-turn model heard a finished turn at a pause),
     ``max_silence`` (it did not; the maximum silence passed), ``silence`` (silence turn detection) or
-    ``max_utterance`` (the utterance was cut at its maximum length).
+    ``max_utterance`` (the utterance was cut at its maximum length). ``speech_start_s`` and
+    ``speech_end_s`` place a spoken turn of a call in the call's inbound audio: the stream times (seconds
+    since its first frame) of the start of the utterance's first voiced frame and the end of its last, as
+    the gateway's VAD heard them; ``None`` for every other turn.
     """
 
     index: int
@@ -88,6 +91,8 @@ class TurnRecord(BaseModel):
     tools: list[dict] = Field(default_factory=list)
     action: dict | None = None
     endpointing: str = ""
+    speech_start_s: float | None = None
+    speech_end_s: float | None = None
 
 
 class CallLog(BaseModel):
