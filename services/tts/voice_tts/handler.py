@@ -4,12 +4,17 @@ Each piece of a sentence the engine yields is sent as it comes (one ``AudioChunk
 index and text on every piece); a sentence's pieces go through one streaming resampler, so they join
 without a click.
 
+The engine is called off the event loop, since the first request for a Piper voice other than the default
+loads that voice (1.5 s for ``joe`` on a 2-core CPU): the worker's other requests, heartbeats and
+acknowledgements go on meanwhile.
+
 The text to speak goes into the span (``voice.tts.text``) and a log line only with
 ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``; by default the span has its length.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -86,7 +91,8 @@ class SynthesizeHandler:
                 raise ValueError(
                     f"output sample rate {fmt.sample_rate} Hz is outside {MIN_OUTPUT_RATE}-{MAX_OUTPUT_RATE} Hz"
                 )
-            chunks = self._engine.synthesize(
+            chunks = await asyncio.to_thread(
+                self._engine.synthesize,
                 request.text,
                 voice=request.voice or None,
                 speaker=request.speaker or None,
