@@ -369,7 +369,8 @@ class ConnectionGuard:
         a frame had been received. Safe to call from any task of the connection's event loop."""
         scope = self._idle_scope
         if scope is not None and not scope.expired():
-            wait = self._idle_wait()
+            # The scope exists only after the handshake, where the timeout is the idle one (or the call's end).
+            wait, _ = self._timeout()
             scope.reschedule(None if wait is None else asyncio.get_running_loop().time() + wait)
 
     def answering(self, busy: bool) -> None:
@@ -378,15 +379,6 @@ class ConnectionGuard:
         answer ends. Safe to call from any task of the connection's event loop."""
         self._answering = busy
         self.activity()
-
-    def _idle_wait(self) -> float | None:
-        """Seconds a receive may wait from now once the handshake is done: the idle timeout (none while
-        answering), within the call's maximum length."""
-        wait = None if self._answering else self._limits.settings.idle_timeout_s
-        call_left = self.call_time_left()
-        if call_left is None:
-            return wait
-        return call_left if wait is None else min(wait, call_left)
 
     def _refuse(self, error: LimitExceeded) -> LimitExceeded:
         REFUSALS.labels(self.dialect, error.limit).inc()
