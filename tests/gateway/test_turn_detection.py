@@ -25,6 +25,10 @@ SENTENCE = "I would like to book a table for two people tonight."
 # Where "table" ends in Piper's reading of SENTENCE: the quietest 20 ms in this span (seconds).
 CUT_SPAN_S = (1.18, 1.34)
 MID_PAUSE_S = 0.5
+FIRST_PART = "I would like to book a table."
+SECOND_PART = "For two people tonight, at eight."
+# Long enough for a 200 ms silence to end the first part's turn, too short for its answer to be spoken.
+GO_ON_AFTER_S = 0.35
 # The longest the caller waits for the answer; it hangs up once the answer has played.
 LISTEN_S = 30.0
 
@@ -41,19 +45,24 @@ def paused_sentence() -> tuple[np.ndarray, int]:
     return np.concatenate([samples[:cut], pause, samples[cut:]]), rate
 
 
-async def put_listener(gateway_url: str) -> str:
+async def put_listener(gateway_url: str, turn_detection: dict | None = None) -> str:
+    """An agent with no greeting that answers in one short sentence, with ``turn_detection`` (semantic)."""
     agent_id = f"listener_{uuid.uuid4().hex[:6]}"
     agent = {
         "name": "Bookings",
         "system_prompt": "You take restaurant bookings. Answer in one short sentence.",
         "greeting": "",
         "llm": {"temperature": 0.0, "max_tokens": 24},
-        "turn_detection": {"type": "semantic"},
+        "turn_detection": turn_detection or {"type": "semantic"},
     }
     async with api_client(gateway_url) as http:
         response = await http.put(f"/api/agents/{agent_id}", json=agent)
         assert response.status_code == 200, response.text
     return agent_id
+
+
+async def turns_continued(gateway_url: str) -> float:
+    return metric(await metrics(gateway_url), "voice_gateway_turns_continued_total", dialect="twilio")
 
 
 async def speculations(gateway_url: str, outcome: str) -> float:
@@ -111,12 +120,24 @@ async def test_a_finished_sentence_ends_the_turn_before_the_maximum_silence(gate
     assert await bus_is_idle(nats_url)
 
 
+async def test_a_caller_who_goes_on_before_the_answer_is_one_turn(gateway_url, nats_url):
+    # A short silence ends the first sentence's turn at once; the caller goes on before any of its answer
+    # is spoken, so that turn is given up and its audio joins the utterance that follows.
+    agent_id = await put_listener(gateway_url, {"type": "silence", "silence_duration_ms": 200})
+    first, rate = speak(FIRST_PART)
+    second, _ = speak(SECOND_PART)
+    gap = np.zeros(int(GO_ON_AFTER_S * rate), dtype=np.int16)
+    continued = await turns_continued(gateway_url)
+    _, turns = await answered_call(gateway_url, "twilio", agent_id, np.concatenate([first, gap, second]), rate)
+    assert len(turns) == 1, [(t["user"], t["endpointing"], t["assistant"]) for t in turns]
+    assert word_error_rate(f"{FIRST_PART} {SECOND_PART}", turns[0]["user"]) <= 0.2, turns[0]["user"]
+    assert turns[0]["assistant"] and not turns[0]["interrupted"], turns[0]
+    assert await turns_continued(gateway_url) > continued, "the first turn was given up for the second"
+    assert await bus_is_idle(nats_url)
+
+
 async def test_silence_turn_detection_waits_for_the_silence(gateway_url):
-    agent_id = await put_listener(gateway_url)
-    async with api_client(gateway_url) as http:
-        agent = (await http.get(f"/api/agents/{agent_id}")).json()
-        agent["turn_detection"] = {"type": "silence", "silence_duration_ms": 700}
-        assert (await http.put(f"/api/agents/{agent_id}", json=agent)).status_code == 200
+    agent_id = await put_listener(gateway_url, {"type": "silence", "silence_duration_ms": 700})
     samples, rate = speak(SENTENCE)
     result = await call(
         "twilio", gateway_url, samples, rate, agent_id=agent_id, listen_s=LISTEN_S, script=HangUpWhenAnswered()

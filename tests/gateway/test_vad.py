@@ -457,3 +457,20 @@ def test_the_turn_ends_at_the_pause_with_the_gaps_audio(padded) -> None:
                 assert ended is not None and np.array_equal(ended.audio, gaps[-1].audio)
                 return
     raise AssertionError("no pause")
+
+
+def test_flush_ends_the_utterance_in_progress(padded) -> None:
+    stream, true_start, true_end = padded
+    endpointer = Endpointer(EndpointingConfig(silence_ms=1000, pause_ms=160, transcribe_ms=100), RATE)
+    assert endpointer.flush() is None, "nothing in progress"
+    mid_word = round((true_start + 1.0) * RATE)
+    assert kinds(feed(endpointer, frames_of(stream[:mid_word]))) == ["SpeechStarted"]
+    ended = endpointer.flush()
+    assert ended is not None and not ended.capped and not endpointer.in_speech
+    assert ended.onset_s == pytest.approx(true_start, abs=ONSET_TOLERANCE_S)
+    assert ended.audio.size == pytest.approx((mid_word / RATE - ended.onset_s + 0.3) * RATE, abs=2 * FRAME)
+    assert endpointer.flush() is None, "flushed once"
+    after_speech = round((true_end + 0.3) * RATE)
+    gaps = [e for e in feed(endpointer, frames_of(stream[mid_word:after_speech])) if isinstance(e, SpeechGap)]
+    assert gaps, "the rest of the sentence started a new utterance, which paused"
+    assert np.array_equal(endpointer.flush().audio, gaps[-1].audio), "in a pause, the gap's audio"

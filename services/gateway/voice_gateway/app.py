@@ -36,7 +36,7 @@ from voice_gateway.api.rest import rest_router
 from voice_gateway.api.triggers import PendingTriggers
 from voice_gateway.config import DEFAULT_RETELL_WS_PATH, Settings, is_loopback
 from voice_gateway.conversation.engine import TurnEngine
-from voice_gateway.conversation.runner import TURNS_IN_FLIGHT
+from voice_gateway.conversation.metrics import TURNS_IN_FLIGHT
 from voice_gateway.conversation.session import GatewayContext
 from voice_gateway.dialects import (
     browser,

@@ -8,17 +8,19 @@ A streaming dialect (Twilio, Exotel, raw PCM) decodes its frames, hands the call
 DTMF, and implements :class:`~voice_gateway.conversation.playout.CallTransport` to send audio, marks
 and ``clear`` its own way.
 
-- Turn detection (the agent's ``turn_detection``): with ``semantic``, a gap of ``TRANSCRIBE_AFTER_MS``
-  starts the utterance's transcription (speculative STT), and the short pause that may follow asks the
-  end-of-turn model (:mod:`~voice_gateway.conversation.turn_model`) whether the caller has finished; the
-  turn ends as soon as the model says yes, else after the maximum silence, and the transcript is ready
-  or nearly. When the caller goes on, both are cancelled and nothing of them reaches the LLM. With
-  ``silence``, the turn ends after the silence alone. Either way the utterance becomes a turn: STT → LLM
+- Turn detection (the agent's ``turn_detection``): with ``semantic``, a gap in the speech starts the
+  utterance's transcription and the short pause that may follow asks the end-of-turn model whether the
+  caller has finished (:mod:`~voice_gateway.conversation.speculation`); the turn ends as soon as the
+  model says yes, else after the maximum silence. With ``silence``, the turn ends after the silence
+  alone. Either way the utterance becomes a turn: STT → LLM
   → TTS over the bus, the answer spoken clause and sentence by sentence.
 - Playout: :class:`~voice_gateway.conversation.playout.Playout` paces the answer in real time.
 - Barge-in: caller speech of at least ``min_speech_ms`` while the agent speaks cancels the running
   turn through the runner (its LLM and TTS requests on the bus), stops the audio (``clear``), and
-  trims the assistant's message in the history to what the caller heard.
+  trims the assistant's message in the history to what the caller heard. Speech that starts after a
+  spoken turn ended but before any of its answer was sent means the turn ended too soon: the runner
+  gives that turn up (``continued``) and its audio joins the utterance now starting, which becomes one
+  turn with one transcript (unless the turn's tools already ran: then it is a barge-in).
 
 A dialect that shows the turn-taking to its client (OpenAI Realtime) sets :attr:`CallSession.listener`
 (:class:`CallListener`): it is told of speech starts and ends, may hold an utterance instead of having it
@@ -32,8 +34,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,13 +58,13 @@ from voice_gateway.conversation.metrics import (
     BARGE_IN_LATENCY,
     BARGE_INS,
     INBOUND_FRAME,
-    SPECULATIONS,
     TURN_ENDINGS,
+    TURNS_CONTINUED,
 )
 from voice_gateway.conversation.playout import CallStats, CallTransport, MediaFormat, Playout
-from voice_gateway.conversation.runner import BARGE_IN, Turn
+from voice_gateway.conversation.runner import BARGE_IN, CONTINUED, Turn
 from voice_gateway.conversation.session import GatewayContext, Session
-from voice_gateway.conversation.turn_model import SmartTurn
+from voice_gateway.conversation.speculation import TRANSCRIBE_AFTER_MS, Speculator, SpokenTurn
 from voice_gateway.conversation.vad import (
     VAD_SAMPLE_RATES,
     Endpointer,
@@ -81,11 +83,6 @@ logger = logging.getLogger(__name__)
 STT_RATE = 16000
 # How long past the expected end of playout a hang-up waits for the far end's marks.
 PLAYOUT_GRACE_S = 5.0
-# With semantic turn detection, the speculative transcription starts after this much non-speech (or at
-# the pause, if that is sooner); the end-of-turn model is still asked at the pause. Whisper's transcripts
-# of 18 Piper sentences were the same with 40, 60, 100 or 150 ms kept after the last voiced frame, and
-# 22 utterances had 8 gaps of 100 ms inside them against 7 of 150 ms (docs/latency.md, run I).
-TRANSCRIBE_AFTER_MS = 100
 
 _DECODERS = {
     Encoding.MULAW: ulaw_decode,
@@ -116,20 +113,6 @@ class CallListener(Protocol):
         """An event of one of the call's turns, after the call has handled it."""
 
 
-@dataclass(eq=False)
-class _Speculation:
-    """What a gap or pause started: the utterance's transcription and the end-of-turn model's verdict."""
-
-    transcript: asyncio.Task
-    verdict: asyncio.Task | None = None
-
-
-def _seen(task: asyncio.Task) -> None:
-    """Retrieves a speculative task's failure: a discarded one is nobody's to report."""
-    if not task.cancelled():
-        task.exception()
-
-
 class CallSession:
     """One phone call with one agent.
 
@@ -156,6 +139,8 @@ class CallSession:
         self._frame_seconds = INBOUND_FRAME.labels(session.dialect)
         self.action: CallAction | None = None
         self._finishing: asyncio.Task | None = None
+        self._spoken: SpokenTurn | None = None  # the last spoken turn submitted
+        self._answer_sent = False  # some of the running turn's answer went to the caller
         self._closed = False
 
     def reconfigure(self, agent: Agent, media: MediaFormat, output_media: MediaFormat | None = None) -> None:
@@ -164,7 +149,7 @@ class CallSession:
         An utterance in progress is dropped and audio queued for playout is discarded (not ``clear``ed:
         the dialect says what its client hears); turns already queued keep the settings they had.
         """
-        self._discard_speculation()
+        self._speculator.drop()
         self.session.agent = agent
         self.session.conversation.agent = agent
         if self._playout is not None:
@@ -175,7 +160,7 @@ class CallSession:
     def drop_utterance(self) -> None:
         """Forgets the caller's utterance in progress, if any (the client cleared its input): no turn comes
         of it, and what was started for it at a pause is cancelled. Later speech starts a new one."""
-        self._discard_speculation()
+        self._speculator.drop()
         self._endpointer.reset()
 
     def _configure(self, agent: Agent, media: MediaFormat, output_media: MediaFormat) -> None:
@@ -183,7 +168,6 @@ class CallSession:
         pipeline = agent.pipeline
         detection = agent.turn_detection
         self._semantic = detection.type == "semantic"
-        self._threshold = detection.threshold
         vad_rate = media.sample_rate if media.sample_rate in VAD_SAMPLE_RATES else STT_RATE
         self._endpointer = Endpointer(
             EndpointingConfig(
@@ -196,7 +180,7 @@ class CallSession:
             ),
             sample_rate=vad_rate,
         )
-        self._speculation: _Speculation | None = None
+        self._speculator = Speculator(self._transcribe, vad_rate, detection.threshold, self._end_now)
         self._interruptions = pipeline.enable_interruptions and pipeline.vad_enabled
         self._decode = _DECODERS[media.encoding]
         self._vad_rate = vad_rate
@@ -234,9 +218,9 @@ class CallSession:
             elif isinstance(event, SpeechGap):
                 self._on_gap(event)
             elif isinstance(event, SpeechPaused):
-                self._on_pause(event)
+                self._speculator.pause(event)
             elif isinstance(event, SpeechResumed):
-                self._discard_speculation()
+                self._speculator.discard()
         self._frame_seconds.observe(time.perf_counter() - started)
 
     def bad_frame(self, kind: str) -> None:
@@ -265,33 +249,30 @@ class CallSession:
             asyncio.get_running_loop().create_task(self._barge_in(onset_wall))
 
     def _on_speech_ended(self, event: SpeechEnded, now: float, decision: str = "") -> None:
-        speculation, self._speculation = self._speculation, None
-        if speculation is not None and speculation.verdict not in (None, asyncio.current_task()):
-            speculation.verdict.cancel()
-        if self.agent_speaking and not self._interruptions:
-            if speculation is not None:
-                speculation.transcript.cancel()
-                SPECULATIONS.labels("discarded").inc()
+        ignored = self.agent_speaking and not self._interruptions
+        event, transcript = self._speculator.take(event, use=not ignored and not event.capped)
+        if ignored:
             return
         if not decision:
             decision = "max_utterance" if event.capped else "max_silence" if self._semantic else "silence"
-        transcript = None
-        if speculation is not None and not event.capped:
-            transcript = speculation.transcript
-            SPECULATIONS.labels("used").inc()
-        elif speculation is not None:
-            speculation.transcript.cancel()
-            SPECULATIONS.labels("discarded").inc()
-        TURN_ENDINGS.labels(self.dialect, decision).inc()
         self._last_voiced_wall = self._stream_to_wall(event.last_voiced_s)
+        # By the clock: a verdict lands between frames, after the last one counted in ``ended_s``.
+        turn = self._utterance(event, transcript, decision, now - self._last_voiced_wall)
+        if self.listener is None or self.listener.utterance(turn, event.last_voiced_s):
+            self.session.submit(turn)
+
+    def _utterance(
+        self, event: SpeechEnded, transcript: asyncio.Task | None, decision: str, endpointing_s: float | None
+    ) -> Turn:
+        """The turn that answers an ended utterance (its transcription already started, or not)."""
+        TURN_ENDINGS.labels(self.dialect, decision).inc()
         pcm = np.ascontiguousarray(event.audio, dtype="<i2").tobytes()
         turn = Turn(
             kind="audio",
             audio=pcm,
             audio_format=self._stt_format(),
             transcript=transcript,
-            # By the clock: a verdict lands between frames, after the last one counted in ``ended_s``.
-            endpointing_s=now - self._last_voiced_wall,
+            endpointing_s=endpointing_s,
             endpointing=decision,
             speech_s=(
                 round(self._stream_base_s + event.onset_s, 3),
@@ -301,48 +282,28 @@ class CallSession:
             output=self._output,
             emit=self._on_event,
         )
-        if self.listener is None or self.listener.utterance(turn, event.last_voiced_s):
-            self.session.submit(turn)
+        self._spoken = SpokenTurn(turn, event.audio, event.start_s, event.onset_s)
+        return turn
 
     def _stt_format(self) -> audio_pb2.AudioFormat:
         return audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
 
     def _on_gap(self, event: SpeechGap) -> None:
-        """A gap in the speech: transcribe what was said so far, in case the pause that may follow ends the turn."""
-        self._discard_speculation()
         if self.agent_speaking and not self._interruptions:
-            return
+            self._speculator.discard()
+        else:
+            self._speculator.gap(event)
+
+    def _transcribe(self, pcm: bytes) -> Coroutine[Any, Any, str]:
+        """The speculator's transcription of ``pcm`` (PCM16 at the endpointer's rate) over the bus."""
         session = self.session
-        pcm = np.ascontiguousarray(event.audio, dtype="<i2").tobytes()
-        transcript = asyncio.create_task(session.engine.transcribe(session.conversation, pcm, self._stt_format()))
-        transcript.add_done_callback(_seen)
-        self._speculation = _Speculation(transcript=transcript)
+        return session.engine.transcribe(session.conversation, pcm, self._stt_format())
 
-    def _on_pause(self, event: SpeechPaused) -> None:
-        """A short pause: ask the end-of-turn model, while the transcription started at the gap goes on."""
-        speculation = self._speculation
-        if speculation is None or speculation.verdict is not None:
-            return
-        speculation.verdict = asyncio.create_task(self._judge(speculation, event.audio))
-        speculation.verdict.add_done_callback(_seen)
-
-    async def _judge(self, speculation: _Speculation, audio: np.ndarray) -> None:
-        """Ends the turn now when the end-of-turn model hears a finished utterance (and nothing changed)."""
-        probability = await asyncio.to_thread(SmartTurn.load().probability, audio, self._vad_rate)
-        if speculation is not self._speculation or probability < self._threshold:
-            return
+    def _end_now(self) -> None:
+        """The end-of-turn model heard a finished utterance at the pause: the turn ends now."""
         ended = self._endpointer.end_turn()
         if ended is not None:
             self._on_speech_ended(ended, time.perf_counter(), decision="semantic")
-
-    def _discard_speculation(self) -> None:
-        """The caller went on: what started at the pause is void and its bus work is cancelled."""
-        speculation, self._speculation = self._speculation, None
-        if speculation is not None:
-            if speculation.verdict is not None:
-                speculation.verdict.cancel()
-            speculation.transcript.cancel()
-            SPECULATIONS.labels("discarded").inc()
 
     def _submit(self, turn: Turn) -> None:
         turn.output = self._output
@@ -360,10 +321,12 @@ class CallSession:
         if isinstance(event, TurnStarted):
             self._turn_index += 1
             self._answering = event.turn_kind
+            self._answer_sent = False
             self._playout.begin_answer()
         elif isinstance(event, StageStarted) and event.kind == "llm_start" and self._answering == "audio":
             self._playout.answer_to(self._last_voiced_wall)
         elif isinstance(event, SpeechAudio):
+            self._answer_sent = True
             label = f"t{self._turn_index}-s{event.sentence_index}"
             self._playout.enqueue(event.text, event.audio, label, final=event.final)
         elif isinstance(event, CallActionRequested) and event.action is not None:
@@ -390,9 +353,16 @@ class CallSession:
         heard = self._playout.heard_text()
         runner = self.session.runner
         answer_finished = runner.current is None
+        unanswered = self._unanswered()
         await cancel_and_wait(self._finishing)
-        await runner.cancel(BARGE_IN, heard=heard)
+        await runner.cancel(BARGE_IN if unanswered is None else CONTINUED, heard=heard)
         await self._playout.flush()
+        if unanswered is not None and unanswered.turn.cancel_reason == CONTINUED:
+            self._speculator.carry, rate = unanswered, self._vad_rate
+            TURNS_CONTINUED.labels(self.dialect).inc()
+            self.session.span.add_event("turn_continued", {"voice.turn.audio_s": unanswered.audio.size / rate})
+            logger.info("call %s: the caller went on before the answer; the turn joins what follows", self.session.id)
+            return
         latency = time.perf_counter() - onset_wall
         self.stats.barge_ins += 1
         self.stats.barge_in_latency_s.append(latency)
@@ -409,6 +379,13 @@ class CallSession:
         else:
             logger.info("barge-in on call %s after %.0f ms", self.session.id, latency * 1000)
 
+    def _unanswered(self) -> SpokenTurn | None:
+        """The running turn, when it is this call's last spoken turn and none of its answer was sent."""
+        spoken, current = self._spoken, self.session.runner.current
+        if self.listener is not None or spoken is None or current is not spoken.turn or self._answer_sent:
+            return None
+        return spoken
+
     def _trim_history(self, heard: str, *, trim_log: bool) -> None:
         history = self.session.conversation.history
         if history and history[-1]["role"] == "assistant":
@@ -422,13 +399,20 @@ class CallSession:
             log.turns[-1].interrupted = True
 
     async def close(self, status: str = "completed") -> None:
-        """Ends the call: cancels the running turn and the playout, saves the call log."""
+        """Ends the call: cancels the running turn and the playout, saves the call log.
+
+        An utterance the caller had not finished (or whose end was not yet decided) ends with the call
+        (``hang_up``): the session records what the caller said, unanswered. A dialect with a listener
+        decides its client's utterances itself, and one in progress is dropped.
+        """
         if self._closed:
             return
         self._closed = True
-        speculation, self._speculation = self._speculation, None
-        if speculation is not None:
-            await cancel_and_wait(speculation.verdict, speculation.transcript)
+        ended = self._endpointer.flush() if self.listener is None else None
+        if ended is not None and not (self.agent_speaking and not self._interruptions):
+            event, transcript = self._speculator.take(ended, use=True)
+            self.session.submit(self._utterance(event, transcript, "hang_up", None))
+        await self._speculator.close()
         await cancel_and_wait(self._finishing)
         await self._playout.close()
         if self.action is not None and self.action.kind == "transfer_call":

@@ -1,7 +1,9 @@
 """The gateway's Prometheus metrics of sessions, turns, calls and frames, in one place for the
-conversation core and every dialect."""
+conversation core and every dialect, and the count of turns in flight that a draining gateway waits on."""
 
 from __future__ import annotations
+
+import asyncio
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -55,7 +57,7 @@ INBOUND_FRAME = Histogram(
 TURN_ENDINGS = Counter(
     "voice_gateway_turn_endings_total",
     "How the ends of callers' spoken turns were decided: semantic (the end-of-turn model at a pause), "
-    "max_silence, silence or max_utterance",
+    "max_silence, silence, max_utterance or hang_up (the call ended first)",
     ["dialect", "decision"],
 )
 SPECULATIONS = Counter(
@@ -63,4 +65,42 @@ SPECULATIONS = Counter(
     "Transcriptions started at a pause, by what became of them: used, or discarded (the caller went on)",
     ["outcome"],
 )
+TURNS_CONTINUED = Counter(
+    "voice_gateway_turns_continued_total",
+    "Spoken turns given up because the caller went on speaking before any of the answer was sent; "
+    "the utterance joins the one that follows",
+    ["dialect"],
+)
 BAD_FRAMES = Counter("voice_gateway_bad_frames_total", "Malformed or unexpected frames, by kind", ["dialect", "kind"])
+
+
+class TurnsInFlight:
+    """Counts the turns queued or running on this gateway, so a draining gateway can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.count += 1
+        TURNS_RUNNING.set(self.count)
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        TURNS_RUNNING.set(self.count)
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Waits until no turn is queued or runs; returns whether that happened within ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+TURNS_IN_FLIGHT = TurnsInFlight()

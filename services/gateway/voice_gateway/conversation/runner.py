@@ -15,10 +15,14 @@ span under the session's span, and for every one of them:
 - records it in the call log.
 
 Cancellation goes through the runner too: a barge-in (:meth:`TurnRunner.cancel` with what the caller
-heard), a superseding request such as Retell's newer ``response_id`` (:meth:`TurnRunner.replace`), a
+heard), a caller who went on speaking before any of a spoken turn's answer was sent (``continued``: the
+turn is given up and its user message taken back out of the history; once its tools ran, it is a
+barge-in), a superseding request such as Retell's newer ``response_id`` (:meth:`TurnRunner.replace`), a
 chat ``interrupt_stream``, or the session closing. Cancelling the turn's task cancels its requests on
 the bus. A cancelled turn is recorded as interrupted with the answer the user got (unless it was
-superseded, or the dialect keeps its own history and said ``keep_if_cut_off=False``).
+superseded, or the dialect keeps its own history and said ``keep_if_cut_off=False``). A closing
+session first lets the transcriptions of the caller's last spoken turns finish (``LAST_WORDS_S`` at
+most), the running one's and those still queued, so that the call log keeps what the caller said.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from voice_gateway.conversation.events import (
     TurnStarted,
     describe,
 )
-from voice_gateway.conversation.metrics import ERRORS, FIRST_AUDIO, TURNS, TURNS_RUNNING
+from voice_gateway.conversation.metrics import ERRORS, FIRST_AUDIO, TURNS, TURNS_IN_FLIGHT
 from voice_runtime.tasks import cancel_and_wait, wait_quietly
 from voice_telemetry.tracing import clamp_attribute
 
@@ -57,43 +61,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BARGE_IN = "barge_in"
+CONTINUED = "continued"
 SUPERSEDED = "superseded"
 INTERRUPTED = "interrupted"
 SESSION_CLOSED = "session_closed"
 NO_SPEECH = "no speech was recognised in the audio"
 CUT_OFF = "the call ended before the answer"
-
-
-class TurnsInFlight:
-    """Counts the turns queued or running on this gateway, so a draining gateway can wait for them."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def begin(self) -> None:
-        self.count += 1
-        TURNS_RUNNING.set(self.count)
-        self._idle.clear()
-
-    def end(self) -> None:
-        self.count -= 1
-        TURNS_RUNNING.set(self.count)
-        if self.count == 0:
-            self._idle.set()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Waits until no turn is queued or runs; returns whether that happened within ``timeout_s``."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
-
-TURNS_IN_FLIGHT = TurnsInFlight()
+# How long a closing session waits for the transcription of the caller's last words (a spoken turn being
+# transcribed, or waiting its turn), so that the call log keeps what the caller said before hanging up.
+LAST_WORDS_S = 5.0
 
 
 @dataclass(eq=False)
@@ -110,8 +86,9 @@ class Turn:
         audio_format: Format of ``audio``.
         history: Answer against this history instead of the session's (Retell sends the transcript,
             which knows what the caller actually heard).
-        endpointing_s: How long endpointing waited after the caller's last voiced sample.
-        endpointing: How the spoken turn's end was decided (``semantic``, ``max_silence``, ...).
+        endpointing_s: How long endpointing waited after the caller's last voiced sample (``None`` when the
+            call ended the utterance).
+        endpointing: How the spoken turn's end was decided (``semantic``, ``max_silence``, ``hang_up``, ...).
         speech_s: Where the utterance lies in the call's inbound audio: the stream times (seconds since
             its first frame) of the start of its first voiced frame and the end of its last.
         transcript: The utterance's transcription, already started (speculative STT at a pause);
@@ -176,7 +153,9 @@ class TurnRunner:
 
     def replace(self, turn: Turn, reason: str = SUPERSEDED) -> None:
         """Drops the queued turns, cancels the running one (``reason``) and queues ``turn`` to run next."""
-        self._drop_queued()
+        for dropped in self._drop_queued():
+            if dropped.transcript is not None:
+                dropped.transcript.cancel()
         self.interrupt(reason)
         self.submit(turn)
 
@@ -184,7 +163,7 @@ class TurnRunner:
         """Cancels the running turn without waiting; returns its task (``None`` when none runs).
 
         Args:
-            reason: Why: ``barge_in``, ``superseded``, ``interrupted`` or ``session_closed``.
+            reason: Why: ``barge_in``, ``continued``, ``superseded``, ``interrupted`` or ``session_closed``.
             heard: For a barge-in, what the user heard of the answer: it becomes the recorded answer.
         """
         turn = self._current
@@ -212,27 +191,84 @@ class TurnRunner:
         await done.wait()
 
     async def close(self, timeout_s: float) -> bool:
-        """Drops the queued turns, cancels the running one and stops; False if it ignored cancellation."""
+        """Drops the queued turns, cancels the running one and stops; False if it ignored cancellation.
+
+        The caller's words in the spoken turns it ends are still transcribed and recorded (see the
+        module's docstring); the rest of those turns is not run.
+        """
         if self._closed:
             return True
         self._closed = True
-        self._drop_queued()
+        unanswered = []
+        for turn in self._drop_queued():
+            if _keeps_last_words(turn):
+                self._transcription(turn)
+                unanswered.append(turn)
+            elif turn.transcript is not None:
+                turn.transcript.cancel()
         self._queue.put_nowait(None)
         current = self._current
         if current is not None and current.task is not None and not current.task.done():
             current.cancel_reason = current.cancel_reason or SESSION_CLOSED
         tasks = [current.task] if current is not None and current.task is not None else []
-        return await cancel_and_wait(*tasks, self._loop, timeout=timeout_s)
+        stopped = await cancel_and_wait(*tasks, self._loop, timeout=timeout_s)
+        for turn in unanswered:
+            await self._record_unanswered(turn)
+        return stopped
 
-    def _drop_queued(self) -> None:
+    def _drop_queued(self) -> list[Turn]:
+        """Empties the queue; returns the turns it held, which are no longer in flight."""
+        dropped = []
         while not self._queue.empty():
             turn = self._queue.get_nowait()
             if turn is not None and turn.kind:
-                if turn.transcript is not None:
-                    turn.transcript.cancel()
+                dropped.append(turn)
                 TURNS_IN_FLIGHT.end()
             elif turn is not None:
                 self._markers.pop(turn).set()
+        return dropped
+
+    def _conversation(self, turn: Turn) -> Conversation:
+        """The conversation ``turn`` answers in: the session's, or the turn's own history or agent."""
+        session = self._session
+        if turn.history is None and turn.agent is None:
+            return session.conversation
+        history = turn.history if turn.history is not None else session.conversation.history
+        return Conversation(session_id=session.id, agent=turn.agent or session.agent, history=history)
+
+    def _transcription(self, turn: Turn) -> asyncio.Task:
+        """The spoken turn's transcription: the one a pause started, else one started now."""
+        if turn.transcript is None:
+            engine = self._session.engine
+            turn.transcript = asyncio.create_task(
+                engine.transcribe(self._conversation(turn), turn.audio, turn.audio_format)
+            )
+            turn.transcript.add_done_callback(_retrieved)
+        return turn.transcript
+
+    async def _last_words(self, turn: Turn) -> str:
+        """The transcript of a spoken turn the session closes under, given ``LAST_WORDS_S`` ("" if none)."""
+        transcript = self._transcription(turn)
+        if not await wait_quietly(transcript, timeout=LAST_WORDS_S):
+            transcript.cancel()
+            return ""
+        if transcript.cancelled() or transcript.exception() is not None:
+            return ""
+        return transcript.result()
+
+    async def _record_unanswered(self, turn: Turn) -> None:
+        """Records a spoken turn the session closed before it ran: what the caller said, and no answer."""
+        session = self._session
+        text = await self._last_words(turn)
+        if not text:
+            return
+        result = TurnResult(user_text=text, error=CUT_OFF, endpointing=turn.endpointing, speech_s=turn.speech_s)
+        if turn.endpointing_s is not None:
+            result.timings["endpointing_s"] = turn.endpointing_s
+        with session.turn_span(turn.kind) as span:
+            span.add_event("cancelled", {"voice.cancel.reason": SESSION_CLOSED})
+            TURNS.labels(session.dialect, turn.kind, "cancelled").inc()
+            await session.record(turn.kind, result, interrupted=True)
 
     async def _run(self) -> None:
         while (turn := await self._queue.get()) is not None:
@@ -256,13 +292,14 @@ class TurnRunner:
         result = TurnResult(user_text=turn.text if turn.kind != "greeting" else "")
         outcome = "ok"
         emit = self._emitter(turn)
+        history = self._conversation(turn).history
+        mark = len(history)
         with session.turn_span(turn.kind) as span:
             for name, value in turn.attributes.items():
                 span.set_attribute(name, clamp_attribute(value))
+            result.endpointing, result.speech_s = turn.endpointing, turn.speech_s
             if turn.endpointing_s is not None:
                 result.timings["endpointing_s"] = turn.endpointing_s
-                result.endpointing = turn.endpointing
-                result.speech_s = turn.speech_s
                 span.add_event(
                     "endpointing",
                     {
@@ -279,7 +316,11 @@ class TurnRunner:
             except asyncio.CancelledError:
                 outcome = "cancelled"
                 reason = turn.cancel_reason or SESSION_CLOSED
+                if reason == CONTINUED and not self._give_up(turn, history, mark):
+                    reason = turn.cancel_reason = BARGE_IN
                 span.add_event("cancelled", {"voice.cancel.reason": reason})
+                if reason == SESSION_CLOSED and _keeps_last_words(turn) and not result.user_text:
+                    result.user_text = await self._last_words(turn)
                 self._cut_off(turn, result, reason)
             except BusError as exc:
                 outcome = exc.code_name.lower()
@@ -314,22 +355,16 @@ class TurnRunner:
 
     async def _stages(self, turn: Turn, result: TurnResult, emit: Emit, started: float) -> str:
         """Runs the turn's stages; returns its outcome."""
-        session = self._session
-        engine = session.engine
-        conversation = session.conversation
-        if turn.history is not None or turn.agent is not None:
-            history = turn.history if turn.history is not None else conversation.history
-            conversation = Conversation(session_id=session.id, agent=turn.agent or session.agent, history=history)
+        engine = self._session.engine
+        conversation = self._conversation(turn)
         if turn.kind == "greeting":
             spoken = await engine.speak(conversation, turn.text, turn.output, emit)
             result.assistant_text, result.timings = spoken.assistant_text, {**result.timings, **spoken.timings}
             return "ok"
         if turn.audio is not None:
             await emit(StageStarted(kind="stt_start"))
-            if turn.transcript is not None:
-                result.user_text = await turn.transcript
-            else:
-                result.user_text = await engine.transcribe(conversation, turn.audio, turn.audio_format)
+            # Shielded: a session closing under the turn still waits for the caller's words.
+            result.user_text = await asyncio.shield(self._transcription(turn))
             result.timings["stt_s"] = time.perf_counter() - started
             await emit(SttCompleted(text=result.user_text))
             if not result.user_text:
@@ -372,16 +407,36 @@ class TurnRunner:
             result.error = CUT_OFF
 
     @staticmethod
+    def _give_up(turn: Turn, history: list[dict], mark: int) -> bool:
+        """Takes a spoken turn the caller went on from back out of the history; False once tools ran."""
+        added = history[mark:]
+        if turn.audio is None or any(m.get("role") not in ("user", "assistant") or m.get("tool_calls") for m in added):
+            return False
+        del history[mark:]
+        return True
+
+    @staticmethod
     def _keeps(turn: Turn, result: TurnResult, outcome: str) -> bool:
         """Whether the call log records this turn."""
         if outcome == "no_speech":
             return False
         if outcome != "cancelled":
             return bool(result.user_text or result.assistant_text or result.error)
-        if turn.cancel_reason == SUPERSEDED or not turn.keep_if_cut_off:
+        if turn.cancel_reason in (SUPERSEDED, CONTINUED) or not turn.keep_if_cut_off:
             return False
         return bool(result.user_text or result.assistant_text)
 
 
 async def _ignore(event: Event) -> None:
     return None
+
+
+def _keeps_last_words(turn: Turn) -> bool:
+    """Whether a closing session transcribes and records what the caller said in ``turn``."""
+    return turn.audio is not None and turn.keep_if_cut_off
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    """Retrieves a transcription's failure: one its turn stopped waiting for is nobody's to report."""
+    if not task.cancelled():
+        task.exception()

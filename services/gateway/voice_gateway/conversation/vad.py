@@ -142,6 +142,7 @@ class SpeechEnded:
         audio: The utterance as int16 mono samples at the endpointer's rate, pre-roll included,
             ending ``min(pre_roll_ms, silence_ms)`` after the last voiced frame (or at the cut).
         onset_s: Stream time of the start of the first voiced frame.
+        start_s: Stream time of ``audio``'s first sample.
         last_voiced_s: Stream time of the end of the last voiced frame.
         ended_s: Stream time at which the end was decided: ``last_voiced_s + silence_ms``, or the
             cut point when capped.
@@ -153,6 +154,7 @@ class SpeechEnded:
     last_voiced_s: float
     ended_s: float
     capped: bool
+    start_s: float
 
 
 @dataclass(frozen=True)
@@ -164,12 +166,14 @@ class SpeechPaused:
         onset_s: Stream time of the start of the first voiced frame.
         last_voiced_s: Stream time of the end of the last voiced frame.
         paused_s: Stream time at which the pause was decided.
+        start_s: Stream time of ``audio``'s first sample.
     """
 
     audio: np.ndarray
     onset_s: float
     last_voiced_s: float
     paused_s: float
+    start_s: float
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,18 @@ class Endpointer:
             utterance is paused (the caller spoke again, or it already ended).
         """
         if not self.paused:
+            return None
+        return self.flush()
+
+    def flush(self) -> SpeechEnded | None:
+        """Ends the utterance in progress now, wherever it stands (the caller's audio stopped: a hang-up).
+
+        Returns:
+            The ``SpeechEnded`` of the utterance, its audio cut as an ended utterance's is (all of it when
+            the caller was mid-word); ``None`` when no utterance is in progress (nothing, or an onset
+            shorter than ``min_speech_ms``).
+        """
+        if self._state is not _State.SPEECH:
             return None
         events: list[Event] = []
         self._end(self._frame_index - 1, capped=False, events=events)
@@ -427,6 +443,7 @@ class Endpointer:
             onset_s=self._onset * self._frame_s,
             last_voiced_s=(self._last_voiced + 1) * self._frame_s,
             paused_s=(k + 1) * self._frame_s,
+            start_s=self._chunks_start * self._frame_s,
         )
 
     def _confirm(self, k: int, events: list[Event]) -> None:
@@ -451,6 +468,7 @@ class Endpointer:
                 last_voiced_s=(self._last_voiced + 1) * self._frame_s,
                 ended_s=(k + 1) * self._frame_s,
                 capped=capped,
+                start_s=self._chunks_start * self._frame_s,
             )
         )
         self._reset_state()

@@ -72,11 +72,12 @@ class TurnRecord(BaseModel):
     ``error`` says why the turn failed; with ``fallback`` true, the LLM failed and ``assistant`` is the
     agent's fallback message, which the caller got instead of an answer. ``endpointing`` says how a
     spoken turn of a call ended: ``semantic`` (the end-of-turn model heard a finished turn at a pause),
-    ``max_silence`` (it did not; the maximum silence passed), ``silence`` (silence turn detection) or
-    ``max_utterance`` (the utterance was cut at its maximum length). ``speech_start_s`` and
-    ``speech_end_s`` place a spoken turn of a call in the call's inbound audio: the stream times (seconds
-    since its first frame) of the start of the utterance's first voiced frame and the end of its last, as
-    the gateway's VAD heard them; ``None`` for every other turn.
+    ``max_silence`` (it did not; the maximum silence passed), ``silence`` (silence turn detection),
+    ``max_utterance`` (the utterance was cut at its maximum length) or ``hang_up`` (the call ended during
+    the utterance or before its end was decided: recorded with the caller's words and no answer).
+    ``speech_start_s`` and ``speech_end_s`` place a spoken turn of a call in the call's inbound audio: the
+    stream times (seconds since its first frame) of the start of the utterance's first voiced frame and
+    the end of its last, as the gateway's VAD heard them; ``None`` for every other turn.
     """
 
     index: int
