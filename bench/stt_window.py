@@ -20,7 +20,7 @@ import numpy as np
 from faster_whisper import WhisperModel
 from scipy.signal import resample_poly
 
-from voice_stt.engine import EMBEDDED_MODEL, resolve_model_path
+from voice_stt.faster_whisper_engine import EMBEDDED_MODEL, resolve_model_path
 from voicectl.speech import speak
 
 SENTENCES = (

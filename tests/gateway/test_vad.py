@@ -27,7 +27,8 @@ from voice_gateway.conversation.vad import (
     SpeechResumed,
     SpeechStarted,
 )
-from voice_stt.engine import FasterWhisperEngine, Transcript
+from voice_stt.engine import Transcript
+from voice_stt.faster_whisper_engine import FasterWhisperEngine
 
 RATE = 16000
 FRAME = RATE // 50

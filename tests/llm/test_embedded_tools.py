@@ -27,7 +27,8 @@ from voice_llm.embedded_chat import (
     voice_chatml_tools,
 )
 from voice_llm.embedded_server import normalize_chat_request
-from voice_llm.engine import Completion, OpenAIChatEngine, TokenDelta
+from voice_llm.engine import Completion, TokenDelta
+from voice_llm.openai_engine import OpenAIChatEngine
 
 WEATHER_TOOL = {
     "type": "function",

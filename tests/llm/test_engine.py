@@ -16,17 +16,8 @@ import pytest
 
 from tests.support.llama import LlamaServer, free_port
 from voice_llm.embedded import MODEL_ALIAS
-from voice_llm.engine import (
-    DEFAULT_CONNECT_TIMEOUT_S,
-    BackendUnavailable,
-    ChatEngine,
-    Completion,
-    InvalidRequest,
-    OpenAIChatEngine,
-    TokenDelta,
-    ToolCall,
-    Usage,
-)
+from voice_llm.engine import BackendUnavailable, ChatEngine, Completion, InvalidRequest, TokenDelta, ToolCall, Usage
+from voice_llm.openai_engine import DEFAULT_CONNECT_TIMEOUT_S, OpenAIChatEngine
 
 logger = logging.getLogger(__name__)
 

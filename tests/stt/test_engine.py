@@ -12,14 +12,8 @@ import pytest
 
 from tests.support.speech import encode_container, word_error_rate
 from voice_audio import Container, Encoding, decode_to_float, encode_pcm16, resample
-from voice_stt.engine import (
-    FasterWhisperEngine,
-    Segment,
-    SpeechToTextEngine,
-    Transcript,
-    TranscriptionCancelled,
-    resolve_model_path,
-)
+from voice_stt.engine import Segment, SpeechToTextEngine, Transcript, TranscriptionCancelled
+from voice_stt.faster_whisper_engine import FasterWhisperEngine, resolve_model_path
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -8,8 +8,8 @@ import time
 
 from voice_llm import server
 from voice_llm.config import Settings
-from voice_llm.engine import OpenAIChatEngine
 from voice_llm.handler import GenerateHandler
+from voice_llm.openai_engine import OpenAIChatEngine
 from voice_runtime.app import WorkerApp, run_main
 
 logger = logging.getLogger("voice_llm")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from voice_llm.engine import DEFAULT_CONNECT_TIMEOUT_S
+from voice_llm.openai_engine import DEFAULT_CONNECT_TIMEOUT_S
 from voice_runtime.config import ConfigError, WorkerSettings, env_float, env_int, env_str
 
 

@@ -7,7 +7,7 @@ import logging
 from voice_runtime.app import WorkerApp, run_main
 from voice_stt import server
 from voice_stt.config import Settings
-from voice_stt.engine import FasterWhisperEngine
+from voice_stt.faster_whisper_engine import FasterWhisperEngine
 from voice_stt.handler import TranscribeHandler
 
 logger = logging.getLogger("voice_stt")

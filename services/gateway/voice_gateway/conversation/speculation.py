@@ -133,11 +133,11 @@ class Speculator:
         joined, self.carry = self.joined(event), None
         if speculation is None:
             return joined, None
-        if speculation.verdict not in (None, asyncio.current_task()):
-            speculation.verdict.cancel()
         if not use or speculation.joined != carried:
             _cancel(speculation)
             return joined, None
+        if speculation.verdict not in (None, asyncio.current_task()):
+            speculation.verdict.cancel()
         SPECULATIONS.labels("used").inc()
         return joined, speculation.transcript
 
@@ -153,7 +153,8 @@ class Speculator:
 
 
 def _cancel(speculation: _Speculation) -> None:
-    if speculation.verdict is not None:
+    """Cancels the speculation's tasks (not the verdict, if it is the caller) and counts it discarded."""
+    if speculation.verdict not in (None, asyncio.current_task()):
         speculation.verdict.cancel()
     speculation.transcript.cancel()
     SPECULATIONS.labels("discarded").inc()
