@@ -282,7 +282,7 @@ class CallSession:
             output=self._output,
             emit=self._on_event,
         )
-        self._spoken = SpokenTurn(turn, event.audio, event.start_s, event.onset_s)
+        self._spoken = SpokenTurn(turn, event.start_s, event.onset_s)
         return turn
 
     def _stt_format(self) -> audio_pb2.AudioFormat:

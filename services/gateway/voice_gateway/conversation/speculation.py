@@ -40,12 +40,16 @@ _Heard = TypeVar("_Heard", SpeechEnded, SpeechPaused)
 
 @dataclass(frozen=True)
 class SpokenTurn:
-    """A spoken turn and its audio as the endpointer cut it (stream times of its first sample and onset)."""
+    """A spoken turn and where its audio lies in the stream (the times of its first sample and onset)."""
 
     turn: Turn
-    audio: np.ndarray
     start_s: float
     onset_s: float
+
+    @property
+    def audio(self) -> np.ndarray:
+        """The turn's audio, as the endpointer cut it (int16 at its rate)."""
+        return np.frombuffer(self.turn.audio, dtype="<i2")
 
 
 @dataclass(eq=False)
