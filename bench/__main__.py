@@ -355,7 +355,7 @@ async def run(args: argparse.Namespace, sections: set[str]) -> dict:
                         for dialect in DIALECTS
                     },
                     "barge_in": await call_bench.barge_in(
-                        gateway.url, (await spoken(bus, "Wait, stop, I have a question."), 16000), args.barge_ins
+                        gateway.url, await asyncio.to_thread(call_bench.interruption), args.barge_ins
                     ),
                     "realtime": await realtime_bench.speech_stopped_to_audio(gateway.url, utterances, args.call_turns),
                 }

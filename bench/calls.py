@@ -24,6 +24,7 @@ import websockets
 from voice_audio import resample, ulaw_encode
 from voicectl import gateway_api
 from voicectl.callers import BrowserClient, call
+from voicectl.speech import speak
 
 BENCH_AGENT = {
     "name": "Bench",
@@ -36,6 +37,7 @@ LONG_GREETING = (
     "Tonight we are serving a special menu of seasonal dishes from the coast. "
     "Our kitchen is open until eleven and the terrace is heated."
 )
+INTERRUPTION = "Wait, stop, I have a question."
 TURN_SPACING_S = 12.0
 # How long the browser session waits for the greeting, and for each turn to complete.
 BROWSER_TIMEOUT_S = 120.0
@@ -198,6 +200,17 @@ async def browser_turns(base_url: str, clips: list[str], turns: int, agent_id: s
     async with BrowserSession(base_url, agent_id) as session:
         measured = [await session.turn(clips[index % len(clips)]) for index in range(turns + 1)]
     return measured[1:]
+
+
+def interruption() -> tuple[np.ndarray, int]:
+    """``INTERRUPTION`` rendered by Piper without its generator's noise, as PCM16 at 16 kHz.
+
+    Every run hears the same audio: with the noise, 4 of 30 renderings voiced "Wait," for less than the
+    endpointer's ``min_speech_ms`` (200 ms) before the comma's pause, so those barge-ins came with "stop",
+    0.5 s later, and one rendering set the figure of all the run's barge-ins.
+    """
+    samples, rate = speak(INTERRUPTION)
+    return resample(samples, rate, 16000), 16000
 
 
 async def barge_in(base_url: str, interruption: tuple[np.ndarray, int], runs: int) -> dict:

@@ -3,7 +3,8 @@
 24 kHz PCM16), beside the phone dialects' voice-to-voice figures.
 
 The clock is the client's: both events are timed as they arrive, so the figure is what an app built on the SDK
-sees between "the server heard the end of my turn" and "the answer starts playing".
+sees between "the server heard the end of my turn" and "the answer starts playing". The caller's audio is
+appended in real time, 100 ms at a time, as a microphone streams it, while the server's events are read.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from typing import Any
 
 import numpy as np
 
@@ -46,11 +48,8 @@ async def speech_stopped_to_audio(base_url: str, utterances: list[tuple[np.ndarr
             samples, rate = utterances[index % len(utterances)]
             pcm = resample(samples, rate, RATE).astype(np.int16)
             pcm = np.concatenate([pcm, np.zeros(int(RATE * 1.2), dtype=np.int16)]).astype("<i2").tobytes()
-            for offset in range(0, len(pcm), APPEND_BYTES):
-                await connection.input_audio_buffer.append(
-                    audio=base64.b64encode(pcm[offset : offset + APPEND_BYTES]).decode()
-                )
             stopped = first_audio = None
+            sender = asyncio.create_task(_stream(connection, pcm))
             try:
                 async with asyncio.timeout(TURN_TIMEOUT_S):
                     async for event in connection:
@@ -62,6 +61,16 @@ async def speech_stopped_to_audio(base_url: str, utterances: list[tuple[np.ndarr
                             break
             except TimeoutError:
                 continue  # no answer to this turn: not counted
+            finally:
+                await sender
             if index and stopped is not None and first_audio is not None:
                 figures.append(first_audio - stopped)
     return {"speech_stopped_to_first_audio_s": _summary(figures), "turns_answered": len(figures), "turns": turns}
+
+
+async def _stream(connection: Any, pcm: bytes) -> None:
+    """Appends ``pcm`` (24 kHz PCM16) in ``APPEND_BYTES`` pieces, each once the audio before it has played."""
+    start = time.perf_counter()
+    for offset in range(0, len(pcm), APPEND_BYTES):
+        await asyncio.sleep(max(0.0, start + offset / (2 * RATE) - time.perf_counter()))
+        await connection.input_audio_buffer.append(audio=base64.b64encode(pcm[offset : offset + APPEND_BYTES]).decode())

@@ -405,6 +405,38 @@ async def test_barge_in_with_semantic_vad_cancels_the_answer_and_answers_the_cal
     assert answer[-1].response.status == "completed" and answer[-1].response.id != story
 
 
+async def test_speech_after_a_finished_response_leaves_its_item_to_the_client(gateway_url):
+    """The client plays the audio, so only its ``conversation.item.truncate`` may shorten a finished answer."""
+    async with sdk(gateway_url).realtime.connect() as connection:
+        session_id = (await until(connection, "session.created"))[-1].session.id
+        detection = {"type": "server_vad", "silence_duration_ms": 600}
+        await connection.session.update(
+            session={
+                "type": "realtime",
+                "instructions": "Answer in two sentences.",
+                "audio": {"input": {"turn_detection": detection}},
+            }
+        )
+        await until(connection, "session.updated")
+        await connection.conversation.item.create(
+            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Describe the sea."}]}
+        )
+        await connection.response.create()
+        first = await until(connection, "response.done")
+        assert first[-1].response.status == "completed"
+        answer = next(e for e in first if e.type == "response.output_audio_transcript.done")
+        # Its seconds of audio reached the client at once; the caller speaks before they could have played.
+        await append_audio(connection, speech_at(24000).tobytes(), 4800)
+        second = await until(connection, "response.done")
+        assert "input_audio_buffer.speech_started" in types(second)
+        assert second[-1].response.status == "completed"
+        await connection.conversation.item.retrieve(item_id=answer.item_id)
+        item = (await until(connection, "conversation.item.retrieved"))[-1].item
+    assert item.content[0].transcript == answer.transcript
+    log = await call_log(gateway_url, session_id)
+    assert log["turns"][0]["assistant"] == answer.transcript and not log["turns"][0]["interrupted"], log["turns"][0]
+
+
 @pytest.mark.parametrize("mode", ["server_vad", "push_to_talk"])
 async def test_voicectl_realtime_speaks_a_wav_and_saves_the_answer(gateway_url, tmp_path, capsys, mode):
     from voice_audio import read_wav, wav_bytes

@@ -1,6 +1,7 @@
 """Semantic turn detection on real-time calls: a short pause asks the end-of-turn model (Smart Turn v3.2)
 whether the caller has finished and starts the transcription at once; a caller who goes on speaking
-keeps the turn whole, and nothing speculative reaches the LLM, the history or the bus.
+keeps the turn whole, and nothing speculative reaches the LLM, the history or the bus. Silence detection
+transcribes while its silence runs, too.
 
 The caller is Piper speech played in real time by the simulated carriers. Assertions are on the
 decision path the gateway took (the call log's ``endpointing``, the speculation metrics), never on a
@@ -117,6 +118,18 @@ async def test_a_finished_sentence_ends_the_turn_before_the_maximum_silence(gate
     (last_voiced,) = result.caller_speech_ends()
     assert speech_start <= turns[0]["speech_start_s"] < turns[0]["speech_end_s"], turns[0]
     assert abs(turns[0]["speech_end_s"] - last_voiced) <= 0.2, (turns[0]["speech_end_s"], last_voiced)
+    assert await bus_is_idle(nats_url)
+
+
+async def test_silence_detection_transcribes_while_the_silence_runs(gateway_url, nats_url):
+    agent_id = await put_listener(gateway_url, {"type": "silence", "silence_duration_ms": 800})
+    samples, rate = speak(SENTENCE)
+    used = await speculations(gateway_url, "used")
+    _, turns = await answered_call(gateway_url, "twilio", agent_id, samples, rate)
+    assert [t["endpointing"] for t in turns] == ["silence"], turns
+    assert word_error_rate(SENTENCE, turns[0]["user"]) <= 0.2, turns[0]["user"]
+    assert turns[0]["assistant"], turns[0]
+    assert await speculations(gateway_url, "used") > used, "the transcript started in the silence was used"
     assert await bus_is_idle(nats_url)
 
 

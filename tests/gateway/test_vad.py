@@ -390,7 +390,7 @@ def test_rejects_bad_input(bad) -> None:
         {"energy_threshold_dbfs": 3.0},
         {"noise_margin_db": -1.0},
         {"pause_ms": 600},
-        {"transcribe_ms": 100},
+        {"transcribe_ms": 600},
         {"pause_ms": 150, "transcribe_ms": 200},
         {"pause_ms": 150, "transcribe_ms": 0},
     ],
@@ -444,6 +444,14 @@ def test_a_gap_hands_out_the_turns_audio_before_the_pause() -> None:
     assert np.array_equal(last_gap.audio, events[-1].audio)
     expected_s = last_gap.last_voiced_s + 0.1 - (events[-1].onset_s - 0.3)  # pre-roll before, 100 ms after
     assert events[-1].audio.size / RATE == pytest.approx(expected_s, abs=0.021)
+
+
+def test_without_pauses_a_gap_hands_out_the_audio_the_silence_ends_with(padded) -> None:
+    endpointer = Endpointer(EndpointingConfig(silence_ms=600, transcribe_ms=100), RATE)
+    events = [e for e in feed(endpointer, frames_of(padded[0])) if not isinstance(e, SpeechStarted)]
+    assert not any(type(e) is SpeechPaused for e in events), "no pauses without pause_ms"
+    assert isinstance(events[-2], SpeechGap) and isinstance(events[-1], SpeechEnded), events
+    assert np.array_equal(events[-2].audio, events[-1].audio)
 
 
 def test_the_turn_ends_at_the_pause_with_the_gaps_audio(padded) -> None:

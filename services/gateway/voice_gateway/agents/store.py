@@ -141,7 +141,8 @@ class TurnDetection(_Strict):
       utterance; the turn ends at once when it says the caller has finished, else after
       ``silence_duration_ms`` of silence. Transcription starts speculatively after 100 ms of non-speech
       (or at the pause, if sooner), so that it is done or nearly when the model answers.
-    - ``silence``: the turn ends after ``silence_duration_ms`` of silence.
+    - ``silence``: the turn ends after ``silence_duration_ms`` of silence; its transcription starts after
+      100 ms of it.
 
     ``eagerness`` sets how sure the model must be: ``high`` ends turns soonest (probability ≥ 0.3),
     ``low`` latest (≥ 0.7), ``medium`` and ``auto`` at ≥ 0.5.

@@ -12,7 +12,7 @@ and ``clear`` its own way.
   utterance's transcription and the short pause that may follow asks the end-of-turn model whether the
   caller has finished (:mod:`~voice_gateway.conversation.speculation`); the turn ends as soon as the
   model says yes, else after the maximum silence. With ``silence``, the turn ends after the silence
-  alone. Either way the utterance becomes a turn: STT → LLM
+  alone, its transcription started at the gap as well. Either way the utterance becomes a turn: STT → LLM
   → TTS over the bus, the answer spoken clause and sentence by sentence.
 - Playout: :class:`~voice_gateway.conversation.playout.Playout` paces the answer in real time.
 - Barge-in: caller speech of at least ``min_speech_ms`` while the agent speaks cancels the running
@@ -26,7 +26,9 @@ A dialect that shows the turn-taking to its client (OpenAI Realtime) sets :attr:
 (:class:`CallListener`): it is told of speech starts and ends, may hold an utterance instead of having it
 answered at once, and gets every event of the call's turns. Such a dialect may also answer typed or held
 input through :meth:`CallSession.respond` and change the call's audio formats and turn detection
-mid-call (:meth:`CallSession.reconfigure`).
+mid-call (:meth:`CallSession.reconfigure`). Its client plays the audio and says what it played
+(``conversation.item.truncate``), so caller speech barges in only while an answer is produced, and the
+history keeps what was produced until the client truncates it.
 """
 
 from __future__ import annotations
@@ -168,15 +170,18 @@ class CallSession:
         pipeline = agent.pipeline
         detection = agent.turn_detection
         self._semantic = detection.type == "semantic"
+        silence_ms = detection.silence_ms(pipeline)
+        # Speculative STT in either mode: the silence that ends a turn without a model is long enough for it.
+        gap_ms = min(TRANSCRIBE_AFTER_MS, detection.pause_ms if self._semantic else silence_ms - 1)
         vad_rate = media.sample_rate if media.sample_rate in VAD_SAMPLE_RATES else STT_RATE
         self._endpointer = Endpointer(
             EndpointingConfig(
-                silence_ms=detection.silence_ms(pipeline),
+                silence_ms=silence_ms,
                 min_speech_ms=pipeline.min_speech_ms,
                 max_utterance_s=pipeline.max_utterance_s,
                 pre_roll_ms=detection.prefix_padding_ms,
                 pause_ms=detection.pause_ms if self._semantic else None,
-                transcribe_ms=min(TRANSCRIBE_AFTER_MS, detection.pause_ms) if self._semantic else None,
+                transcribe_ms=gap_ms,
             ),
             sample_rate=vad_rate,
         )
@@ -198,6 +203,12 @@ class CallSession:
     def agent_speaking(self) -> bool:
         """The agent has audio queued or playing, or a turn is producing its answer."""
         return self._playout.pending or self.session.runner.busy
+
+    @property
+    def _talked_over(self) -> bool:
+        """Whether caller speech now falls on the agent's answer: while it plays, or, for a listener's
+        client (which plays the audio itself), while it is produced."""
+        return self.session.runner.busy if self.listener is not None else self.agent_speaking
 
     async def start(self) -> None:
         """Records the call and speaks the greeting."""
@@ -244,12 +255,12 @@ class CallSession:
     def _on_speech_started(self, event: SpeechStarted) -> None:
         if self.listener is not None:
             self.listener.speech_started(event.onset_s)
-        if self._interruptions and self.agent_speaking:
+        if self._interruptions and self._talked_over:
             onset_wall = self._stream_to_wall(event.onset_s)
             asyncio.get_running_loop().create_task(self._barge_in(onset_wall))
 
     def _on_speech_ended(self, event: SpeechEnded, now: float, decision: str = "") -> None:
-        ignored = self.agent_speaking and not self._interruptions
+        ignored = self._talked_over and not self._interruptions
         event, transcript = self._speculator.take(event, use=not ignored and not event.capped)
         if ignored:
             return
@@ -289,7 +300,7 @@ class CallSession:
         return audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
 
     def _on_gap(self, event: SpeechGap) -> None:
-        if self.agent_speaking and not self._interruptions:
+        if self._talked_over and not self._interruptions:
             self._speculator.discard()
         else:
             self._speculator.gap(event)
@@ -349,8 +360,9 @@ class CallSession:
         await self._transport.hang_up(action)
 
     async def _barge_in(self, onset_wall: float) -> None:
-        """Caller speech while the agent speaks: stop everything and keep only what was heard."""
-        heard = self._playout.heard_text()
+        """Caller speech while the agent speaks: stop everything and keep only what was heard (a listener's
+        client says what it played itself)."""
+        heard = self._playout.heard_text() if self.listener is None else None
         runner = self.session.runner
         answer_finished = runner.current is None
         unanswered = self._unanswered()
@@ -368,11 +380,12 @@ class CallSession:
         self.stats.barge_in_latency_s.append(latency)
         BARGE_INS.labels(self.dialect).inc()
         BARGE_IN_LATENCY.labels(self.dialect).observe(latency)
-        self._trim_history(heard, trim_log=answer_finished)
-        self.session.span.add_event(
-            "barge_in", {"voice.barge_in.latency_s": round(latency, 4), "voice.barge_in.heard_chars": len(heard)}
-        )
-        if capture_content():
+        attributes: dict[str, Any] = {"voice.barge_in.latency_s": round(latency, 4)}
+        if heard is not None:
+            self._trim_history(heard, trim_log=answer_finished)
+            attributes["voice.barge_in.heard_chars"] = len(heard)
+        self.session.span.add_event("barge_in", attributes)
+        if heard is not None and capture_content():
             logger.info(
                 "barge-in on call %s after %.0f ms; the caller heard %r", self.session.id, latency * 1000, heard
             )
@@ -409,7 +422,7 @@ class CallSession:
             return
         self._closed = True
         ended = self._endpointer.flush() if self.listener is None else None
-        if ended is not None and not (self.agent_speaking and not self._interruptions):
+        if ended is not None and not (self._talked_over and not self._interruptions):
             event, transcript = self._speculator.take(ended, use=True)
             self.session.submit(self._utterance(event, transcript, "hang_up", None))
         await self._speculator.close()

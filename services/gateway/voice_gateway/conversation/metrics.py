@@ -62,7 +62,7 @@ TURN_ENDINGS = Counter(
 )
 SPECULATIONS = Counter(
     "voice_gateway_speculative_transcripts_total",
-    "Transcriptions started at a pause, by what became of them: used, or discarded (the caller went on)",
+    "Transcriptions started at a gap in the speech, by what became of them: used, or discarded (the caller went on)",
     ["outcome"],
 )
 TURNS_CONTINUED = Counter(

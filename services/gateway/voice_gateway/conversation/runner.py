@@ -164,7 +164,8 @@ class TurnRunner:
 
         Args:
             reason: Why: ``barge_in``, ``continued``, ``superseded``, ``interrupted`` or ``session_closed``.
-            heard: For a barge-in, what the user heard of the answer: it becomes the recorded answer.
+            heard: For a barge-in, what the user heard of the answer: it becomes the recorded answer
+                (``None``: what was produced so far, as for any other cancellation).
         """
         turn = self._current
         if turn is None or turn.task is None or turn.task.done():
@@ -397,8 +398,8 @@ class TurnRunner:
     @staticmethod
     def _cut_off(turn: Turn, result: TurnResult, reason: str) -> None:
         """What a cancelled turn leaves: the answer the user heard (barge-in) or got so far."""
-        if reason == BARGE_IN:
-            result.assistant_text = turn.heard or ""
+        if reason == BARGE_IN and turn.heard is not None:
+            result.assistant_text = turn.heard
         elif turn.kind == "greeting":
             result.assistant_text = turn.text
         else:

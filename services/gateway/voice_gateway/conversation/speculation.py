@@ -1,10 +1,11 @@
 """What a call starts for the caller's utterance before its end is decided, and what joins that utterance.
 
-With semantic turn detection, a gap of ``TRANSCRIBE_AFTER_MS`` in the caller's speech starts the
-utterance's transcription (speculative STT), and the short pause that may follow asks the end-of-turn model
+A gap of ``TRANSCRIBE_AFTER_MS`` in the caller's speech starts the utterance's transcription (speculative
+STT). With semantic turn detection the short pause that may follow asks the end-of-turn model
 (:mod:`~voice_gateway.conversation.turn_model`) whether the caller has finished; a yes ends the turn at once,
-its transcript ready or nearly. When the caller goes on, both are void: cancelled (the transcription on
-the bus too), so nothing of them reaches the LLM or the history.
+its transcript ready or nearly. With silence detection the transcription runs while the silence does.
+When the caller goes on, both are void: cancelled (the transcription on the bus too), so nothing of them
+reaches the LLM or the history.
 
 A spoken turn that the call gave up because the caller went on before any of its answer was sent
 (:mod:`~voice_gateway.conversation.call`) leaves its audio here: it joins the utterance in progress, so the

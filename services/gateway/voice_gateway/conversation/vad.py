@@ -8,10 +8,11 @@ utterance reaches ``max_utterance_s``.
 With ``pause_ms`` set (semantic turn detection), a shorter run of non-speech inside an utterance emits
 ``SpeechPaused`` with the utterance so far: the caller's end-of-turn model starts then, and
 :meth:`Endpointer.end_turn` ends the utterance at once when the model says the caller has finished.
-With ``transcribe_ms`` set too, an even shorter run emits ``SpeechGap`` first, with the same audio, for a
-speculative transcription. Voiced audio after either emits ``SpeechResumed`` (the speculation is void).
-The utterance's audio then always ends ``min(pre_roll_ms, transcribe_ms or pause_ms)`` after the last
-voiced frame, so the audio transcribed at the gap is exactly the audio of the turn, whichever way it ends.
+With ``transcribe_ms`` set (with or without pauses), an even shorter run emits ``SpeechGap`` first, with the
+same audio, for a speculative transcription. Voiced audio after either emits ``SpeechResumed`` (the
+speculation is void). The utterance's audio then always ends ``min(pre_roll_ms, transcribe_ms or pause_ms)``
+after the last voiced frame, so the audio transcribed at the gap is exactly the audio of the turn, whichever
+way it ends.
 
 (About 450 lines, on purpose: the frame loop, its settings and the five events it emits are one
 state machine, read and changed together.)
@@ -63,7 +64,7 @@ class EndpointingConfig:
     Attributes:
         silence_ms: Trailing non-speech that ends a turn.
         min_speech_ms: Voiced time needed before speech counts as started. Voiced frames add up
-            across gaps shorter than 100 ms (or ``silence_ms`` when smaller); a longer gap before
+            across gaps shorter than 200 ms (or ``silence_ms`` when smaller); a longer gap before
             the total is reached discards the candidate without any event, so coughs, clicks and
             short backchannels are ignored.
         max_utterance_s: An utterance this long (measured from its onset) is cut and ended there.
@@ -78,8 +79,8 @@ class EndpointingConfig:
             disables the adaptive gate.
         pause_ms: Non-speech inside an utterance that emits ``SpeechPaused`` (semantic turn
             detection); ``None`` turns pauses off. Shorter than ``silence_ms``.
-        transcribe_ms: Non-speech inside an utterance that emits ``SpeechGap``, at most ``pause_ms``
-            (which it needs); ``None``: no gaps.
+        transcribe_ms: Non-speech inside an utterance that emits ``SpeechGap``: at most ``pause_ms``
+            when pauses are on, else shorter than ``silence_ms``; ``None``: no gaps.
     """
 
     silence_ms: int = 600
@@ -114,10 +115,11 @@ class EndpointingConfig:
             raise ValueError(f"noise_margin_db must be >= 0, got {self.noise_margin_db}")
         if self.pause_ms is not None and not 0 < self.pause_ms < self.silence_ms:
             raise ValueError(f"pause_ms must be between 0 and silence_ms ({self.silence_ms}), got {self.pause_ms}")
-        if self.transcribe_ms is not None and not 0 < self.transcribe_ms <= (self.pause_ms or 0):
-            raise ValueError(
-                f"transcribe_ms must be between 0 and pause_ms ({self.pause_ms}), got {self.transcribe_ms}"
-            )
+        gap = self.transcribe_ms
+        if gap is not None and self.pause_ms is not None and not 0 < gap <= self.pause_ms:
+            raise ValueError(f"transcribe_ms must be between 0 and pause_ms ({self.pause_ms}), got {gap}")
+        if gap is not None and not 0 < gap < self.silence_ms:
+            raise ValueError(f"transcribe_ms must be positive and below silence_ms ({self.silence_ms}), got {gap}")
 
 
 @dataclass(frozen=True)
