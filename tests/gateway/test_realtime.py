@@ -437,6 +437,38 @@ async def test_speech_after_a_finished_response_leaves_its_item_to_the_client(ga
     assert log["turns"][0]["assistant"] == answer.transcript and not log["turns"][0]["interrupted"], log["turns"][0]
 
 
+async def test_speech_that_does_not_interrupt_is_answered_after_the_response(gateway_url):
+    async with sdk(gateway_url).realtime.connect() as connection:
+        await until(connection, "session.created")
+        detection = {"type": "server_vad", "silence_duration_ms": 600, "interrupt_response": False}
+        await connection.session.update(
+            session={
+                "type": "realtime",
+                "instructions": "Tell a long story of at least ten sentences.",
+                "max_output_tokens": 300,
+                "audio": {"input": {"turn_detection": detection}},
+            }
+        )
+        await until(connection, "session.updated")
+        await connection.conversation.item.create(
+            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}
+        )
+        await connection.response.create()
+        story = (await until(connection, "response.output_audio.delta"))[-1].response_id
+        await append_audio(connection, speech_at(24000).tobytes(), 4800)
+        events = await until(connection, "response.done")
+        while events[-1].response.id != story:
+            events += await until(connection, "response.done")
+        assert events[-1].response.status == "completed", "the story was not interrupted"
+        events += await until(connection, "response.done")
+    order = types(events)
+    assert order.index("input_audio_buffer.speech_started") < order.index("input_audio_buffer.speech_stopped")
+    assert "input_audio_buffer.committed" in order
+    created = [e.response.id for e in events if e.type == "response.created"]
+    assert created[-1] != story and created.count(created[-1]) == 1, created
+    assert events[-1].response.id == created[-1] and events[-1].response.status == "completed"
+
+
 @pytest.mark.parametrize("mode", ["server_vad", "push_to_talk"])
 async def test_voicectl_realtime_speaks_a_wav_and_saves_the_answer(gateway_url, tmp_path, capsys, mode):
     from voice_audio import read_wav, wav_bytes

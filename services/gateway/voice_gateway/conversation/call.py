@@ -210,6 +210,12 @@ class CallSession:
         client (which plays the audio itself), while it is produced."""
         return self.session.runner.busy if self.listener is not None else self.agent_speaking
 
+    @property
+    def _not_listening(self) -> bool:
+        """Caller speech now goes unheard: it falls on the answer and interruptions are off. A listener's
+        client hears its speech either way (it was told the speech started): the turn waits its turn."""
+        return self.listener is None and self.agent_speaking and not self._interruptions
+
     async def start(self) -> None:
         """Records the call and speaks the greeting."""
         await self.session.start()
@@ -260,7 +266,7 @@ class CallSession:
             asyncio.get_running_loop().create_task(self._barge_in(onset_wall))
 
     def _on_speech_ended(self, event: SpeechEnded, now: float, decision: str = "") -> None:
-        ignored = self._talked_over and not self._interruptions
+        ignored = self._not_listening
         event, transcript = self._speculator.take(event, use=not ignored and not event.capped)
         if ignored:
             return
@@ -300,7 +306,7 @@ class CallSession:
         return audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate=self._vad_rate)
 
     def _on_gap(self, event: SpeechGap) -> None:
-        if self._talked_over and not self._interruptions:
+        if self._not_listening:
             self._speculator.discard()
         else:
             self._speculator.gap(event)
@@ -422,7 +428,7 @@ class CallSession:
             return
         self._closed = True
         ended = self._endpointer.flush() if self.listener is None else None
-        if ended is not None and not (self._talked_over and not self._interruptions):
+        if ended is not None and not self._not_listening:
             event, transcript = self._speculator.take(ended, use=True)
             self.session.submit(self._utterance(event, transcript, "hang_up", None))
         await self._speculator.close()

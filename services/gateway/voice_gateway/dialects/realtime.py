@@ -271,6 +271,7 @@ class RealtimeConnection(Connection):
             return
         if isinstance(event, TurnStarted):
             self.items.turn_started(self.call.session.conversation.history)
+            self._active = stream
             if stream.done:
                 self.call.session.runner.interrupt(INTERRUPTED)
         elif isinstance(event, SttCompleted) and stream.user_item_id:
@@ -292,7 +293,9 @@ class RealtimeConnection(Connection):
             on_item=self.items.output_item,
         )
         self._streams[turn] = stream
-        self._active = stream
+        if self._active is None or self._active.done:
+            # Else it waits behind the running response (speech that did not interrupt it) until its turn starts.
+            self._active = stream
         return stream
 
     def _flush_texts(self) -> None:
