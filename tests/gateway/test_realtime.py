@@ -136,6 +136,25 @@ async def test_a_text_session_answers_in_the_documented_order(gateway_url):
     assert any('dialect="realtime"' in line and 'kind="text"' in line and 'outcome="ok"' in line for line in turns)
 
 
+STORY = "Tell a long story of at least ten sentences."
+
+
+async def ask(connection, turn_detection, *, instructions: str = STORY, text: str = "Tell me a story.", tokens=300):
+    """Sets the session's instructions and turn detection, adds ``text`` as the user's message and asks for a
+    response (``tokens``: its maximum output tokens, ``None`` for the default); returns the events up to
+    ``session.updated``."""
+    session = {"type": "realtime", "instructions": instructions, "audio": {"input": {"turn_detection": turn_detection}}}
+    if tokens is not None:
+        session["max_output_tokens"] = tokens
+    await connection.session.update(session=session)
+    updated = await until(connection, "session.updated")
+    await connection.conversation.item.create(
+        item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    )
+    await connection.response.create()
+    return updated
+
+
 async def test_server_vad_hears_piper_speech_and_the_answer_transcribes_back(gateway_url, nats_url):
     async with sdk(gateway_url).realtime.connect(model="default") as connection:
         await until(connection, "session.created")
@@ -274,19 +293,7 @@ async def test_cancel_and_truncate_mid_answer_trim_the_history_to_what_was_playe
     async with sdk(gateway_url).realtime.connect() as connection:
         created = await until(connection, "session.created")
         session_id = created[-1].session.id
-        await connection.session.update(
-            session={
-                "type": "realtime",
-                "instructions": "Tell a long story of at least ten sentences.",
-                "max_output_tokens": 300,
-                "audio": {"input": {"turn_detection": None}},
-            }
-        )
-        await until(connection, "session.updated")
-        await connection.conversation.item.create(
-            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}
-        )
-        await connection.response.create()
+        await ask(connection, None)
         first = (await until(connection, "response.output_audio.delta"))[-1]
         await connection.conversation.item.truncate(item_id=first.item_id, content_index=0, audio_end_ms=200)
         await connection.response.cancel()
@@ -379,19 +386,8 @@ async def test_barge_in_with_semantic_vad_cancels_the_answer_and_answers_the_cal
     async with sdk(gateway_url).realtime.connect() as connection:
         await until(connection, "session.created")
         detection = {"type": "semantic_vad", "eagerness": "high", "interrupt_response": True}
-        await connection.session.update(
-            session={
-                "type": "realtime",
-                "instructions": "Tell a long story of at least ten sentences.",
-                "max_output_tokens": 300,
-                "audio": {"input": {"turn_detection": detection}},
-            }
-        )
-        assert (await until(connection, "session.updated"))[-1].session.audio.input.turn_detection.eagerness == "high"
-        await connection.conversation.item.create(
-            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}
-        )
-        await connection.response.create()
+        updated = await ask(connection, detection)
+        assert updated[-1].session.audio.input.turn_detection.eagerness == "high"
         story = (await until(connection, "response.output_audio.delta"))[-1].response_id
         await append_audio(connection, speech_at(24000, "Wait, stop please.").tobytes(), 4800)
         events = await until(connection, "input_audio_buffer.speech_started")
@@ -410,18 +406,7 @@ async def test_speech_after_a_finished_response_leaves_its_item_to_the_client(ga
     async with sdk(gateway_url).realtime.connect() as connection:
         session_id = (await until(connection, "session.created"))[-1].session.id
         detection = {"type": "server_vad", "silence_duration_ms": 600}
-        await connection.session.update(
-            session={
-                "type": "realtime",
-                "instructions": "Answer in two sentences.",
-                "audio": {"input": {"turn_detection": detection}},
-            }
-        )
-        await until(connection, "session.updated")
-        await connection.conversation.item.create(
-            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Describe the sea."}]}
-        )
-        await connection.response.create()
+        await ask(connection, detection, instructions="Answer in two sentences.", text="Describe the sea.", tokens=None)
         first = await until(connection, "response.done")
         assert first[-1].response.status == "completed"
         answer = next(e for e in first if e.type == "response.output_audio_transcript.done")
@@ -441,19 +426,7 @@ async def test_speech_that_does_not_interrupt_is_answered_after_the_response(gat
     async with sdk(gateway_url).realtime.connect() as connection:
         await until(connection, "session.created")
         detection = {"type": "server_vad", "silence_duration_ms": 600, "interrupt_response": False}
-        await connection.session.update(
-            session={
-                "type": "realtime",
-                "instructions": "Tell a long story of at least ten sentences.",
-                "max_output_tokens": 300,
-                "audio": {"input": {"turn_detection": detection}},
-            }
-        )
-        await until(connection, "session.updated")
-        await connection.conversation.item.create(
-            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}
-        )
-        await connection.response.create()
+        await ask(connection, detection)
         story = (await until(connection, "response.output_audio.delta"))[-1].response_id
         await append_audio(connection, speech_at(24000).tobytes(), 4800)
         events = await until(connection, "response.done")

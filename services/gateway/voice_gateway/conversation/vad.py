@@ -14,7 +14,7 @@ speculation is void). The utterance's audio then always ends ``min(pre_roll_ms, 
 after the last voiced frame, so the audio transcribed at the gap is exactly the audio of the turn, whichever
 way it ends.
 
-(About 450 lines, on purpose: the frame loop, its settings and the five events it emits are one
+(About 480 lines, on purpose: the frame loop, its settings and the five events it emits are one
 state machine, read and changed together.)
 
 A 20 ms frame is voiced when WebRTC's VAD (package ``webrtcvad-wheels``) says speech AND its RMS
