@@ -142,7 +142,7 @@ class CallSession:
         self.action: CallAction | None = None
         self._finishing: asyncio.Task | None = None
         self._spoken: SpokenTurn | None = None  # the last spoken turn submitted
-        self._answer_sent = False  # some of the running turn's answer went to the caller
+        self._answer_sent_at: float | None = None  # when the running turn's answer first went to the caller
         self._closed = False
 
     def reconfigure(self, agent: Agent, media: MediaFormat, output_media: MediaFormat | None = None) -> None:
@@ -338,12 +338,13 @@ class CallSession:
         if isinstance(event, TurnStarted):
             self._turn_index += 1
             self._answering = event.turn_kind
-            self._answer_sent = False
+            self._answer_sent_at = None
             self._playout.begin_answer()
         elif isinstance(event, StageStarted) and event.kind == "llm_start" and self._answering == "audio":
             self._playout.answer_to(self._last_voiced_wall)
         elif isinstance(event, SpeechAudio):
-            self._answer_sent = True
+            if self._answer_sent_at is None:
+                self._answer_sent_at = time.perf_counter()
             label = f"t{self._turn_index}-s{event.sentence_index}"
             self._playout.enqueue(event.text, event.audio, label, final=event.final)
         elif isinstance(event, CallActionRequested) and event.action is not None:
@@ -371,7 +372,7 @@ class CallSession:
         heard = self._playout.heard_text() if self.listener is None else None
         runner = self.session.runner
         answer_finished = runner.current is None
-        unanswered = self._unanswered()
+        unanswered = self._unanswered(onset_wall)
         await cancel_and_wait(self._finishing)
         await runner.cancel(BARGE_IN if unanswered is None else CONTINUED, heard=heard)
         await self._playout.flush()
@@ -398,12 +399,13 @@ class CallSession:
         else:
             logger.info("barge-in on call %s after %.0f ms", self.session.id, latency * 1000)
 
-    def _unanswered(self) -> SpokenTurn | None:
-        """The running turn, when it is this call's last spoken turn and none of its answer was sent."""
-        spoken, current = self._spoken, self.session.runner.current
-        if self.listener is not None or spoken is None or current is not spoken.turn or self._answer_sent:
+    def _unanswered(self, onset_wall: float) -> SpokenTurn | None:
+        """The running turn, when it is this call's last spoken turn and none of its answer was sent before
+        the caller's speech began at ``onset_wall`` (its start is confirmed ``min_speech_ms`` later)."""
+        spoken, current, sent = self._spoken, self.session.runner.current, self._answer_sent_at
+        if self.listener is not None or spoken is None or current is not spoken.turn:
             return None
-        return spoken
+        return spoken if sent is None or sent > onset_wall else None
 
     def _trim_history(self, heard: str, *, trim_log: bool) -> None:
         history = self.session.conversation.history
