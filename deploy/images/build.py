@@ -16,8 +16,9 @@ llama-cpp-python is compiled once, not again inside the image) and mounted read-
 steps (``PIP_FIND_LINKS``/``PIP_NO_INDEX`` build arguments, which the Dockerfiles declare for this).
 The host's CA bundle is mounted read-only as well, never copied into an image.
 
-NATS's stand-in (``docker.io/library/nats:<version>``) is the binary of Debian's ``nats-server`` package
-on a scratch image, like the official one.
+NATS's stand-in (``docker.io/library/nats:<version>``) is the nats-server release binary that ``make
+install`` puts in the virtualenv (``voice-platform-cli[nats]``), statically linked, on a scratch image,
+like the official one.
 """
 
 from __future__ import annotations
@@ -118,28 +119,31 @@ def build_base() -> float | None:
     return time.monotonic() - started
 
 
+def nats_binary() -> Path:
+    """The virtualenv's nats-server (``make install``), else the first on ``PATH``."""
+    beside = ROOT / ".venv" / "bin" / "nats-server"
+    found = beside if beside.is_file() else shutil.which("nats-server")
+    if found is None:
+        sys.exit("nats-server is not installed: run `make install` first")
+    return Path(found).resolve()
+
+
 def nats_version() -> str:
-    """The version of Debian's nats-server on this host (``2.9.10``)."""
-    out = run("nats-server", "--version", capture_output=True, text=True).stdout
+    """The version of that nats-server (``2.15.1``)."""
+    out = run(str(nats_binary()), "--version", capture_output=True, text=True).stdout
     return out.strip().rsplit("v", 1)[-1]
 
 
 def build_nats() -> tuple[str, float | None]:
-    """The stand-in of the official ``nats`` image: Debian's binary and the C library it links, on scratch."""
+    """The stand-in of the official ``nats`` image: the release binary (static) on scratch."""
     ref = f"docker.io/library/nats:{nats_version()}"
     if exists(ref):
         return ref, None
     started = time.monotonic()
-    binary = Path(shutil.which("nats-server") or "/usr/sbin/nats-server").resolve()
-    libs = [Path(line.split("=>")[-1].split("(")[0].strip()) for line in
-            run("ldd", str(binary), capture_output=True, text=True).stdout.splitlines() if "/" in line]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="voice-nats-") as tmp:
         context = Path(tmp)
+        shutil.copy2(nats_binary(), context / "nats-server")
         lines = ["FROM scratch", "COPY nats-server /nats-server"]
-        for lib in libs:
-            shutil.copy2(lib, context / lib.name)  # mode kept: the loader must be executable
-            lines.append(f"COPY {lib.name} {lib}")
-        shutil.copy2(binary, context / "nats-server")
         lines += ["EXPOSE 4222 6222 8222", 'ENTRYPOINT ["/nats-server"]', 'CMD ["--jetstream", "--http_port", "8222"]']
         (context / "Containerfile").write_text("\n".join(lines) + "\n")
         run("podman", "build", "--quiet", "--pull=never", "-t", ref, str(context), stdout=subprocess.DEVNULL)

@@ -45,7 +45,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 VALUES = Path(__file__).resolve().parent / "podman-values.yaml"
 POD = "voice-platform"
-NATS_IMAGE = "docker.io/library/nats:2.9.10"
+# The stand-in deploy/images/build.py makes of the nats-server that cli[nats] pins.
+NATS_IMAGE = "docker.io/library/nats:2.15.1"
 NATS_PORTS = {"client": 4222, "monitor": 8222}
 LOOPBACK = "127.0.0.1"
 

