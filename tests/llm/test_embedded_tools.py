@@ -17,15 +17,9 @@ from typing import Any
 import openai
 import pytest
 
+from voice_llm.chatml_tools import TOOL_INSTRUCTIONS, arguments_grammar, decision_grammar, render_prompt
 from voice_llm.embedded import CHAT_FORMAT, MODEL_ALIAS, SERVER_MODULE, llama_server_command
-from voice_llm.embedded_chat import (
-    HANDLER_NAME,
-    TOOL_INSTRUCTIONS,
-    arguments_grammar,
-    decision_grammar,
-    render_prompt,
-    voice_chatml_tools,
-)
+from voice_llm.embedded_chat import HANDLER_NAME, voice_chatml_tools
 from voice_llm.embedded_server import normalize_chat_request
 from voice_llm.engine import Completion, TokenDelta
 from voice_llm.openai_engine import OpenAIChatEngine
